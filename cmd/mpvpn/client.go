@@ -1,0 +1,242 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/mpvpn/mpvpn/internal/sysctl"
+	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/routing"
+	"github.com/mpvpn/mpvpn/stack"
+	"github.com/mpvpn/mpvpn/tun"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// defaultMark is the SO_MARK on every tunnel socket ("mp" in ASCII): routing
+// sends marked packets around the TUN, never into it.
+const defaultMark = 0x6d70
+
+func clientCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "client",
+		Usage: "carry this host's TCP flows over all uplinks to an mpvpn server",
+		Description: "  mpvpn client --server 203.0.113.1:7100 --server-key <key> --key client.key \\\n" +
+			"               --uplink wan0 --uplink wan1 --route 198.51.100.0/24\n\n" +
+			"Each TCP flow to a --route destination is terminated on the TUN device and carried as one\n" +
+			"Multipath TCP connection with a subflow on every --uplink. Each uplink's gateway is the\n" +
+			"default route the host already has on that interface.",
+		Flags: append([]cli.Flag{
+			configFlag,
+			&cli.StringFlag{Name: "server", Usage: "the concentrator's `ADDR:PORT`"},
+			&cli.StringFlag{Name: "server-key", Usage: "the concentrator's public `KEY`"},
+			&cli.PathFlag{Name: "key", Usage: "this client's private key `FILE` (from `mpvpn keygen`)"},
+			&cli.StringSliceFlag{Name: "uplink", Usage: "an uplink `IFACE` to carry flows over (repeatable); IFACE:backup carries data only when no other uplink works"},
+			&cli.StringSliceFlag{Name: "route", Usage: "send flows to this `CIDR` through mpvpn (repeatable)"},
+			&cli.StringFlag{Name: "tun", Value: "mpvpn0", Usage: "the TUN device's `NAME`"},
+			&cli.StringFlag{Name: "tun-addr", Value: "10.77.77.1/32", Usage: "the TUN device's address `PREFIX` (apps' flows come from it)"},
+			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
+			&cli.UintFlag{Name: "mark", Value: defaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
+			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
+			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "TCP Fast Open to the server, so a new flow costs no extra round trip once a cookie is cached"},
+		}, logFlags...),
+		Action: runClient,
+	}
+}
+
+// clientConfig is the parsed, validated command line: everything that can
+// be wrong with it is found before the host is touched.
+type clientConfig struct {
+	server    netip.AddrPort
+	serverKey tunnel.PublicKey
+	key       tunnel.PrivateKey
+	uplinks   []pathmgr.UplinkConfig
+	routes    []netip.Prefix
+	tunName   string
+	tunAddr   netip.Prefix
+	mtu       int
+	mark      uint32
+	table     int
+	fastOpen  bool
+}
+
+func parseClient(c *cli.Context) (*clientConfig, error) {
+	var cfg clientConfig
+	var err error
+	if c.String("server") == "" {
+		return nil, usageError("--server is required (the concentrator's ADDR:PORT)")
+	}
+	if cfg.server, err = netip.ParseAddrPort(c.String("server")); err != nil {
+		return nil, usageError("--server %q: want ADDR:PORT, e.g. 203.0.113.1:7100", c.String("server"))
+	}
+	if c.String("server-key") == "" {
+		return nil, usageError("--server-key is required (the concentrator's public key)")
+	}
+	if cfg.serverKey, err = tunnel.ParsePublicKey(strings.TrimSpace(c.String("server-key"))); err != nil {
+		return nil, fmt.Errorf("--server-key: %w", err)
+	}
+	if cfg.key, err = readKeyFile(c.Path("key")); err != nil {
+		return nil, err
+	}
+	for _, u := range c.StringSlice("uplink") {
+		name, opt, _ := strings.Cut(u, ":")
+		switch opt {
+		case "", "backup":
+		default:
+			return nil, usageError("--uplink %q: the only option is IFACE:backup", u)
+		}
+		cfg.uplinks = append(cfg.uplinks, pathmgr.UplinkConfig{Name: name, Backup: opt == "backup"})
+	}
+	if len(cfg.uplinks) == 0 {
+		return nil, usageError("--uplink is required: name each interface to carry flows over")
+	}
+	for _, r := range c.StringSlice("route") {
+		p, err := netip.ParsePrefix(r)
+		if err != nil {
+			return nil, usageError("--route %q: want a CIDR such as 198.51.100.0/24", r)
+		}
+		if p.Masked() != p {
+			return nil, usageError("--route %q has host bits set; did you mean %s?", r, p.Masked())
+		}
+		cfg.routes = append(cfg.routes, p)
+	}
+	if len(cfg.routes) == 0 {
+		return nil, usageError("--route is required: which destinations go through mpvpn")
+	}
+	cfg.tunName = c.String("tun")
+	if cfg.tunAddr, err = netip.ParsePrefix(c.String("tun-addr")); err != nil {
+		return nil, usageError("--tun-addr %q: want an address with a prefix length, e.g. 10.77.77.1/32", c.String("tun-addr"))
+	}
+	cfg.mtu = c.Int("mtu")
+	if cfg.mtu < 1280 || cfg.mtu > 65535 {
+		return nil, usageError("--mtu %d: want 1280 to 65535", cfg.mtu)
+	}
+	if m := c.Uint("mark"); m == 0 || m > 0xffffffff {
+		return nil, usageError("--mark %d: want 1 to 4294967295", m)
+	}
+	cfg.mark = uint32(c.Uint("mark"))
+	cfg.table = c.Int("table")
+	cfg.fastOpen = c.Bool("fast-open")
+	return &cfg, nil
+}
+
+func runClient(c *cli.Context) (err error) {
+	if err := loadConfig(c); err != nil {
+		return err
+	}
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	cfg, err := parseClient(c)
+	if err != nil {
+		return err
+	}
+	if v, gerr := sysctl.Proc.Get("net.mptcp.enabled"); gerr != nil || v != "1" {
+		return fmt.Errorf("Multipath TCP is not enabled on this host (net.mptcp.enabled=%q, %v)", v, gerr)
+	}
+
+	// From here on the host changes; every step is undone on the way out,
+	// in reverse order, also when a later step fails.
+	var undo []func() error
+	defer func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			if uerr := undo[i](); uerr != nil {
+				log.Warn("cleanup", "err", uerr)
+			}
+		}
+	}()
+
+	// pathmgr validates every uplink (exists, has an address and a
+	// gateway) before it changes anything.
+	pm, err := pathmgr.Start(c.Context, pathmgr.Config{
+		Uplinks:   cfg.uplinks,
+		TableBase: cfg.table,
+		RulePrio:  cfg.table,
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+	undo = append(undo, pm.Close)
+
+	host := &sysctl.Changes{Root: sysctl.Proc}
+	undo = append(undo, host.Restore)
+	// The kernel can silently turn MPTCP off for an hour after a few lost
+	// MP_CAPABLE SYNs (net.mptcp.blackhole_timeout, v6.12+); for a VPN
+	// whose whole point is multipath, a brief outage of the concentrator
+	// must not do that. Connections that really meet an MPTCP-stripping
+	// middlebox still fall back one by one and are counted.
+	if err := host.Set("net.mptcp.blackhole_timeout", "0"); err != nil {
+		log.Warn("cannot disable the MPTCP blackhole detection", "err", err)
+	}
+	if cfg.fastOpen {
+		if err := orSysctl(host, "net.ipv4.tcp_fastopen", 0x1); err != nil {
+			return err
+		}
+	}
+
+	dev, err := tun.Open(tun.Config{Name: cfg.tunName, MTU: cfg.mtu, Addrs: []netip.Prefix{cfg.tunAddr}}, log)
+	if err != nil {
+		return fmt.Errorf("TUN %s: %w", cfg.tunName, err)
+	}
+	undo = append(undo, dev.Close)
+
+	tc, err := tunnel.NewClient(tunnel.ClientConfig{
+		Server:    cfg.server,
+		ServerKey: cfg.serverKey,
+		Key:       cfg.key,
+		Mark:      cfg.mark,
+		FastOpen:  cfg.fastOpen,
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+
+	st, err := stack.New(stack.Config{
+		Device: dev.Inner(),
+		MTU:    cfg.mtu,
+		Dialer: tunnelDialer{tc},
+		Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	undo = append(undo, st.Close)
+
+	// Routes last: until now nothing was sent into the TUN.
+	rt, err := routing.Apply(routing.Config{
+		TUN:      cfg.tunName,
+		Routes:   cfg.routes,
+		Mark:     cfg.mark,
+		Table:    cfg.table + 100,
+		RulePrio: cfg.table + 100,
+		Logger:   log,
+	})
+	if err != nil {
+		return err
+	}
+	undo = append(undo, rt.Close)
+
+	var names []string
+	for _, u := range pm.Uplinks() {
+		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
+	}
+	log.Info("client up", "server", cfg.server.String(), "tun", cfg.tunName, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.routes))
+	<-c.Context.Done()
+	log.Info("client shutting down")
+	return nil
+}
+
+// tunnelDialer carries a netstack flow through the tunnel: the app's
+// source address stays on this host, only the destination travels.
+type tunnelDialer struct{ c *tunnel.Client }
+
+func (d tunnelDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn, error) {
+	return d.c.DialTCP(ctx, dst)
+}

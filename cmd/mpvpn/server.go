@@ -1,0 +1,108 @@
+package main
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/mpvpn/mpvpn/concentrator"
+	"github.com/mpvpn/mpvpn/internal/sysctl"
+	"github.com/mpvpn/mpvpn/pathmgr"
+)
+
+func serverCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "run the concentrator: accept clients' flows and connect them to their destinations",
+		Description: "  mpvpn server --listen 0.0.0.0:7100 --key server.key --peer <client public key>\n\n" +
+			"Clients that do not prove one of the --peer keys get no byte back. By default the server\n" +
+			"refuses destinations on its own host and on private, CGNAT, link-local, multicast and\n" +
+			"cloud-metadata addresses; --allow-private lifts the private ones.",
+		Flags: append([]cli.Flag{
+			configFlag,
+			&cli.StringFlag{Name: "listen", Value: "0.0.0.0:7100", Usage: "listen on this `ADDR:PORT` (Multipath TCP)"},
+			&cli.PathFlag{Name: "key", Usage: "the server's private key `FILE` (from `mpvpn keygen`)"},
+			&cli.StringSliceFlag{Name: "peer", Usage: "a client's public `KEY` allowed to connect (repeatable)"},
+			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
+			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN"},
+			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
+		}, logFlags...),
+		Action: runServer,
+	}
+}
+
+// concentratorDialTimeout stays below the client's handshake timeout (10 s)
+// so the app hears "timed out" from the concentrator, not from its own side.
+const concentratorDialTimeout = 7e9
+
+func runServer(c *cli.Context) error {
+	if err := loadConfig(c); err != nil {
+		return err
+	}
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	key, err := readKeyFile(c.Path("key"))
+	if err != nil {
+		return err
+	}
+	peers, err := parsePublicKeys("peer", c.StringSlice("peer"))
+	if err != nil {
+		return err
+	}
+	if len(peers) == 0 {
+		return usageError("--peer is required: the public key of each client allowed to connect")
+	}
+	srv, err := concentrator.Listen(c.Context, concentrator.Config{
+		Listen:       c.String("listen"),
+		Key:          key,
+		Peers:        peers,
+		AllowPrivate: c.Bool("allow-private"),
+		FastOpen:     c.Bool("fast-open"),
+		DialTimeout:  c.Duration("dial-timeout"),
+		Logger:       log,
+	})
+	if err != nil {
+		return err
+	}
+
+	// Host settings the concentrator needs; each is put back on exit.
+	host := &sysctl.Changes{Root: sysctl.Proc}
+	defer host.Restore()
+	if v, err := sysctl.Proc.Get("net.mptcp.enabled"); err != nil || v != "1" {
+		return fmt.Errorf("Multipath TCP is not enabled on this host (net.mptcp.enabled=%q, %v)", v, err)
+	}
+	if c.Bool("fast-open") {
+		// Bit 0x2 lets the listener accept data in the SYN; keep
+		// whatever client bit the host had.
+		if err := orSysctl(host, "net.ipv4.tcp_fastopen", 0x2); err != nil {
+			return err
+		}
+	}
+	// The server's subflow limit is how many extra subflows (joins) a
+	// client connection may add: the kernel maximum, so a client with up
+	// to 8 uplinks gets all of them.
+	restoreLimits, err := pathmgr.RaiseLimits(8, 8)
+	if err != nil {
+		return err
+	}
+	defer restoreLimits()
+
+	log.Info("concentrator listening", "addr", srv.Addr().String(), "peers", len(peers), "allow_private", c.Bool("allow-private"))
+	return srv.Serve(c.Context)
+}
+
+// orSysctl sets bits in an integer setting.
+func orSysctl(host *sysctl.Changes, name string, bits int) error {
+	v, err := host.Root.Get(name)
+	if err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return fmt.Errorf("sysctl %s: %q is not a number", name, v)
+	}
+	return host.Set(name, strconv.Itoa(n|bits))
+}

@@ -1,0 +1,207 @@
+// Package concentrator is the server side of mpvpn: it accepts tunnel
+// flows from authenticated clients, checks each destination against its
+// policy, re-originates the TCP connection and relays the bytes.
+package concentrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/mpvpn/mpvpn/internal/relay"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// Config configures a concentrator.
+type Config struct {
+	Listen       string // host:port, e.g. "0.0.0.0:7100"
+	Key          tunnel.PrivateKey
+	Peers        []tunnel.PublicKey
+	AllowPrivate bool
+	FastOpen     bool
+	// DialTimeout bounds the connect to the destination. It must stay
+	// below the client's handshake timeout so the client hears "timed
+	// out" from us rather than giving up on its own.
+	DialTimeout time.Duration
+	Logger      *slog.Logger
+}
+
+// Stats are the concentrator's counters.
+type Stats struct {
+	Active      int64
+	Flows       uint64 // authenticated flows handed to us
+	Connected   uint64
+	Refused     uint64 // destination refused
+	Unreachable uint64
+	TimedOut    uint64
+	NotAllowed  uint64 // refused by policy; no dial was made
+	BytesUp     uint64 // client → destination
+	BytesDown   uint64 // destination → client
+	Tunnel      tunnel.ServerStats
+}
+
+// Server is a running concentrator.
+type Server struct {
+	cfg    Config
+	log    *slog.Logger
+	ln     net.Listener
+	tun    *tunnel.Server
+	policy *Policy
+	dialer net.Dialer
+
+	active                                               atomic.Int64
+	flows, connected, refused, unreach, timedOut, denied atomic.Uint64
+	bytesUp, bytesDown                                   atomic.Uint64
+}
+
+// Listen binds the listener and prepares the server; nothing is served
+// until Serve. A port in use fails here, before anything else happens.
+func Listen(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = 7 * time.Second
+	}
+	if len(cfg.Peers) == 0 {
+		return nil, errors.New("no --peer: the concentrator would accept nobody")
+	}
+	lap, err := netip.ParseAddrPort(cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: want address:port, e.g. 0.0.0.0:7100: %w", cfg.Listen, err)
+	}
+	ts, err := tunnel.NewServer(tunnel.ServerConfig{
+		Key:    cfg.Key,
+		Peers:  cfg.Peers,
+		Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	ln, err := tunnel.Listen(ctx, cfg.Listen, cfg.FastOpen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	s := &Server{
+		cfg: cfg,
+		log: cfg.Logger,
+		ln:  ln,
+		tun: ts,
+		policy: &Policy{
+			AllowPrivate: cfg.AllowPrivate,
+			Listen:       lap,
+			IsLocal:      isLocalAddr,
+		},
+	}
+	s.dialer = net.Dialer{
+		Timeout: cfg.DialTimeout,
+		// Short keepalives: a destination that vanishes must not pin a
+		// relay goroutine for the kernel's default two hours
+		// (tailscale#4522).
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 60 * time.Second, Interval: 10 * time.Second, Count: 6},
+		ControlContext:  s.control,
+	}
+	return s, nil
+}
+
+// Addr is the listener's address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Serve handles flows until ctx is cancelled or the listener fails, then
+// waits for the flows in progress to end.
+func (s *Server) Serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { <-ctx.Done(); s.ln.Close() }()
+	err := s.tun.Serve(ctx, s.ln, s.handle)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// control runs on the socket about to connect: the last word on where it
+// goes, whatever produced the address.
+func (s *Server) control(_ context.Context, network, address string, _ syscall.RawConn) error {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return fmt.Errorf("%w: unparsable %q", ErrNotAllowed, address)
+	}
+	return s.policy.Check(ap)
+}
+
+func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
+	s.flows.Add(1)
+	log := s.log.With("peer", f.Peer.String(), "dst", f.Dst.String())
+	if err := s.policy.Check(f.Dst); err != nil {
+		s.denied.Add(1)
+		log.Info("flow refused by policy", "err", err)
+		f.Refuse(tunnel.NotAllowed)
+		return
+	}
+	up, err := s.dialer.DialContext(ctx, "tcp", f.Dst.String())
+	if err != nil {
+		v := s.verdictFor(err)
+		log.Debug("dial failed", "err", err, "verdict", v)
+		f.Refuse(v)
+		return
+	}
+	c, err := f.Accept()
+	if err != nil {
+		up.Close()
+		log.Debug("accept failed", "err", err)
+		return
+	}
+	s.connected.Add(1)
+	s.active.Add(1)
+	defer s.active.Add(-1)
+	st, err := relay.Relay(c, up)
+	s.bytesUp.Add(uint64(st.AtoB))
+	s.bytesDown.Add(uint64(st.BtoA))
+	if err != nil {
+		log.Debug("flow ended with error", "err", err, "up", st.AtoB, "down", st.BtoA)
+	}
+}
+
+// verdictFor maps a dial error to what the client's app will see, and
+// counts it.
+func (s *Server) verdictFor(err error) tunnel.Verdict {
+	switch {
+	case errors.Is(err, ErrNotAllowed):
+		s.denied.Add(1)
+		return tunnel.NotAllowed
+	case errors.Is(err, syscall.ECONNREFUSED):
+		s.refused.Add(1)
+		return tunnel.Refused
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT), errors.Is(err, os.ErrDeadlineExceeded):
+		s.timedOut.Add(1)
+		return tunnel.TimedOut
+	default:
+		s.unreach.Add(1)
+		return tunnel.Unreachable
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Active:      s.active.Load(),
+		Flows:       s.flows.Load(),
+		Connected:   s.connected.Load(),
+		Refused:     s.refused.Load(),
+		Unreachable: s.unreach.Load(),
+		TimedOut:    s.timedOut.Load(),
+		NotAllowed:  s.denied.Load(),
+		BytesUp:     s.bytesUp.Load(),
+		BytesDown:   s.bytesDown.Load(),
+		Tunnel:      s.tun.Stats(),
+	}
+}

@@ -1,0 +1,105 @@
+// Package relay copies bytes between the two halves of a proxied TCP flow,
+// carrying half-closes across: the client side (netstack ↔ tunnel) and the
+// concentrator side (tunnel ↔ destination) relay the same way.
+package relay
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+)
+
+// BufSize is the copy buffer per direction. 64 KiB matches the largest
+// frame the tunnel carries and a full TSO segment, so one read fills one
+// frame on the hot path.
+const BufSize = 64 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, BufSize); return &b }}
+
+// closeWriter is implemented by *net.TCPConn, gonet's TCPConn and tunnel.Conn.
+type closeWriter interface{ CloseWrite() error }
+
+// Stats is what one Relay call moved.
+type Stats struct {
+	AtoB, BtoA int64 // bytes
+}
+
+// Relay copies a→b and b→a until both directions have ended, then closes
+// both conns. A clean EOF in one direction is forwarded as a half-close
+// (CloseWrite) so the other direction keeps flowing, as TCP allows; any
+// other error tears the whole flow down at once, so a reset or an AEAD
+// failure on one side never leaves the other side hanging.
+func Relay(a, b net.Conn) (Stats, error) {
+	var (
+		st   Stats
+		once sync.Once
+		wg   sync.WaitGroup
+		errs [2]error
+	)
+	abort := func() {
+		once.Do(func() {
+			a.Close()
+			b.Close()
+		})
+	}
+	half := func(i int, dst, src net.Conn, n *int64) {
+		defer wg.Done()
+		*n, errs[i] = copyHalf(dst, src)
+		if errs[i] != nil {
+			abort()
+			return
+		}
+		if cw, ok := dst.(closeWriter); ok {
+			if err := cw.CloseWrite(); err != nil {
+				errs[i] = err
+				abort()
+			}
+			return
+		}
+		// No half-close on this conn type: closing is the only way to
+		// pass the EOF on.
+		abort()
+	}
+	wg.Add(2)
+	go half(0, b, a, &st.AtoB)
+	go half(1, a, b, &st.BtoA)
+	wg.Wait()
+	abort()
+	return st, errors.Join(ignoreClosed(errs[0]), ignoreClosed(errs[1]))
+}
+
+func copyHalf(dst, src net.Conn) (int64, error) {
+	// A conn that frames its own bytes (tunnel.Conn) copies best with its
+	// own WriteTo/ReadFrom. *net.TCPConn is excluded on purpose: with a
+	// non-socket on the other side its ReadFrom/WriteTo fall back to
+	// io.Copy with a fresh 32 KiB buffer per call (Go 1.26), which is what
+	// the pool is here to avoid.
+	if _, tcp := src.(*net.TCPConn); !tcp {
+		if wt, ok := src.(io.WriterTo); ok {
+			return wt.WriteTo(dst)
+		}
+	}
+	if _, tcp := dst.(*net.TCPConn); !tcp {
+		if rf, ok := dst.(io.ReaderFrom); ok {
+			return rf.ReadFrom(src)
+		}
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	return io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *bp)
+}
+
+// writerOnly and readerOnly hide ReadFrom/WriteTo so io.CopyBuffer uses
+// the pooled buffer.
+type writerOnly struct{ io.Writer }
+type readerOnly struct{ io.Reader }
+
+// ignoreClosed drops the error the second direction sees after the first
+// one aborted the flow: it is a consequence, not a cause.
+func ignoreClosed(err error) error {
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,79 @@
+// Package sysctl reads and writes kernel settings under /proc/sys and
+// remembers what it changed, so a daemon can put the host back as it
+// found it.
+package sysctl
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+)
+
+// Root is where the settings live; tests point it elsewhere.
+type Root string
+
+// Proc is the real /proc/sys.
+const Proc Root = "/proc/sys"
+
+func (r Root) path(name string) string {
+	return filepath.Join(string(r), strings.ReplaceAll(name, ".", "/"))
+}
+
+// Get returns a setting's value, e.g. Get("net.mptcp.enabled") = "1".
+func (r Root) Get(name string) (string, error) {
+	b, err := os.ReadFile(r.path(name))
+	if err != nil {
+		return "", fmt.Errorf("sysctl %s: %w", name, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// Set writes a setting.
+func (r Root) Set(name, value string) error {
+	if err := os.WriteFile(r.path(name), []byte(value+"\n"), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", name, value, err)
+	}
+	return nil
+}
+
+// Changes records settings changed through it and restores them.
+type Changes struct {
+	Root Root
+	mu   sync.Mutex
+	old  []kv
+}
+
+type kv struct{ name, value string }
+
+// Set changes a setting if it differs, remembering the old value once.
+func (c *Changes) Set(name, value string) error {
+	old, err := c.Root.Get(name)
+	if err != nil {
+		return err
+	}
+	if old == value {
+		return nil
+	}
+	if err := c.Root.Set(name, value); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.old = append(c.old, kv{name, old})
+	c.mu.Unlock()
+	return nil
+}
+
+// Restore puts back every value Set changed, newest first.
+func (c *Changes) Restore() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	for i := len(c.old) - 1; i >= 0; i-- {
+		errs = append(errs, c.Root.Set(c.old[i].name, c.old[i].value))
+	}
+	c.old = nil
+	return errors.Join(errs...)
+}

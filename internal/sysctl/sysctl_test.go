@@ -1,0 +1,44 @@
+package sysctl
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestChangesRestore(t *testing.T) {
+	dir := t.TempDir()
+	root := Root(dir)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(os.MkdirAll(filepath.Join(dir, "net/mptcp"), 0o755))
+	must(os.WriteFile(filepath.Join(dir, "net/mptcp/blackhole_timeout"), []byte("3600\n"), 0o644))
+	must(os.WriteFile(filepath.Join(dir, "net/mptcp/enabled"), []byte("1\n"), 0o644))
+
+	c := &Changes{Root: root}
+	tests := []struct{ name, value string }{
+		{"net.mptcp.blackhole_timeout", "0"},
+		{"net.mptcp.blackhole_timeout", "5"}, // second change: the original is still what is restored
+		{"net.mptcp.enabled", "1"},           // unchanged: nothing to restore
+	}
+	for _, tc := range tests {
+		must(c.Set(tc.name, tc.value))
+		if got, _ := root.Get(tc.name); got != tc.value {
+			t.Fatalf("%s = %q after Set, want %q", tc.name, got, tc.value)
+		}
+	}
+	must(c.Restore())
+	if got, _ := root.Get("net.mptcp.blackhole_timeout"); got != "3600" {
+		t.Errorf("blackhole_timeout restored to %q, want 3600", got)
+	}
+	if _, err := root.Get("net.mptcp.missing"); err == nil {
+		t.Error("Get of a missing setting: no error")
+	}
+	if err := c.Set("net.mptcp.missing", "1"); err == nil {
+		t.Error("Set of a missing setting: no error")
+	}
+}

@@ -1,0 +1,167 @@
+// Package pathmgr turns the host's uplinks into MPTCP paths: for each
+// uplink it keeps a source-routing table, a `from <addr>` rule and an
+// in-kernel MPTCP endpoint, so that every subflow leaves through its own
+// uplink and its own gateway.
+//
+// # What mpvpn owns, and what survives a crash
+//
+// Uplink i (0-based, in configuration order) uses
+//
+//   - routing table TableBase+i (default 7100+i), holding the uplink's
+//     connected prefix, `default via <gw> dev <if>` and an `unreachable
+//     default` at the highest metric, so a lookup there never falls through
+//     to another table, and so never to another uplink;
+//   - rule `from <addr> lookup TableBase+i` at priority RulePrio+i (IPv4,
+//     and IPv6 when the uplink has a global IPv6 address and an IPv6
+//     default route);
+//   - MPTCP endpoint `<addr> dev <if> subflow [backup]` on the IPv4
+//     address, id chosen by the kernel (the concentrator is reached over
+//     IPv4 in this version, and an IPv6 endpoint per uplink would halve the
+//     kernel's budget of 8);
+//   - net.ipv4.conf.<if>.rp_filter=2 when the effective value was 1
+//     (strict reverse-path filtering drops MPTCP joins);
+//   - the path manager's subflows limit, raised to the number of uplinks.
+//
+// Tables, rules, endpoints and sysctls live in the kernel, so all of it
+// survives a crash of mpvpn (and none of it survives a reboot). Start
+// therefore first removes what an earlier run left behind:
+//
+//   - every route in tables TableBase..TableBase+MaxUplinks-1 (these
+//     numbers are mpvpn's by configuration: nothing else may use them);
+//   - every rule at a priority in RulePrio..RulePrio+MaxUplinks-1 that
+//     looks up one of those tables (a rule there pointing elsewhere is
+//     someone else's and is left alone);
+//   - every MPTCP endpoint on a configured uplink's address (it would block
+//     the new one anyway: the kernel refuses duplicate addresses), and
+//     every endpoint bound to an uplink's interface whose address that
+//     interface no longer has (the DHCP lease changed while mpvpn was
+//     down). Endpoints carry no owner tag, so an endpoint that an
+//     administrator put on an uplink's address is replaced by mpvpn's and
+//     removed by Close.
+//
+// What a crash leaves that Start does not undo: the raised MPTCP limits and
+// rp_filter=2 (both harmless, and the next Start treats them as the host's
+// own values).
+package pathmgr
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+)
+
+// MaxEndpoints is the kernel's MPTCP_PM_ADDR_MAX: at most this many
+// endpoints per network namespace, and the highest value either limit
+// accepts ("limit greater than maximum"). Unchanged since Linux 5.7.
+const MaxEndpoints = 8
+
+// MaxUplinks is the most uplinks pathmgr manages: one MPTCP endpoint each,
+// and the kernel holds at most MaxEndpoints per network namespace.
+const MaxUplinks = MaxEndpoints
+
+// Defaults for Config.
+const (
+	DefaultTableBase = 7100
+	DefaultRulePrio  = 7100
+)
+
+// UplinkConfig names one uplink.
+type UplinkConfig struct {
+	Name   string // interface name, e.g. "wan0"
+	Backup bool   // carry data only when no other uplink works
+}
+
+// Config says which uplinks to use and which kernel ids are mpvpn's.
+type Config struct {
+	Uplinks []UplinkConfig
+	// TableBase: uplink i uses routing table TableBase+i. mpvpn owns the
+	// MaxUplinks tables from TableBase on. 0 means DefaultTableBase.
+	TableBase int
+	// RulePrio: uplink i's `from <addr>` rule is at priority RulePrio+i.
+	// mpvpn owns the MaxUplinks priorities from RulePrio on. 0 means
+	// DefaultRulePrio.
+	RulePrio int
+	Logger   *slog.Logger // nil: discard
+}
+
+// Uplink is one uplink as pathmgr set it up.
+type Uplink struct {
+	Name       string
+	Index      int        // ifindex
+	Addr       netip.Addr // IPv4 source address; subflows leave from it
+	Gateway    netip.Addr // IPv4 next hop; invalid for a point-to-point default (`default dev ppp0`)
+	Addr6      netip.Addr // global IPv6 address, if the uplink has one and an IPv6 default route
+	Gateway6   netip.Addr // IPv6 next hop (usually link-local), with Addr6
+	Table      int
+	RulePrio   int
+	EndpointID uint8 // the kernel's id for the MPTCP endpoint on Addr
+	Backup     bool
+}
+
+// String is a one-line summary, e.g. "wan0 192.0.2.2 via 192.0.2.1 table 7100 endpoint 1".
+func (u Uplink) String() string {
+	via := "direct"
+	if u.Gateway.IsValid() {
+		via = "via " + u.Gateway.String()
+	}
+	s := fmt.Sprintf("%s %s %s table %d endpoint %d", u.Name, u.Addr, via, u.Table, u.EndpointID)
+	if u.Backup {
+		s += " backup"
+	}
+	return s
+}
+
+// ownedTable reports whether table t is in mpvpn's range.
+func (c *Config) ownedTable(t int) bool {
+	return t >= c.TableBase && t < c.TableBase+MaxUplinks
+}
+
+// ownedPrio reports whether priority p is in mpvpn's range.
+func (c *Config) ownedPrio(p int) bool {
+	return p >= c.RulePrio && p < c.RulePrio+MaxUplinks
+}
+
+// reservedTables are the kernel's own: unspec, default, main, local.
+var reservedTables = []int{0, 253, 254, 255}
+
+// check fills in defaults and validates what can be checked without
+// looking at the host.
+func (c *Config) check() error {
+	if c.TableBase == 0 {
+		c.TableBase = DefaultTableBase
+	}
+	if c.RulePrio == 0 {
+		c.RulePrio = DefaultRulePrio
+	}
+	if c.TableBase < 0 || int64(c.TableBase) > 1<<32-1-MaxUplinks {
+		return fmt.Errorf("table base %d: want 1 to %d", c.TableBase, int64(1<<32-1-MaxUplinks))
+	}
+	for _, r := range reservedTables {
+		if c.ownedTable(r) {
+			return fmt.Errorf("tables %d-%d include the kernel's table %d; choose another table base", c.TableBase, c.TableBase+MaxUplinks-1, r)
+		}
+	}
+	// Priority 0 is the `local` rule and 32766 the `main` one: a rule
+	// after main would never see the packets it is for.
+	if c.RulePrio < 1 || c.RulePrio+MaxUplinks-1 >= 32766 {
+		return fmt.Errorf("rule priority %d: want 1 to %d, so mpvpn's rules come before the main table's (32766)", c.RulePrio, 32766-MaxUplinks)
+	}
+	switch n := len(c.Uplinks); {
+	case n == 0:
+		return fmt.Errorf("no uplinks configured")
+	case n > MaxUplinks:
+		return fmt.Errorf("%d uplinks configured: the kernel holds at most %d MPTCP endpoints, so at most %d uplinks (uplink %q is one too many)",
+			n, MaxEndpoints, MaxUplinks, c.Uplinks[MaxUplinks].Name)
+	}
+	seen := map[string]bool{}
+	for _, u := range c.Uplinks {
+		if u.Name == "" {
+			return fmt.Errorf("an uplink has no interface name")
+		}
+		if seen[u.Name] {
+			return fmt.Errorf("uplink %s: listed twice", u.Name)
+		}
+		seen[u.Name] = true
+	}
+	return nil
+}

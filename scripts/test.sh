@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# scripts/test.sh — everything CI runs: format, vet, unit tests, fuzz targets
+# (bounded), and the network-namespace integration tests. Run as root:
+#   sudo scripts/test.sh
+# Env: FUZZTIME (per fuzz target, default 10s), RUN (go test -run filter for
+# the netns tests), SHORT=1 (skip fuzzing and the netns tests; for a quick loop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+need_root
+install_deps
+preflight
+export CI=${CI:-}
+FUZZTIME=${FUZZTIME:-10s}
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "gofmt"
+bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$bad" ]; then echo "not gofmt'ed: $bad"; exit 1; fi
+
+step "go vet"
+go vet ./...
+
+step "unit tests"
+# The netns integration tests get their own serial pass below: they build
+# whole topologies and would fight over 2 cores if run in parallel.
+units=$(go list ./... | grep -v '/test/netns')
+go test -count=1 -timeout 10m $units
+
+if [ "${SHORT:-}" != 1 ]; then
+	step "fuzz targets (${FUZZTIME} each)"
+	# Every Fuzz function in the tree, run for a bounded time.
+	while IFS=: read -r file fn; do
+		pkg=./$(dirname "$file")
+		echo "--- $pkg $fn"
+		go test -run '^$' -fuzz "^${fn}\$" -fuzztime "$FUZZTIME" "$pkg"
+	done < <(grep -rHo --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*' . | sed 's|^\./||; s|:func |:|')
+
+	step "network-namespace integration tests"
+	go build -o /dev/null ./cmd/mpvpn
+	log=$(mktemp /tmp/mpvpn-netns-test.XXXXXX.log)
+	rc=0
+	go test -count=1 -p 1 -timeout 25m -v ${RUN:+-run "$RUN"} ./test/netns/... >"$log" 2>&1 || rc=$?
+	# The verdict lines, then the whole log only if something failed.
+	grep -E '^(--- |ok|FAIL|panic)|^\s+\S+_test\.go:[0-9]+:' "$log" || true
+	if [ $rc != 0 ]; then
+		echo "netns tests failed (exit $rc); full log follows"
+		cat "$log"
+		exit 1
+	fi
+fi
+
+step "all tests passed"

@@ -1,0 +1,279 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/mpvpn/mpvpn/internal/relay"
+)
+
+// pendingSYN is one SYN being forwarded: from handleTCP letting it through
+// to the forwarder until its request is completed. While it is here,
+// retransmissions of the SYN are absorbed.
+type pendingSYN struct {
+	limited bool          // over MaxInFlight: answered with a RST, never dialled
+	quote   []byte        // the SYN's headers, for an ICMP error
+	wq      *waiter.Queue // set once the app's handshake is started
+}
+
+// flow is a relayed flow, kept so that Close can end it.
+type flow struct {
+	app *gonet.TCPConn
+	up  net.Conn
+}
+
+func (f *flow) close() {
+	f.app.Close()
+	f.up.Close()
+}
+
+var errClosed = errors.New("stack closed")
+
+// handleTCP is the TCP protocol's default handler: gVisor calls it for
+// every TCP segment that matches no endpoint. A new SYN is registered as
+// pending and passed to the forwarder, which runs serve for it in a new
+// goroutine; any other segment is left to gVisor, which answers a stray
+// segment with a RST.
+func (s *Stack) handleTCP(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	th := header.TCP(pkt.TransportHeader().Slice())
+	if len(th) < header.TCPMinimumSize || th.Flags()&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) != header.TCPFlagSyn {
+		return false
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return true // dropped; the app's retry finds the TUN gone
+	}
+	if _, ok := s.pending[id]; ok {
+		// A retransmitted SYN while its dial is under way. gVisor's
+		// forwarder would absorb it too (gVisor 2025-05: HandlePacket
+		// returns true for an ID in flight); doing it here keeps the
+		// accounting in one place.
+		s.mu.Unlock()
+		return true
+	}
+	p := &pendingSYN{}
+	switch {
+	case s.dialing < s.maxInFlight:
+		s.dialing++
+		p.quote = synQuote(pkt)
+	case s.limiting < s.maxInFlight:
+		// Over the cap: answer with a RST through the forwarder (it
+		// builds the RST), without dialling.
+		p.limited = true
+		s.limiting++
+	default:
+		// Even the RSTs are backed up: drop, like a full SYN queue.
+		s.mu.Unlock()
+		s.limited.Add(1)
+		return true
+	}
+	s.pending[id] = p
+	s.wg.Add(1)
+	s.mu.Unlock()
+
+	// With handleTCP's bookkeeping, the forwarder starts serve for every
+	// SYN it accepts (gVisor 2025-05: it refuses only segments that do not
+	// parse, and its own limit is above ours), and Complete, which removes
+	// the ID from its in-flight set, always comes before release removes
+	// it from ours.
+	if !s.fwd.HandlePacket(id, pkt) {
+		s.release(id, p)
+		s.wg.Done()
+		return false
+	}
+	return true
+}
+
+// release ends p's pending state. It must come after the request's
+// Complete, so that a retransmitted SYN never reaches the forwarder while
+// it still holds the ID.
+func (s *Stack) release(id stack.TransportEndpointID, p *pendingSYN) {
+	s.mu.Lock()
+	delete(s.pending, id)
+	if p.limited {
+		s.limiting--
+	} else {
+		s.dialing--
+	}
+	s.mu.Unlock()
+}
+
+// serve forwards one SYN: dial, and only if that succeeds complete the
+// app's handshake and relay. Every path calls r.Complete exactly once,
+// then release.
+func (s *Stack) serve(r *tcp.ForwarderRequest) {
+	defer s.wg.Done()
+	id := r.ID()
+	s.mu.Lock()
+	p := s.pending[id]
+	s.mu.Unlock()
+	if p == nil {
+		// Not registered by handleTCP; cannot happen.
+		r.Complete(true)
+		return
+	}
+	src := addrPort(id.RemoteAddress, id.RemotePort)
+	dst := addrPort(id.LocalAddress, id.LocalPort)
+	if p.limited {
+		s.limited.Add(1) // counted before the RST goes out, as every answer is
+		r.Complete(true)
+		s.release(id, p)
+		s.log.Debug("SYN over the in-flight limit: RST", "src", src, "dst", dst, "max_in_flight", s.maxInFlight)
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(s.ctx, s.dialTimeout)
+	up, err := s.dialer.DialTCP(ctx, src, dst)
+	cancel()
+	if err == nil && up == nil {
+		err = errors.New("dialer returned neither a conn nor an error")
+	}
+	if err != nil {
+		if up != nil {
+			up.Close() // a conn with an error is no conn
+		}
+		s.reject(r, p, src, dst, err)
+		s.release(id, p)
+		return
+	}
+
+	app, err := s.accept(r, p)
+	s.release(id, p)
+	if err != nil {
+		up.Close()
+		s.log.Debug("app handshake failed", "src", src, "dst", dst, "err", err)
+		return
+	}
+	s.relay(app, up, src, dst)
+}
+
+// accept completes the app's handshake; the dial has succeeded. Like
+// reject, it counts the outcome before answering.
+func (s *Stack) accept(r *tcp.ForwarderRequest, p *pendingSYN) (*gonet.TCPConn, error) {
+	var wq waiter.Queue
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		s.failed.Add(1)
+		r.Complete(true)
+		return nil, errClosed
+	}
+	p.wq = &wq // from here Close can interrupt the handshake
+	s.mu.Unlock()
+	// Blocks until the app has answered our SYN-ACK (or given up, or
+	// Close interrupted it): gVisor 2025-05 performHandshake.
+	ep, tcpErr := r.CreateEndpoint(&wq)
+	if tcpErr != nil {
+		s.failed.Add(1)
+		r.Complete(true)
+		return nil, fmt.Errorf("create endpoint: %s", tcpErr)
+	}
+	s.forwarded.Add(1)
+	r.Complete(false)
+	if err := setFlowOptions(ep); err != nil {
+		s.log.Debug("flow options", "err", err)
+	}
+	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// reject answers a SYN whose dial failed, without ever completing its
+// handshake: a RST where the destination refused (the app's connect()
+// fails with ECONNREFUSED at once), an ICMP destination-unreachable where
+// it could not be reached (EHOSTUNREACH or ENETUNREACH), a RST otherwise.
+func (s *Stack) reject(r *tcp.ForwarderRequest, p *pendingSYN, src, dst netip.AddrPort, err error) {
+	answer := "RST"
+	kind, icmp := unreachableKind(err)
+	switch {
+	case s.ctx.Err() != nil:
+		// Closing: the dial was cancelled, whatever it says.
+		s.failed.Add(1)
+		r.Complete(true)
+	case isRefusal(err):
+		s.refused.Add(1)
+		r.Complete(true)
+	case icmp && p.quote != nil:
+		s.failed.Add(1)
+		if werr := s.link.writeRaw(unreachable(p.quote, kind)); werr != nil {
+			r.Complete(true)
+			break
+		}
+		// Completing without a RST only frees the request: the ICMP
+		// error is the answer.
+		r.Complete(false)
+		answer = "ICMP unreachable"
+	default:
+		s.failed.Add(1)
+		r.Complete(true)
+	}
+	s.log.Debug("dial failed", "src", src, "dst", dst, "err", err, "answer", answer)
+}
+
+func isRefusal(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EAGAIN)
+}
+
+// unreachableKind says whether err is answered with an ICMP error, and
+// which. A timeout (ETIMEDOUT, or the dial's own deadline) becomes "host
+// unreachable": no ICMP error means "timed out", and making the app wait
+// through its own SYN retries (over two minutes on Linux) for the same
+// verdict would only be slower.
+func unreachableKind(err error) (unreach, bool) {
+	switch {
+	case errors.Is(err, syscall.ENETUNREACH):
+		return unreachNet, true
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ETIMEDOUT),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
+		return unreachHost, true
+	}
+	var t interface{ Timeout() bool }
+	if errors.As(err, &t) && t.Timeout() {
+		return unreachHost, true
+	}
+	return 0, false
+}
+
+// relay moves the flow's bytes both ways until both directions are done.
+// The app's FIN becomes the upstream's CloseWrite and the upstream's EOF
+// the app's FIN (internal/relay, shared with the concentrator).
+func (s *Stack) relay(app *gonet.TCPConn, up net.Conn, src, dst netip.AddrPort) {
+	f := &flow{app: app, up: up}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		f.close()
+		return
+	}
+	s.flows[f] = struct{}{}
+	s.mu.Unlock()
+
+	st, err := relay.Relay(app, up)
+
+	s.mu.Lock()
+	delete(s.flows, f)
+	s.mu.Unlock()
+	s.log.Debug("flow closed", "src", src, "dst", dst, "sent", st.AtoB, "received", st.BtoA, "err", err)
+}
+
+func addrPort(a tcpip.Address, port uint16) netip.AddrPort {
+	var ip netip.Addr
+	switch a.Len() {
+	case 4:
+		ip = netip.AddrFrom4(a.As4())
+	case 16:
+		ip = netip.AddrFrom16(a.As16())
+	}
+	return netip.AddrPortFrom(ip, port)
+}

@@ -1,0 +1,304 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/flynn/noise"
+)
+
+// ErrHandshake marks a dial that got no verdict: the handshake did not
+// complete. The concentrator answers nothing to a client it cannot
+// authenticate, so a wrong server key, a client key it does not list, a
+// clock too far off and a concentrator that is simply gone all end the
+// same way: silence, then a close or a timeout.
+var ErrHandshake = errors.New("tunnel handshake failed")
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	Server    netip.AddrPort
+	ServerKey PublicKey
+	Key       PrivateKey
+	// Mark is set as SO_MARK on every socket; on an MPTCP socket it
+	// reaches all subflows, present and future. 0 = none.
+	Mark uint32
+	// FastOpen sets TCP_FASTOPEN_CONNECT: once the kernel holds a cookie
+	// for the server, msg1 rides in the SYN.
+	FastOpen bool
+	// HandshakeTimeout bounds DialTCP: MPTCP connect, handshake and the
+	// concentrator's own dial to the destination. Default 10 s.
+	HandshakeTimeout time.Duration
+	Logger           *slog.Logger
+}
+
+// ClientStats are a Client's counters.
+type ClientStats struct {
+	Dials     uint64 // DialTCP calls
+	Connected uint64 // flows the concentrator connected
+	Rejected  uint64 // flows answered with a verdict other than Connected (VerdictError)
+	Failures  uint64 // dials that got no verdict (connect or handshake failed)
+	Fallbacks uint64 // connected flows whose connection is plain TCP, not MPTCP
+	Active    int64  // connected flows not yet closed
+}
+
+// Client opens flows to one concentrator.
+type Client struct {
+	cfg    ClientConfig
+	log    *slog.Logger
+	server string
+	static noise.DHKey
+	mac1   [32]byte
+	dialer net.Dialer
+
+	// Hooks for tests; nil means time.Now and crypto/rand.
+	now  func() time.Time
+	rand io.Reader
+
+	dials, connected, rejected, failures, fallbacks atomic.Uint64
+	active                                          atomic.Int64
+	lastWarn                                        atomic.Int64
+}
+
+const defaultHandshakeTimeout = 10 * time.Second
+
+// keepAlive is set on both ends. The kernel's default (2 h idle) would let
+// a flow whose peer vanished pin its relay goroutines for hours
+// (tailscale#4522); 60 s + 6×10 s notices within two minutes while still
+// riding out a short outage of every uplink. SO_KEEPALIVE and the
+// TCP_KEEP* options propagate to MPTCP subflows.
+func keepAlive() net.KeepAliveConfig {
+	return net.KeepAliveConfig{Enable: true, Idle: 60 * time.Second, Interval: 10 * time.Second, Count: 6}
+}
+
+// NewClient checks cfg and returns a Client. Nothing is sent until DialTCP.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if !cfg.Server.IsValid() || cfg.Server.Port() == 0 {
+		return nil, fmt.Errorf("tunnel: server %q is not an address:port", cfg.Server)
+	}
+	if cfg.Key.IsZero() {
+		return nil, errors.New("tunnel: no private key")
+	}
+	if cfg.ServerKey.IsZero() {
+		return nil, errors.New("tunnel: no server public key")
+	}
+	if err := checkPeerKey(cfg.Key, cfg.ServerKey); err != nil {
+		return nil, fmt.Errorf("tunnel: server key: %w", err)
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = defaultHandshakeTimeout
+	}
+	c := &Client{
+		cfg:    cfg,
+		log:    cfg.Logger,
+		server: cfg.Server.String(),
+		static: dhKey(cfg.Key),
+		mac1:   mac1Key(cfg.ServerKey),
+	}
+	c.dialer.KeepAliveConfig = keepAlive()
+	c.dialer.SetMultipathTCP(true)
+	if cfg.FastOpen {
+		if v, err := fastOpenSysctl(); err != nil {
+			c.log.Warn("cannot read net.ipv4.tcp_fastopen; Fast Open may be off", "err", err)
+		} else if v&1 == 0 {
+			c.log.Warn("net.ipv4.tcp_fastopen lacks bit 0x1: the kernel will not send data in SYNs", "value", v)
+		}
+	}
+	return c, nil
+}
+
+// Stats returns a snapshot of the counters.
+func (c *Client) Stats() ClientStats {
+	return ClientStats{
+		Dials:     c.dials.Load(),
+		Connected: c.connected.Load(),
+		Rejected:  c.rejected.Load(),
+		Failures:  c.failures.Load(),
+		Fallbacks: c.fallbacks.Load(),
+		Active:    c.active.Load(),
+	}
+}
+
+// DialTCP opens one MPTCP connection to the concentrator, sends msg1
+// (authentication and destination, no application bytes), waits for the
+// verdict and returns the encrypted stream. The concentrator answers only
+// after its own connect to dst, so a nil error means dst accepted.
+//
+// A verdict other than Connected comes back as a *VerdictError, which
+// unwraps to the matching errno. A handshake without a verdict returns an
+// error wrapping ErrHandshake (and syscall.ETIMEDOUT when
+// HandshakeTimeout expired). Errors connecting to the concentrator wrap
+// the socket's error (e.g. ECONNREFUSED).
+func (c *Client) DialTCP(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
+	c.dials.Add(1)
+	conn, err := c.dial(ctx, dst)
+	if err != nil {
+		if _, ok := errors.AsType[*VerdictError](err); ok {
+			c.rejected.Add(1)
+		} else {
+			c.failures.Add(1)
+		}
+		return nil, err
+	}
+	c.connected.Add(1)
+	return conn, nil
+}
+
+var errHandshakeTimeout = errors.New("handshake timeout")
+
+// aLongTimeAgo is a deadline that has passed: setting it wakes a blocked
+// Read or Write at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
+	if !dst.IsValid() || dst.Port() == 0 || dst.Addr().Zone() != "" {
+		return nil, fmt.Errorf("tunnel: destination %s: %w", dst, syscall.EINVAL)
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
+	defer cancel()
+
+	var at dialAttempt
+	d := c.dialer
+	d.Control = func(_, _ string, rc syscall.RawConn) error {
+		return controlDial(rc, c.cfg.Mark, c.cfg.FastOpen, &at)
+	}
+	// With TCP_FASTOPEN_CONNECT and a cached cookie, this returns before
+	// any packet is sent; connect errors then show on Write or Read.
+	raw, err := d.DialContext(ctx, "tcp", c.server)
+	if err != nil {
+		// Go dialled twice if the MPTCP attempt failed (it retries
+		// plain TCP after any error); the error is the second
+		// attempt's, which for a refused, unreachable or silent
+		// server is the same as the first one's.
+		return nil, c.failed(ctx, "connect to", err)
+	}
+	tc := raw.(*net.TCPConn)
+	if at.attempts > 1 && !at.lastMPTCP {
+		c.warnFallback("the MPTCP connect failed and Go retried with plain TCP, which worked", "server", c.server)
+	}
+	if at.fastOpenErr != nil {
+		c.log.Debug("TCP_FASTOPEN_CONNECT not set", "err", at.fastOpenErr)
+	}
+
+	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(aLongTimeAgo) })
+	hs, msg1, err := c.msg1(dst)
+	if err != nil {
+		stop()
+		tc.Close()
+		return nil, err
+	}
+	var m2 [msg2Size]byte
+	if _, err = tc.Write(msg1); err == nil {
+		_, err = io.ReadFull(tc, m2[:])
+	}
+	if !stop() && err == nil {
+		// The timer fired as the answer arrived; the socket now has a
+		// past deadline, so give up on it as on any timeout.
+		err = context.Cause(ctx)
+	}
+	if err != nil {
+		tc.Close()
+		return nil, c.failed(ctx, "handshake with", err)
+	}
+	v, send, recv, err := readMsg2(hs, m2[:])
+	if err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("%w with %s: its answer failed authentication (is ServerKey this concentrator's key?): %w", ErrHandshake, c.server, err)
+	}
+	if v != Connected {
+		tc.Close()
+		return nil, &VerdictError{Verdict: v, Dst: dst}
+	}
+	// Only meaningful now: with Fast Open the connection did not exist
+	// when DialContext returned.
+	mp, _ := tc.MultipathTCP()
+	if !mp {
+		c.fallbacks.Add(1)
+		c.warnFallback("flow is on plain TCP, not MPTCP: it uses one path only (the concentrator, a middlebox, or the kernel's MPTCP blackhole detection after lost SYNs; see net.mptcp.blackhole_timeout)", "server", c.server, "dst", dst.String())
+	}
+	c.active.Add(1)
+	return newConn(tc, send, recv, mp, func() { c.active.Add(-1) }), nil
+}
+
+// failed explains an error that left the dial without a verdict.
+func (c *Client) failed(ctx context.Context, stage string, err error) error {
+	switch {
+	case context.Cause(ctx) == errHandshakeTimeout:
+		return fmt.Errorf("%w with %s: no answer within %s; a wrong server key, a client key the concentrator does not list, or clocks further apart than its replay window look like this, as does an unreachable concentrator: %w",
+			ErrHandshake, c.server, c.cfg.HandshakeTimeout, syscall.ETIMEDOUT)
+	case ctx.Err() != nil:
+		return fmt.Errorf("tunnel: %s %s: %w", stage, c.server, context.Cause(ctx))
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		if stage == "handshake with" {
+			return fmt.Errorf("%w with %s: the concentrator closed the connection without answering; check that ServerKey is its key, that it lists this client's public key, and that the clocks agree: %w",
+				ErrHandshake, c.server, err)
+		}
+	}
+	return fmt.Errorf("tunnel: %s concentrator %s: %w", stage, c.server, err)
+}
+
+// warnFallback logs at Warn at most once a minute, then at Debug: with a
+// broken path every flow falls back, and one line says it all.
+func (c *Client) warnFallback(msg string, args ...any) {
+	now := time.Now().UnixNano()
+	last := c.lastWarn.Load()
+	if now-last >= int64(time.Minute) && c.lastWarn.CompareAndSwap(last, now) {
+		c.log.Warn(msg, append(args, "fallbacks", c.fallbacks.Load())...)
+		return
+	}
+	c.log.Debug(msg, args...)
+}
+
+// msg1 builds the first handshake message for dst.
+func (c *Client) msg1(dst netip.AddrPort) (*noise.HandshakeState, []byte, error) {
+	hs, err := newHandshake(true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), c.rand)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tunnel: handshake state: %w", err)
+	}
+	now := time.Now
+	if c.now != nil {
+		now = c.now
+	}
+	var payload [msg1PayloadSize]byte
+	putMsg1Payload(payload[:], now(), dst)
+	msg, _, _, err := hs.WriteMessage(make([]byte, 0, msg1Size), payload[:])
+	if err != nil {
+		return nil, nil, fmt.Errorf("tunnel: handshake: %w", err)
+	}
+	if len(msg) != msg1NoiseSize {
+		return nil, nil, fmt.Errorf("tunnel: msg1 is %d bytes, want %d", len(msg), msg1NoiseSize)
+	}
+	m := mac1(&c.mac1, msg)
+	return hs, append(msg, m[:]...), nil
+}
+
+// readMsg2 authenticates the concentrator's answer and returns the
+// verdict with the transport keys (initiator: send with the first).
+func readMsg2(hs *noise.HandshakeState, m []byte) (Verdict, *noise.CipherState, *noise.CipherState, error) {
+	if len(m) != msg2Size {
+		return 0, nil, nil, errBadPayload
+	}
+	var buf [msg2PayloadSize]byte
+	payload, cs1, cs2, err := hs.ReadMessage(buf[:0], m)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	if cs1 == nil || cs2 == nil {
+		return 0, nil, nil, errors.New("handshake did not complete")
+	}
+	v, err := parseMsg2Payload(payload)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	return v, cs1, cs2, nil
+}

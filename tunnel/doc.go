@@ -1,0 +1,102 @@
+// Package tunnel is mpvpn's client↔concentrator protocol, both ends: one
+// application TCP flow is one kernel MPTCP connection, opened with a Noise
+// IK handshake that authenticates the client and names the destination,
+// then carried as AEAD frames.
+//
+// # Handshake
+//
+// Noise_IK_25519_ChaChaPoly_BLAKE2s (github.com/flynn/noise) with the
+// prologue "mpvpn v1". The client knows the concentrator's static key in
+// advance; the concentrator learns and checks the client's from msg1.
+//
+//	msg1, client → server, always 144 bytes:
+//	  0   32  e                 ephemeral public key (clear)
+//	  32  48  s                 client static key, encrypted (32 + 16 tag)
+//	  80  48  payload           encrypted (32 + 16 tag):
+//	            0  12  timestamp  TAI64N-like: 2^62 + Unix seconds (8, BE),
+//	                              nanoseconds (4, BE)
+//	            12  1  protocol   6 (TCP); others reserved
+//	            13  1  family     4 or 6
+//	            14 16  address    IPv4 in the first 4 bytes, the rest zero;
+//	                              IPv4-mapped IPv6 is sent as IPv4
+//	            30  2  port       BE, not 0
+//	  128 16  mac1              BLAKE2s-128 keyed with
+//	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),
+//	                              over bytes 0..127
+//
+//	msg2, server → client, always 64 bytes, sent only once the server
+//	has decided (Flow.Accept / Flow.Refuse; the concentrator dials the
+//	destination first):
+//	  0   32  e                 ephemeral public key (clear)
+//	  32  32  payload           encrypted (16 + 16 tag):
+//	            0   1  verdict    Connected=1 Refused=2 Unreachable=3
+//	                              TimedOut=4 NotAllowed=5 Limited=6
+//	            1  15  reserved   zero
+//
+// msg1 carries no application bytes: it is replayable and, for the
+// destination, not forward secret (Noise payload properties 1/2). The
+// client sends nothing more until the verdict, and nothing in msg2 or
+// after it is of use to whoever replays msg1 without the ephemeral key.
+//
+// # Server checks, cheapest first
+//
+//  1. exactly 144 bytes read, mac1 valid (one BLAKE2s; no DH for anyone
+//     who does not know the server's public key);
+//  2. Noise decryption (es, ss) and the client's static key among the
+//     configured peers;
+//  3. the payload well formed;
+//  4. timestamp within ±ReplayWindow of the server's clock and not before
+//     the server started (a restart does not reopen the window);
+//  5. the ephemeral key not seen before: an exact map with expiry at
+//     timestamp+ReplayWindow and a hard cap on entries. Parallel flows
+//     arrive out of order over different paths, so there is no
+//     "increasing timestamp per peer" rule as in WireGuard.
+//
+// A connection that fails any check, or sends less than msg1, gets no
+// byte back. The server reads and discards what comes (one 4 KiB buffer)
+// until HandshakeDeadline after accept, then closes with a RST
+// (SO_LINGER 0), whatever was sent and whenever the peer stopped, so a
+// prober learns neither how many bytes were consumed nor which check
+// failed. Over MaxHalfOpen or MaxHalfOpenPerIP a connection is closed at
+// once, unread (load shedding). Over MaxFlowsPerPeer an authenticated
+// flow gets the verdict Limited.
+//
+// # Transport
+//
+// After msg2 both sides hold the CipherStates from Split (the initiator
+// sends with the first). The stream is a sequence of frames:
+//
+//	length  2 bytes, big-endian: the ciphertext length, 16..65535
+//	ciphertext  ChaCha20-Poly1305 (Noise nonce = frame counter, no AD):
+//	            up to 65519 bytes of plaintext + 16 tag
+//
+// A receiver accepts any length up to the maximum; a Conn writes at most
+// 32 KiB of plaintext per frame (faster than 64 KiB: see conn.go).
+//
+// An empty plaintext (a 16-byte frame) is the end-of-stream marker that
+// CloseWrite sends before shutdown(SHUT_WR); the peer's Read then returns
+// io.EOF. A length under 16, a failed tag (bit flip, truncation,
+// duplicate, reorder, injection), data after the end-of-stream frame, the
+// TCP stream ending without that frame, or an exhausted nonce
+// (noise.ErrMaxNonce; there is no rekey) closes the flow; no byte of a
+// bad frame reaches the reader. Lengths are checked before reading
+// further and buffers have a fixed size, never one a peer chose.
+//
+// # Sockets
+//
+// The client dials with Dialer.SetMultipathTCP(true), SO_MARK (Mark) and
+// TCP_FASTOPEN_CONNECT (FastOpen) set in Control, and TCP keepalive. Go's
+// dialMPTCP retries with plain TCP after any error of the MPTCP attempt
+// (Go 1.26), so a refused or unreachable concentrator is dialled twice
+// and the second attempt's error, the same errno, is what DialTCP wraps.
+// With Fast Open, DialContext may return before any packet left and
+// connect errors show up on the handshake's Write or Read instead. After
+// the handshake, (*net.TCPConn).MultipathTCP tells whether the connection
+// really is MPTCP; a plain TCP fallback works, is logged at Warn (at most
+// once a minute) and counted in ClientStats.Fallbacks.
+//
+// Listen opens an MPTCP listener (Fast Open queue 256 when asked).
+// Fast Open also needs net.ipv4.tcp_fastopen bit 0x1 on clients and 0x2
+// on the server; the caller sets it, and Listen/NewClient log when it is
+// missing.
+package tunnel

@@ -1,0 +1,102 @@
+package tunnel
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// fastOpenQueue is the listener's TCP_FASTOPEN queue: how many Fast Open
+// requests may wait for accept before the kernel falls back to a normal
+// handshake for new ones (the MPTCP selftest uses 25; a concentrator sees
+// bursts of flows).
+const fastOpenQueue = 256
+
+// dialAttempt records what Dialer.Control saw. Go's dialMPTCP retries with
+// plain TCP after any error of the MPTCP attempt (Go 1.26,
+// net/mptcpsock_linux.go), calling Control again; two attempts with the
+// last one plain TCP means that happened.
+type dialAttempt struct {
+	attempts    int
+	lastMPTCP   bool
+	fastOpenErr error
+}
+
+func controlDial(rc syscall.RawConn, mark uint32, fastOpen bool, st *dialAttempt) error {
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		st.attempts++
+		proto, _ := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+		st.lastMPTCP = proto == unix.IPPROTO_MPTCP
+		if mark != 0 {
+			// SO_MARK on the MPTCP socket reaches every subflow, now
+			// and later (net/mptcp/sockopt.c sync_socket_options).
+			if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark)); err != nil {
+				serr = fmt.Errorf("set SO_MARK %#x (needs CAP_NET_ADMIN): %w", mark, err)
+				return
+			}
+		}
+		if fastOpen {
+			// A failure here must not fail the dial: Go would then
+			// retry with plain TCP and we would silently lose
+			// MPTCP for the sake of Fast Open.
+			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_FASTOPEN_CONNECT, 1); err != nil {
+				st.fastOpenErr = err
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+type listenAttempt struct {
+	attempts    int
+	fastOpenErr error
+}
+
+func controlListen(rc syscall.RawConn, fastOpen bool, st *listenAttempt) error {
+	return rc.Control(func(fd uintptr) {
+		st.attempts++
+		if fastOpen {
+			// As for dialing: never fail (Go would fall back to a
+			// plain TCP listener), only remember.
+			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_FASTOPEN, fastOpenQueue); err != nil {
+				st.fastOpenErr = err
+			}
+		}
+	})
+}
+
+// isMPTCPSocket reports whether the socket was created as MPTCP (for a
+// listener; a connection's own state is (*net.TCPConn).MultipathTCP).
+func isMPTCPSocket(sc syscall.Conn) bool {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var proto int
+	rc.Control(func(fd uintptr) {
+		proto, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL)
+	})
+	return proto == unix.IPPROTO_MPTCP
+}
+
+// fastOpenSysctl reads net.ipv4.tcp_fastopen of the caller's network
+// namespace: bit 0x1 enables the client side, 0x2 the server side.
+func fastOpenSysctl() (int, error) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_fastopen")
+	if err != nil {
+		return 0, err
+	}
+	v, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("net.ipv4.tcp_fastopen: %w", err)
+	}
+	return v, nil
+}

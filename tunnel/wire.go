@@ -1,0 +1,200 @@
+package tunnel
+
+import (
+	"crypto/hmac"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net/netip"
+	"time"
+
+	"github.com/flynn/noise"
+	"golang.org/x/crypto/blake2s"
+)
+
+// Wire sizes; doc.go draws the layouts.
+const (
+	tagSize = 16 // Poly1305
+
+	// msg1: Noise IK "e, es, s, ss" + payload, then mac1.
+	msg1PayloadSize = 32
+	msg1NoiseSize   = KeySize + (KeySize + tagSize) + (msg1PayloadSize + tagSize) // 128
+	mac1Size        = 16
+	msg1Size        = msg1NoiseSize + mac1Size // 144
+
+	// msg2: Noise IK "e, ee, se" + payload.
+	msg2PayloadSize = 16
+	msg2Size        = KeySize + msg2PayloadSize + tagSize // 64
+
+	// Transport frames: 2-byte big-endian length, then that many bytes of
+	// ciphertext (plaintext + tag). Noise caps a message at 65535 bytes,
+	// which the 16-bit length cannot exceed anyway.
+	frameHeaderSize = 2
+	maxCiphertext   = noise.MaxMsgLen         // 65535
+	maxPlaintext    = maxCiphertext - tagSize // 65519
+	maxFrameSize    = frameHeaderSize + maxCiphertext
+
+	timestampSize = 12
+	protoTCP      = 6 // IANA protocol number; 17 (UDP) is reserved for later
+)
+
+// prologue binds every handshake to this protocol and version: a message
+// made for anything else (another mpvpn version, WireGuard's own IKpsk2)
+// fails to decrypt.
+var prologue = []byte("mpvpn v1")
+
+// cipherSuite is Noise_IK_25519_ChaChaPoly_BLAKE2s.
+var cipherSuite = noise.NewCipherSuite(noise.DH25519, noise.CipherChaChaPoly, noise.HashBLAKE2s)
+
+const mac1Label = "mpvpn v1 mac1"
+
+// mac1Key derives the key of msg1's mac1 from the server's public key, as
+// WireGuard does: whoever does not know the server's public key cannot
+// make the server do any DH work.
+func mac1Key(server PublicKey) [blake2s.Size]byte {
+	var k [blake2s.Size]byte
+	h, _ := blake2s.New256(nil) // unkeyed: cannot fail
+	h.Write([]byte(mac1Label))
+	h.Write(server[:])
+	h.Sum(k[:0])
+	return k
+}
+
+// mac1 is keyed BLAKE2s-128 over the Noise part of msg1.
+func mac1(key *[blake2s.Size]byte, msg []byte) [mac1Size]byte {
+	var m [mac1Size]byte
+	h, _ := blake2s.New128(key[:]) // a 32-byte key: cannot fail
+	h.Write(msg)
+	h.Sum(m[:0])
+	return m
+}
+
+func mac1Valid(key *[blake2s.Size]byte, msg1 []byte) bool {
+	if len(msg1) != msg1Size {
+		return false
+	}
+	m := mac1(key, msg1[:msg1NoiseSize])
+	return hmac.Equal(m[:], msg1[msg1NoiseSize:])
+}
+
+// TAI64N-like timestamp: 8 bytes of 2^62 + Unix seconds, 4 bytes of
+// nanoseconds, both big-endian. (Unix seconds rather than true TAI: both
+// ends only compare it with their own clock.)
+const tai64Base = uint64(1) << 62
+
+var errBadTimestamp = errors.New("bad timestamp")
+
+func putTimestamp(b []byte, t time.Time) {
+	binary.BigEndian.PutUint64(b[0:8], tai64Base+uint64(t.Unix()))
+	binary.BigEndian.PutUint32(b[8:12], uint32(t.Nanosecond()))
+}
+
+func parseTimestamp(b []byte) (time.Time, error) {
+	s := binary.BigEndian.Uint64(b[0:8])
+	ns := binary.BigEndian.Uint32(b[8:12])
+	if s < tai64Base || s >= tai64Base<<1 || ns >= 1e9 {
+		return time.Time{}, errBadTimestamp
+	}
+	return time.Unix(int64(s-tai64Base), int64(ns)), nil
+}
+
+var errBadPayload = errors.New("malformed payload")
+
+// putMsg1Payload writes the 32-byte request: timestamp, protocol, family,
+// address, port.
+func putMsg1Payload(b []byte, ts time.Time, dst netip.AddrPort) {
+	clear(b[:msg1PayloadSize])
+	putTimestamp(b[0:12], ts)
+	b[12] = protoTCP
+	a := dst.Addr().Unmap()
+	if a.Is4() {
+		b[13] = 4
+		a4 := a.As4()
+		copy(b[14:18], a4[:])
+	} else {
+		b[13] = 6
+		a16 := a.As16()
+		copy(b[14:30], a16[:])
+	}
+	binary.BigEndian.PutUint16(b[30:32], dst.Port())
+}
+
+// parseMsg1Payload is strict: every byte has one valid meaning, so a
+// future version cannot be misread as this one.
+func parseMsg1Payload(b []byte) (time.Time, netip.AddrPort, error) {
+	if len(b) != msg1PayloadSize {
+		return time.Time{}, netip.AddrPort{}, errBadPayload
+	}
+	ts, err := parseTimestamp(b[0:12])
+	if err != nil {
+		return time.Time{}, netip.AddrPort{}, err
+	}
+	if b[12] != protoTCP {
+		return time.Time{}, netip.AddrPort{}, errBadPayload
+	}
+	var a netip.Addr
+	switch b[13] {
+	case 4:
+		for _, z := range b[18:30] {
+			if z != 0 {
+				return time.Time{}, netip.AddrPort{}, errBadPayload
+			}
+		}
+		a = netip.AddrFrom4([4]byte(b[14:18]))
+	case 6:
+		a = netip.AddrFrom16([16]byte(b[14:30]))
+		if a.Is4In6() {
+			// The client unmaps; a mapped address here is not
+			// something this version produces.
+			return time.Time{}, netip.AddrPort{}, errBadPayload
+		}
+	default:
+		return time.Time{}, netip.AddrPort{}, errBadPayload
+	}
+	port := binary.BigEndian.Uint16(b[30:32])
+	if port == 0 {
+		return time.Time{}, netip.AddrPort{}, errBadPayload
+	}
+	return ts, netip.AddrPortFrom(a, port), nil
+}
+
+func putMsg2Payload(b []byte, v Verdict) {
+	clear(b[:msg2PayloadSize])
+	b[0] = byte(v)
+}
+
+func parseMsg2Payload(b []byte) (Verdict, error) {
+	if len(b) != msg2PayloadSize {
+		return 0, errBadPayload
+	}
+	v := Verdict(b[0])
+	if !v.valid() {
+		return 0, errBadPayload
+	}
+	for _, z := range b[1:] {
+		if z != 0 {
+			return 0, errBadPayload
+		}
+	}
+	return v, nil
+}
+
+func newHandshake(initiator bool, static noise.DHKey, peer []byte, rng io.Reader) (*noise.HandshakeState, error) {
+	cfg := noise.Config{
+		CipherSuite:   cipherSuite,
+		Pattern:       noise.HandshakeIK,
+		Initiator:     initiator,
+		Prologue:      prologue,
+		StaticKeypair: static,
+		PeerStatic:    peer,
+	}
+	if rng != nil {
+		cfg.Random = rng
+	}
+	return noise.NewHandshakeState(cfg)
+}
+
+func dhKey(k PrivateKey) noise.DHKey {
+	pub := k.Public()
+	return noise.DHKey{Private: append([]byte(nil), k[:]...), Public: pub[:]}
+}
