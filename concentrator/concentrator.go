@@ -112,6 +112,10 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	return s, nil
 }
 
+// Close closes the listener, for a caller that gives up before Serve;
+// Serve also closes it when its context ends.
+func (s *Server) Close() error { return s.ln.Close() }
+
 // Addr is the listener's address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 

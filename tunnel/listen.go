@@ -15,7 +15,8 @@ import (
 // Two things can silently make it less than asked for, and Serve logs
 // both at Warn: Go falls back to a plain TCP listener if creating the
 // MPTCP one fails (Go 1.26, net/mptcpsock_linux.go), and Fast Open needs
-// bit 0x2 of net.ipv4.tcp_fastopen, which the caller sets.
+// bit 0x2 of net.ipv4.tcp_fastopen, which the caller sets (the kernel
+// reads it per SYN, so setting it after Listen is fine).
 func Listen(ctx context.Context, addr string, fastOpen bool) (net.Listener, error) {
 	var at listenAttempt
 	lc := net.ListenConfig{KeepAliveConfig: keepAlive()}
@@ -39,11 +40,6 @@ func Listen(ctx context.Context, addr string, fastOpen bool) (net.Listener, erro
 	if fastOpen {
 		if at.fastOpenErr != nil {
 			l.warn("TCP_FASTOPEN not set on the listener", "addr", addr, "err", at.fastOpenErr)
-		}
-		if v, err := fastOpenSysctl(); err != nil {
-			l.warn("cannot read net.ipv4.tcp_fastopen", "err", err)
-		} else if v&2 == 0 {
-			l.warn("net.ipv4.tcp_fastopen lacks bit 0x2: the server will not accept data in SYNs (set it to 3)", "value", v)
 		}
 	}
 	return l, nil

@@ -238,5 +238,10 @@ func runClient(c *cli.Context) (err error) {
 type tunnelDialer struct{ c *tunnel.Client }
 
 func (d tunnelDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn, error) {
-	return d.c.DialTCP(ctx, dst)
+	c, err := d.c.DialTCP(ctx, dst)
+	if err != nil {
+		// Not a typed nil: the stack checks the interface against nil.
+		return nil, err
+	}
+	return c, nil
 }

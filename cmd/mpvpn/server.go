@@ -25,7 +25,7 @@ func serverCommand() *cli.Command {
 			&cli.PathFlag{Name: "key", Usage: "the server's private key `FILE` (from `mpvpn keygen`)"},
 			&cli.StringSliceFlag{Name: "peer", Usage: "a client's public `KEY` allowed to connect (repeatable)"},
 			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
-			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN"},
+			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 		}, logFlags...),
 		Action: runServer,
@@ -67,6 +67,7 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	defer srv.Close()
 
 	// Host settings the concentrator needs; each is put back on exit.
 	host := &sysctl.Changes{Root: sysctl.Proc}
