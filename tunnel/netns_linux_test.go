@@ -158,23 +158,7 @@ func TestFastOpen(t *testing.T) {
 	})
 }
 
-// TestFastOpenSysctlWarning: without bit 0x2 the listener says so.
-func TestFastOpenSysctlWarning(t *testing.T) {
-	withNetns(t, func() {
-		setSysctl(t, "net.ipv4.tcp_fastopen", "1")
-		ln, err := Listen(context.Background(), "127.0.0.1:0", true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		notes := ln.(*listener).notes
-		if len(notes) != 1 || !strings.Contains(notes[0].msg, "0x2") {
-			t.Fatalf("notes = %v, want one about bit 0x2", notes)
-		}
-	})
-}
 
-// TestMark: SO_MARK is on the client's socket.
 func TestMark(t *testing.T) {
 	withNetns(t, func() {
 		ln, err := Listen(context.Background(), "127.0.0.1:0", false)

@@ -34,7 +34,7 @@ type ServerConfig struct {
 	// MaxHalfOpen: connections not yet authenticated, in all. Default 4096.
 	MaxHalfOpen int
 	// MaxHalfOpenPerIP: the same per source address (per /64 for IPv6).
-	// Default 64. Over either limit a connection is closed at once,
+	// Default 1024. Over either limit a connection is closed at once,
 	// unread.
 	MaxHalfOpenPerIP int
 	Logger           *slog.Logger
@@ -95,7 +95,11 @@ const (
 	defaultReplayWindow      = 30 * time.Second
 	defaultMaxFlowsPerPeer   = 4096
 	defaultMaxHalfOpen       = 4096
-	defaultMaxHalfOpenPerIP  = 64
+	// A legitimate client opens flows in bursts (a browser page, a
+	// build's downloads) and sits behind one address, often a CGNAT one
+	// shared with others; a connection is half-open for one round trip
+	// only. 1024 keeps one address to a quarter of the global cap.
+	defaultMaxHalfOpenPerIP = 1024
 )
 
 // NewServer checks cfg and returns a Server. Its start time is taken now:

@@ -1,0 +1,308 @@
+// Package e2e runs the real mpvpn binaries on the emulated network of
+// package topo: a client with two uplinks (one behind CGNAT, both ISPs
+// enforcing BCP 38), the concentrator, and an "internet" host with real
+// servers (python3's HTTP server, iperf3, flowcheck). Every test builds its
+// own namespaces and topo deletes them, also when the test fails.
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/mpvpn/mpvpn/test/netns/topo"
+)
+
+// bin holds the binaries under test, built once by TestMain.
+var bin struct {
+	mpvpn, flowcheck string
+}
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "mpvpn-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin.mpvpn = filepath.Join(dir, "mpvpn")
+	bin.flowcheck = filepath.Join(dir, "flowcheck")
+	for out, pkg := range map[string]string{bin.mpvpn: "github.com/mpvpn/mpvpn/cmd/mpvpn", bin.flowcheck: "github.com/mpvpn/mpvpn/test/netns/cmd/flowcheck"} {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building", pkg, ":", err)
+			os.RemoveAll(dir)
+			os.Exit(1)
+		}
+	}
+	code := 0
+	func() {
+		defer os.RemoveAll(dir)
+		goleak.VerifyTestMain(exitCatcher{m, &code})
+	}()
+	os.Exit(code)
+}
+
+// exitCatcher lets TestMain remove the binaries after goleak's check,
+// which calls os.Exit itself.
+type exitCatcher struct {
+	m    *testing.M
+	code *int
+}
+
+func (e exitCatcher) Run() int { *e.code = e.m.Run(); return *e.code }
+
+// needRoot fails (under CI) or skips a test that cannot build namespaces.
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("the netns tests need root (CI=true: failing, not skipping)")
+	}
+	t.Skip("needs root to build network namespaces")
+}
+
+// env is one topology with an mpvpn server and client running on it.
+type env struct {
+	tp        *topo.Topology
+	dir       string // keys, served files
+	serverPub string
+	clientPub string
+	server    *topo.Proc
+	client    *topo.Proc
+	www       string // directory served on DestAddr:80
+	http      *topo.Proc
+}
+
+// options for newEnv.
+type options struct {
+	topo       topo.Options
+	serverArgs []string
+	clientArgs []string
+	noClient   bool // start only the server
+}
+
+// newEnv builds the topology and starts the concentrator, the HTTP server
+// on the internet host and the client.
+func newEnv(t *testing.T, o options) *env {
+	t.Helper()
+	needRoot(t)
+	e := &env{tp: topo.New(t, o.topo), dir: t.TempDir()}
+	serverKey := filepath.Join(e.dir, "server.key")
+	clientKey := filepath.Join(e.dir, "client.key")
+	e.keygen(t, serverKey)
+	e.keygen(t, clientKey)
+	e.serverPub = e.pubkey(t, serverKey)
+	e.clientPub = e.pubkey(t, clientKey)
+
+	e.www = filepath.Join(e.dir, "www")
+	if err := os.MkdirAll(e.www, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.writeFile(t, "index.html", []byte("hello from the internet\n"))
+	e.http = e.tp.Start(e.tp.Inet, "http", "python3", "-c", httpServer, e.www, topo.DestAddr.String(), "80")
+	e.http.WaitListen(netip.AddrPortFrom(topo.DestAddr, 80).String())
+
+	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug"}, o.serverArgs...)
+	e.server = e.tp.Start(e.tp.Conc, "server", args...)
+	e.server.WaitListen("0.0.0.0:7100")
+	if !o.noClient {
+		e.startClient(t, clientKey, o.clientArgs...)
+	}
+	return e
+}
+
+func (e *env) keygen(t *testing.T, path string) {
+	t.Helper()
+	out, err := exec.Command(bin.mpvpn, "keygen").Output()
+	if err != nil {
+		t.Fatalf("mpvpn keygen: %v", err)
+	}
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (e *env) pubkey(t *testing.T, path string) string {
+	t.Helper()
+	cmd := exec.Command(bin.mpvpn, "pubkey")
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cmd.Stdin = f
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("mpvpn pubkey: %v", err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// startClient runs `mpvpn client` on both uplinks with the documentation
+// network routed into it, and waits until its routes are in place.
+func (e *env) startClient(t *testing.T, key string, extra ...string) {
+	t.Helper()
+	args := append([]string{bin.mpvpn, "client",
+		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
+		"--server-key", e.serverPub, "--key", key,
+		"--uplink", "wan0", "--uplink", "wan1",
+		"--route", topo.DestNet.String(), "--log-level", "debug"}, extra...)
+	e.client = e.tp.Start(e.tp.Client, "client", args...)
+	e.waitLog(t, e.client, "client up", 15*time.Second)
+}
+
+// waitLog waits for a line containing s in p's log.
+func (e *env) waitLog(t *testing.T, p *topo.Proc, s string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if strings.Contains(p.Log(), s) {
+			return
+		}
+		select {
+		case <-p.Done():
+			t.Fatalf("%s exited before logging %q:\n%s", p.Name, s, p.Log())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("%s did not log %q within %v:\n%s", p.Name, s, timeout, p.Log())
+}
+
+// writeFile puts a file on the HTTP server and returns its SHA-256.
+func (e *env) writeFile(t *testing.T, name string, data []byte) string {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(e.www, name), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:])
+}
+
+// randomFile writes size pseudo-random bytes (a fixed seed per name: the
+// test is repeatable, the data still incompressible).
+func (e *env) randomFile(t *testing.T, name string, size int) string {
+	t.Helper()
+	b := make([]byte, size)
+	seed := sha256.Sum256([]byte(name))
+	for off := 0; off < size; off += len(seed) {
+		seed = sha256.Sum256(seed[:])
+		copy(b[off:], seed[:])
+	}
+	return e.writeFile(t, name, b)
+}
+
+// curl runs curl in the client namespace and returns its exit code and
+// output (stdout then stderr). -sS: quiet, errors shown.
+func (e *env) curl(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", e.tp.Client, "curl", "-sS"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		return 0, string(out)
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode(), string(out)
+	}
+	t.Fatalf("curl %v: %v", args, err)
+	return -1, ""
+}
+
+// uplinkBytes is what each client uplink has received and sent so far.
+type uplinkBytes struct{ rx, tx [2]uint64 }
+
+func (e *env) uplinkBytes() uplinkBytes {
+	var b uplinkBytes
+	for i, u := range []topo.Uplink{topo.A, topo.B} {
+		b.rx[i], b.tx[i] = e.tp.IfaceBytes(e.tp.Client, e.tp.Uplinks[u].Iface)
+	}
+	return b
+}
+
+// shares returns each uplink's fraction of the bytes moved in one direction
+// between two readings.
+func shares(before, after [2]uint64) (total uint64, share [2]float64) {
+	var d [2]uint64
+	for i := range d {
+		d[i] = after[i] - before[i]
+		total += d[i]
+	}
+	if total == 0 {
+		return 0, share
+	}
+	for i := range d {
+		share[i] = float64(d[i]) / float64(total)
+	}
+	return total, share
+}
+
+// httpServer is python3's http.server with two additions the tests need:
+// it binds one address (argv[2]:argv[3]) and answers a POST with the
+// SHA-256 of the request body, so uploads are checked end to end. Every
+// request is logged with the peer's address, which is how the tests see
+// the source address the destination sees.
+const httpServer = `
+import hashlib, http.server, os, sys
+os.chdir(sys.argv[1])
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        h = hashlib.sha256()
+        while n > 0:
+            b = self.rfile.read(min(n, 1 << 20))
+            if not b:
+                break
+            h.update(b)
+            n -= len(b)
+        body = (h.hexdigest() + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer.allow_reuse_address = True
+s = http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), H)
+print("serving", flush=True)
+s.serve_forever()
+`
+
+// statsLine finds the last log line of p containing msg and returns its
+// key=value fields.
+func statsLine(p *topo.Proc, msg string) map[string]string {
+	var last string
+	sc := bufio.NewScanner(strings.NewReader(p.Log()))
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), msg) {
+			last = sc.Text()
+		}
+	}
+	fields := map[string]string{}
+	for _, f := range strings.Fields(last) {
+		if k, v, ok := strings.Cut(f, "="); ok {
+			fields[k] = strings.Trim(v, `"`)
+		}
+	}
+	return fields
+}
+
+// atoi parses a decimal field, 0 if absent.
+func atoi(s string) int {
+	n, _ := strconv.Atoi(s)
+	return n
+}
