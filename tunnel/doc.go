@@ -97,6 +97,8 @@
 //
 // Listen opens an MPTCP listener (Fast Open queue 256 when asked).
 // Fast Open also needs net.ipv4.tcp_fastopen bit 0x1 on clients and 0x2
-// on the server; the caller sets it, and Listen/NewClient log when it is
-// missing.
+// on the server; the caller sets it, and NewClient logs when bit 0x1 is
+// missing. mpvpn's server leaves Fast Open off by default: see
+// test/netns/cmd/mptcp-tfo-stall for the kernel bug that makes it unsafe
+// with more than one subflow (Linux 6.18, 2026-11).
 package tunnel
