@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
 
 	"github.com/urfave/cli/v2"
+	"github.com/vishvananda/netlink"
 
 	"github.com/mpvpn/mpvpn/internal/sysctl"
 	"github.com/mpvpn/mpvpn/pathmgr"
@@ -140,6 +142,10 @@ func runClient(c *cli.Context) (err error) {
 		return fmt.Errorf("Multipath TCP is not enabled on this host (net.mptcp.enabled=%q, %v)", v, gerr)
 	}
 
+	if err := checkTUNName(cfg.tunName); err != nil {
+		return err
+	}
+
 	// From here on the host changes; every step is undone on the way out,
 	// in reverse order, also when a later step fails.
 	var undo []func() error
@@ -244,4 +250,22 @@ func (d tunnelDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.C
 		return nil, err
 	}
 	return c, nil
+}
+
+// checkTUNName refuses a --tun name already used by an interface that is
+// not a TUN device, before anything on the host changes (the kernel would
+// refuse it later, after the uplinks were set up).
+func checkTUNName(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("--tun %s: %w", name, err)
+	}
+	if l.Type() != "tuntap" {
+		return fmt.Errorf("--tun %s: an interface of type %s already has that name", name, l.Type())
+	}
+	return nil
 }

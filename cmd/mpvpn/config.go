@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"sort"
-	"strings"
 
 	"github.com/BurntSushi/toml"
 	"github.com/urfave/cli/v2"
@@ -61,17 +60,4 @@ func loadConfig(c *cli.Context) error {
 		}
 	}
 	return nil
-}
-
-// splitList accepts both repeated flags and comma-separated values.
-func splitList(ss []string) []string {
-	var out []string
-	for _, s := range ss {
-		for _, p := range strings.Split(s, ",") {
-			if p = strings.TrimSpace(p); p != "" {
-				out = append(out, p)
-			}
-		}
-	}
-	return out
 }
