@@ -112,6 +112,16 @@ func TestOneFlowUsesBothUplinks(t *testing.T) {
 		check(t, "upload (tx)", before.tx, after.tx, size)
 	})
 
+	// Every subflow left through the uplink that owns its source address:
+	// neither ISP dropped a packet with a foreign source (BCP 38).
+	defer func() {
+		for _, u := range []topo.Uplink{topo.A, topo.B} {
+			if n := e.tp.BCP38Drops(u); n != 0 {
+				t.Errorf("ISP %s dropped %d packets with a source address not its own", u, n)
+			}
+		}
+	}()
+
 	iperf := e.tp.Start(e.tp.Inet, "iperf3", "iperf3", "-s", "-B", topo.DestAddr.String(), "-p", "5201")
 	iperf.WaitListen(netip.AddrPortFrom(topo.DestAddr, 5201).String())
 	for _, tc := range []struct {
