@@ -158,7 +158,6 @@ func TestFastOpen(t *testing.T) {
 	})
 }
 
-
 func TestMark(t *testing.T) {
 	withNetns(t, func() {
 		ln, err := Listen(context.Background(), "127.0.0.1:0", false)
