@@ -82,6 +82,10 @@ type Config struct {
 	// DefaultRulePrio.
 	RulePrio int
 	Logger   *slog.Logger // nil: discard
+	// OnChange, if set, is called by Run (from its goroutine, without
+	// locks held) when an uplink's state or address changes, e.g. so the
+	// liveness probe follows the uplink's new address.
+	OnChange func(Status)
 }
 
 // Uplink is one uplink as pathmgr set it up.

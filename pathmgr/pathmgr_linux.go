@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -18,10 +20,9 @@ import (
 // Manager owns the uplinks' tables, rules and MPTCP endpoints in one network
 // namespace: the one the thread calling Start was in. Its methods may be
 // called from any goroutine: its netlink sockets are opened in that
-// namespace, and sysctls are written from a thread that joins it. A netlink
-// watcher can therefore run in its own goroutine and act per uplink (up and
-// down below work on one uplinkState; DEL_ADDR on an uplink going away and
-// ADD_ADDR on its return give existing connections fresh subflows).
+// namespace, and sysctls are written from a thread that joins it. Run keeps
+// the uplinks in step with the host (links, addresses, routes) and with
+// SetReachable (the liveness probe's verdicts).
 type Manager struct {
 	cfg Config
 	log *slog.Logger
@@ -29,17 +30,31 @@ type Manager struct {
 	nlh *netlink.Handle // rtnetlink, bound to ns
 	pm  *PM             // mptcp_pm, bound to ns
 
+	// changes counts netlink writes (routes, rules, endpoints): a flapping
+	// uplink must not turn into a storm of them.
+	changes atomic.Uint64
+	// kick asks Run to look at an uplink again now (by position).
+	kick chan int
+
 	mu      sync.Mutex
 	closed  bool
 	uplinks []*uplinkState
 	limits  *limitsChange
+	now     func() time.Time
 }
 
-// uplinkState is one uplink and everything added for it, so that it can be
-// taken down and brought back on its own (the netlink watcher will do that
-// when an uplink goes away and returns).
+// uplinkState is one uplink and everything installed for it, so that it
+// can be taken down and brought back on its own.
 type uplinkState struct {
 	Uplink
+	pos         int
+	state       State
+	reason      string
+	since       time.Time
+	transitions uint64
+	unreachable bool // the liveness probe says nothing gets through
+	damp        damper
+
 	conn4, conn6 []netlink.Route // connected routes copied from main
 	onlink4      bool            // the main default route had `onlink`
 	onlink6      bool
@@ -50,12 +65,19 @@ type uplinkState struct {
 	rpFilter *sysctlChange   // changed
 }
 
-// Start validates every uplink (interface exists, has an IPv4 address and a
-// default route in main) before it changes anything, then removes what a
-// crashed earlier run left in mpvpn's tables, rule priorities and on the
-// uplinks' addresses, and sets up each uplink (see the package comment).
-// On any error it undoes what it did and returns one error naming the
-// uplink.
+func (u *uplinkState) plumbed() bool { return len(u.routes) > 0 || len(u.rules) > 0 }
+
+func (u *uplinkState) status() Status {
+	return Status{Uplink: u.Uplink, State: u.state, Reason: u.reason, Since: u.since, Transitions: u.transitions, Damped: u.damp.suppressed}
+}
+
+// Start validates every uplink (interface exists and is up, has an IPv4
+// address and a default route in main) before it changes anything, then
+// removes what a crashed earlier run left in mpvpn's tables, rule
+// priorities and on the uplinks' addresses, and sets up each uplink (see
+// the package comment). On any error it undoes what it did and returns one
+// error naming the uplink. An uplink without carrier is not an error: it
+// starts down and comes up when Run sees its carrier.
 //
 // Start binds the Manager to the network namespace of the calling OS
 // thread (lock the thread first if it is not the process's own).
@@ -71,7 +93,7 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pathmgr: current network namespace: %w", err)
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, ns: ns}
+	m := &Manager{cfg: cfg, log: cfg.Logger, ns: ns, kick: make(chan int, MaxUplinks), now: time.Now}
 	if m.nlh, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE); err != nil {
 		ns.Close()
 		return nil, fmt.Errorf("pathmgr: rtnetlink: %w", err)
@@ -83,28 +105,38 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 
 	// Look before touching: every uplink must be usable.
+	obs := make([]observation, len(cfg.Uplinks))
 	for i, uc := range cfg.Uplinks {
-		u, err := m.discover(i, uc)
+		o, err := m.observe(uc.Name)
+		if err == nil && !o.usable() && o.err != errNoCarrier {
+			err = o.err
+		}
 		if err != nil {
 			m.release()
 			return nil, fmt.Errorf("pathmgr: uplink %s: %w", uc.Name, err)
 		}
-		m.uplinks = append(m.uplinks, u)
+		obs[i] = o
+		m.uplinks = append(m.uplinks, &uplinkState{
+			Uplink: Uplink{Name: uc.Name, Index: o.index, Table: cfg.TableBase + i, RulePrio: cfg.RulePrio + i, Backup: uc.Backup},
+			pos:    i,
+			since:  m.now(),
+			reason: "starting",
+		})
 	}
 	if err := ctx.Err(); err != nil {
 		m.release()
 		return nil, err
 	}
 
-	if err := m.removeStale(); err != nil {
+	if err := m.removeStale(obs); err != nil {
 		m.release()
 		return nil, fmt.Errorf("pathmgr: removing state left by an earlier run: %w", err)
 	}
-	for _, u := range m.uplinks {
+	for i, u := range m.uplinks {
 		if err := ctx.Err(); err != nil {
 			return nil, errors.Join(err, m.Close())
 		}
-		if err := m.up(u); err != nil {
+		if err := m.apply(u, obs[i]); err != nil {
 			return nil, errors.Join(fmt.Errorf("pathmgr: uplink %s: %w", u.Name, err), m.Close())
 		}
 	}
@@ -121,7 +153,8 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	return m, nil
 }
 
-// Uplinks returns the uplinks as set up, in configuration order.
+// Uplinks returns the uplinks as installed, in configuration order (an
+// uplink that is down has no addresses).
 func (m *Manager) Uplinks() []Uplink {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -132,9 +165,52 @@ func (m *Manager) Uplinks() []Uplink {
 	return out
 }
 
+// Status returns every uplink's state, in configuration order.
+func (m *Manager) Status() []Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Status, 0, len(m.uplinks))
+	for _, u := range m.uplinks {
+		out = append(out, u.status())
+	}
+	return out
+}
+
+// PreferredSource is the address a new connection to the concentrator
+// should be bound to, so that its first subflow leaves through an uplink
+// that works (the main table's default route may point at one that is
+// withdrawn): the first uplink that is up and not a backup, else a backup
+// that is up. Invalid when none is up.
+func (m *Manager) PreferredSource() netip.Addr { return preferredSource(m.Status()) }
+
+// Changes is the number of routes, rules and endpoints added or removed
+// since Start.
+func (m *Manager) Changes() uint64 { return m.changes.Load() }
+
+// SetReachable records the liveness probe's verdict on an uplink: false
+// withdraws it (its endpoint goes, its table and rule stay), true lets it
+// carry data again. Run applies it at once.
+func (m *Manager) SetReachable(name string, ok bool) {
+	m.mu.Lock()
+	pos := -1
+	for _, u := range m.uplinks {
+		if u.Name == name && u.unreachable == ok {
+			u.unreachable = !ok
+			pos = u.pos
+		}
+	}
+	m.mu.Unlock()
+	if pos >= 0 {
+		select {
+		case m.kick <- pos:
+		default: // Run's periodic pass picks it up
+		}
+	}
+}
+
 // Close removes everything Start added and restores what it changed. It
 // tries every step and returns the joined errors; calling it again does
-// nothing.
+// nothing. Stop Run first (cancel its context and wait).
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -147,7 +223,8 @@ func (m *Manager) Close() error {
 		errs = append(errs, m.limits.restore(m.pm))
 	}
 	for i := len(m.uplinks) - 1; i >= 0; i-- {
-		errs = append(errs, m.down(m.uplinks[i]))
+		u := m.uplinks[i]
+		errs = append(errs, m.delEndpoint(u), m.unplumb(u))
 	}
 	m.release()
 	if err := errors.Join(errs...); err != nil {
@@ -163,62 +240,166 @@ func (m *Manager) release() {
 	m.ns.Close()
 }
 
-// discover reads uplink i from the host without changing anything.
-func (m *Manager) discover(i int, uc UplinkConfig) (*uplinkState, error) {
-	link, err := m.nlh.LinkByName(uc.Name)
+// observation is an uplink as the host has it now.
+type observation struct {
+	index    int
+	err      error // why it cannot carry data; nil when it can
+	addr, gw netip.Addr
+	onlink   bool
+	conn4    []netlink.Route
+	addr6    netip.Addr
+	gw6      netip.Addr
+	onlink6  bool
+	conn6    []netlink.Route
+}
+
+func (o observation) usable() bool { return o.err == nil }
+
+var (
+	errNoInterface = errors.New("no such interface")
+	errNoCarrier   = errors.New("no carrier")
+)
+
+// observe reads an uplink from the host without changing anything. The
+// error is for failures to ask; what makes the uplink unusable is in
+// observation.err.
+func (m *Manager) observe(name string) (observation, error) {
+	var o observation
+	link, err := m.nlh.LinkByName(name)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
 		if errors.As(err, &nf) {
-			return nil, fmt.Errorf("no such interface")
+			o.err = errNoInterface
+			return o, nil
 		}
-		return nil, fmt.Errorf("look up interface: %w", err)
+		return o, fmt.Errorf("look up interface: %w", err)
 	}
-	idx := link.Attrs().Index
+	o.index = link.Attrs().Index
 	if link.Attrs().Flags&net.FlagUp == 0 {
-		return nil, fmt.Errorf("interface %s is down", uc.Name)
+		o.err = fmt.Errorf("interface %s is down", name)
+		return o, nil
 	}
-	u := &uplinkState{Uplink: Uplink{
-		Name:     uc.Name,
-		Index:    idx,
-		Table:    m.cfg.TableBase + i,
-		RulePrio: m.cfg.RulePrio + i,
-		Backup:   uc.Backup,
-	}}
 
 	// IPv4 is a must: the concentrator is reached over it.
-	gw, src, onlink, ok, err := m.defaultVia(idx, netlink.FAMILY_V4)
+	gw, src, onlink, ok, err := m.defaultVia(o.index, netlink.FAMILY_V4)
 	if err != nil {
-		return nil, err
+		return o, err
 	}
 	addr, conn, err := m.pickAddr(link, netlink.FAMILY_V4, src)
 	if err != nil {
-		return nil, err
+		return o, err
 	}
-	if !addr.IsValid() {
-		return nil, fmt.Errorf("no IPv4 address on %s (MPTCP subflows and source routing need one)", uc.Name)
+	switch {
+	case !addr.IsValid():
+		o.err = fmt.Errorf("no IPv4 address on %s (MPTCP subflows and source routing need one)", name)
+		return o, nil
+	case !ok:
+		o.err = fmt.Errorf("no IPv4 default route on %s in the main table (mpvpn sends each uplink's traffic to the gateway the host already uses there, e.g. the one DHCP installed)", name)
+		return o, nil
 	}
-	if !ok {
-		return nil, fmt.Errorf("no IPv4 default route on %s in the main table (mpvpn sends each uplink's traffic to the gateway the host already uses there, e.g. the one DHCP installed)", uc.Name)
-	}
-	u.Addr, u.Gateway, u.onlink4, u.conn4 = addr, gw, onlink, conn
+	o.addr, o.gw, o.onlink, o.conn4 = addr, gw, onlink, conn
 
 	// IPv6 is optional: source routing only, when the uplink has both a
 	// global address and a default route.
-	gw6, src6, onlink6, ok6, err := m.defaultVia(idx, netlink.FAMILY_V6)
+	gw6, src6, onlink6, ok6, err := m.defaultVia(o.index, netlink.FAMILY_V6)
 	if err != nil {
-		return nil, err
+		return o, err
 	}
 	addr6, conn6, err := m.pickAddr(link, netlink.FAMILY_V6, src6)
 	if err != nil {
-		return nil, err
+		return o, err
 	}
+	if addr6.IsValid() && ok6 {
+		o.addr6, o.gw6, o.onlink6, o.conn6 = addr6, gw6, onlink6, conn6
+	}
+	// Carrier last: an uplink without it is otherwise fine (a cable
+	// pulled), and Start accepts it. IFF_LOWER_UP is the carrier; the
+	// operational state of a veth or Wi-Fi follows it.
+	if link.Attrs().RawFlags&unix.IFF_LOWER_UP == 0 {
+		o.err = errNoCarrier
+	}
+	return o, nil
+}
+
+// samePlumbing reports whether what is installed for u matches o.
+func samePlumbing(u *uplinkState, o observation) bool {
+	return u.Index == o.index && u.Addr == o.addr && u.Gateway == o.gw && u.onlink4 == o.onlink &&
+		u.Addr6 == o.addr6 && u.Gateway6 == o.gw6 && u.onlink6 == o.onlink6 &&
+		sameDsts(u.conn4, o.conn4) && sameDsts(u.conn6, o.conn6)
+}
+
+func sameDsts(a, b []netlink.Route) bool {
+	return slices.EqualFunc(a, b, func(x, y netlink.Route) bool {
+		return x.Dst.String() == y.Dst.String() && x.Src.Equal(y.Src)
+	})
+}
+
+// apply brings what is installed for u in line with o, the liveness verdict
+// and the damper, and records u's new state. Withdrawing is never delayed;
+// coming back may be, for a flapping uplink (see damper), and then apply
+// returns how long until it should be tried again.
+func (m *Manager) apply(u *uplinkState, o observation) error {
+	_, err := m.applyAt(u, o, m.now())
+	return err
+}
+
+func (m *Manager) applyAt(u *uplinkState, o observation, now time.Time) (retry time.Duration, err error) {
+	var errs []error
+	wasUp := u.state == StateUp
+	if u.plumbed() && (!o.usable() || !samePlumbing(u, o)) {
+		errs = append(errs, m.delEndpoint(u), m.unplumb(u))
+		if o.usable() {
+			m.log.Info("uplink changed", "uplink", u.Name, "addr", o.addr.String(), "gateway", o.gw.String())
+		}
+	}
+	state, reason := StateUp, ""
 	switch {
-	case addr6.IsValid() && ok6:
-		u.Addr6, u.Gateway6, u.onlink6, u.conn6 = addr6, gw6, onlink6, conn6
-	case addr6.IsValid():
-		m.log.Debug("uplink has an IPv6 address but no IPv6 default route; IPv6 source routing skipped", "uplink", uc.Name, "addr", addr6.String())
+	case !o.usable():
+		state, reason = StateDown, o.err.Error()
+	case u.unreachable:
+		state, reason = StateWithdrawn, "the concentrator does not answer over it"
 	}
-	return u, nil
+	if state != StateUp && wasUp {
+		u.damp.lost(now)
+	}
+	if o.usable() && !u.plumbed() {
+		if ok, wait := u.damp.allow(now); !ok {
+			state, reason, retry = StateWithdrawn, "flapping: held back", wait
+		} else if err := m.plumb(u, o); err != nil {
+			errs = append(errs, err, m.unplumb(u))
+			state, reason = StateDown, err.Error()
+		}
+	}
+	if state == StateUp && u.endpoint == nil {
+		if ok, wait := u.damp.allow(now); !ok {
+			state, reason, retry = StateWithdrawn, "flapping: held back", wait
+		} else if err := m.addEndpoint(u); err != nil {
+			errs = append(errs, err)
+			state, reason = StateWithdrawn, err.Error()
+		}
+	}
+	if state != StateUp {
+		errs = append(errs, m.delEndpoint(u))
+	}
+	if !u.plumbed() {
+		u.Addr, u.Gateway, u.Addr6, u.Gateway6 = netip.Addr{}, netip.Addr{}, netip.Addr{}, netip.Addr{}
+	}
+	if o.index != 0 {
+		u.Index = o.index
+	}
+	if state != u.state || reason != u.reason {
+		if state != u.state {
+			u.transitions++
+			u.since = now
+		}
+		u.state, u.reason = state, reason
+		lvl := slog.LevelInfo
+		if u.damp.suppressed {
+			lvl = slog.LevelDebug // a flapping link would flood the log
+		}
+		m.log.Log(context.Background(), lvl, "uplink "+state.String(), "uplink", u.Name, "addr", u.Addr.String(), "reason", reason, "endpoint", u.EndpointID)
+	}
+	return retry, errors.Join(errs...)
 }
 
 // defaultVia finds the best (lowest metric) default route in main that
@@ -328,7 +509,7 @@ func (m *Manager) pickAddr(link netlink.Link, family int, prefsrc netip.Addr) (n
 // removeStale deletes what an earlier, crashed run may have left: routes in
 // mpvpn's tables, rules at mpvpn's priorities pointing into them, and MPTCP
 // endpoints on (or bound to) the uplinks. See the package comment.
-func (m *Manager) removeStale() error {
+func (m *Manager) removeStale(obs []observation) error {
 	var errs []error
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		rules, err := m.nlh.RuleList(family)
@@ -354,7 +535,7 @@ func (m *Manager) removeStale() error {
 		return err
 	}
 	for _, ep := range eps {
-		if !m.staleEndpoint(ep) {
+		if !m.staleEndpoint(ep, obs) {
 			continue
 		}
 		m.log.Warn("removing a stale MPTCP endpoint", "endpoint", ep.String())
@@ -367,9 +548,10 @@ func (m *Manager) removeStale() error {
 
 // staleEndpoint reports whether ep is on an uplink's address, or bound to
 // an uplink's interface with an address the interface no longer has.
-func (m *Manager) staleEndpoint(ep Endpoint) bool {
-	for _, u := range m.uplinks {
-		if ep.Addr == u.Addr || (u.Addr6.IsValid() && ep.Addr == u.Addr6) {
+func (m *Manager) staleEndpoint(ep Endpoint, obs []observation) bool {
+	for i, u := range m.uplinks {
+		o := obs[i]
+		if (o.addr.IsValid() && ep.Addr == o.addr) || (o.addr6.IsValid() && ep.Addr == o.addr6) {
 			return true
 		}
 		if ep.IfIndex == u.Index && !m.linkHasAddr(u.Index, ep.Addr) {
@@ -470,15 +652,19 @@ func tableRoutes(u *uplinkState, family int) []netlink.Route {
 	return out
 }
 
-// up adds an uplink's table, rules and endpoint, and loosens rp_filter.
-// What it added is recorded in u, so down can undo a partial up.
-func (m *Manager) up(u *uplinkState) error {
+// plumb installs an uplink's table and rules for o, and loosens rp_filter.
+// What it added is recorded in u, so unplumb can undo a partial plumb.
+func (m *Manager) plumb(u *uplinkState, o observation) error {
+	u.Index = o.index
+	u.Addr, u.Gateway, u.onlink4, u.conn4 = o.addr, o.gw, o.onlink, o.conn4
+	u.Addr6, u.Gateway6, u.onlink6, u.conn6 = o.addr6, o.gw6, o.onlink6, o.conn6
 	families := []int{netlink.FAMILY_V4}
 	if u.Addr6.IsValid() {
 		families = append(families, netlink.FAMILY_V6)
 	}
 	for _, family := range families {
 		for _, r := range tableRoutes(u, family) {
+			m.changes.Add(1)
 			if err := m.nlh.RouteAdd(&r); err != nil {
 				return fmt.Errorf("add route %s to table %d: %w", r, u.Table, err)
 			}
@@ -493,63 +679,84 @@ func (m *Manager) up(u *uplinkState) error {
 		rule.Priority = u.RulePrio
 		rule.Table = u.Table
 		rule.Src = prefixIPNet(netip.PrefixFrom(src, src.BitLen()))
+		m.changes.Add(1)
 		if err := m.nlh.RuleAdd(rule); err != nil {
 			return fmt.Errorf("add rule `from %s lookup %d` at priority %d: %w", src, u.Table, u.RulePrio, err)
 		}
 		u.rules = append(u.rules, *rule)
 	}
+	if u.rpFilter == nil {
+		if err := inNetns(m.ns, func() error {
+			c, err := loosenRPFilter(u.Name)
+			u.rpFilter = c
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
+// addEndpoint adds the uplink's MPTCP endpoint. The kernel's path manager
+// then adds a subflow from it to every established connection at once
+// (and to every new one).
+func (m *Manager) addEndpoint(u *uplinkState) error {
 	flags := FlagSubflow
 	if u.Backup {
 		flags |= FlagBackup
 	}
+	m.changes.Add(1)
 	ep, err := m.pm.AddEndpoint(Endpoint{Addr: u.Addr, Flags: flags, IfIndex: u.Index})
 	if err != nil {
 		return err
 	}
 	u.endpoint = &ep
 	u.EndpointID = ep.ID
-
-	if err := inNetns(m.ns, func() error {
-		c, err := loosenRPFilter(u.Name)
-		u.rpFilter = c
-		return err
-	}); err != nil {
-		return err
-	}
-	m.log.Info("uplink up", "uplink", u.String())
 	return nil
 }
 
-// down removes what up added, newest first, and returns the joined errors.
-// Things already gone (the interface vanished and took its routes along)
-// are not errors.
-func (m *Manager) down(u *uplinkState) error {
+// delEndpoint removes the uplink's MPTCP endpoint, if it has one: the
+// kernel closes the subflows using it (the first subflow of a connection
+// too, when it was opened from the endpoint's address), and their unacked
+// data goes out on the others.
+func (m *Manager) delEndpoint(u *uplinkState) error {
+	if u.endpoint == nil {
+		return nil
+	}
+	var err error
+	// Delete by id only if the id still names our endpoint: the kernel
+	// reuses ids.
+	cur, gerr := m.pm.Endpoint(u.endpoint.ID)
+	switch {
+	case gerr == nil && cur.Addr == u.endpoint.Addr:
+		m.changes.Add(1)
+		err = m.pm.DelEndpoint(u.endpoint.ID)
+	case gerr != nil && !errors.Is(gerr, unix.EINVAL) && !errors.Is(gerr, unix.ENOENT):
+		err = gerr
+	}
+	u.endpoint = nil
+	u.EndpointID = 0
+	return err
+}
+
+// unplumb removes what plumb added, newest first, and returns the joined
+// errors. Things already gone (the interface went down and took its routes
+// along) are not errors.
+func (m *Manager) unplumb(u *uplinkState) error {
 	var errs []error
 	if u.rpFilter != nil {
 		errs = append(errs, inNetns(m.ns, u.rpFilter.restore))
 		u.rpFilter = nil
 	}
-	if u.endpoint != nil {
-		// Delete by id only if the id still names our endpoint: the
-		// kernel reuses ids.
-		cur, err := m.pm.Endpoint(u.endpoint.ID)
-		switch {
-		case err == nil && cur.Addr == u.endpoint.Addr:
-			errs = append(errs, m.pm.DelEndpoint(u.endpoint.ID))
-		case err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT):
-			errs = append(errs, err)
-		}
-		u.endpoint = nil
-		u.EndpointID = 0
-	}
 	for i := len(u.rules) - 1; i >= 0; i-- {
+		m.changes.Add(1)
 		if err := m.nlh.RuleDel(&u.rules[i]); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete rule %s: %w", u.rules[i], err))
 		}
 	}
 	u.rules = nil
 	for i := len(u.routes) - 1; i >= 0; i-- {
+		m.changes.Add(1)
 		if err := m.nlh.RouteDel(&u.routes[i]); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENODEV) {
 			errs = append(errs, fmt.Errorf("delete route %s from table %d: %w", u.routes[i], u.Table, err))
 		}
