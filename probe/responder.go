@@ -1,0 +1,312 @@
+package probe
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"hash"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// Default rate bounds of a Responder.
+const (
+	// DefaultClientRate answers ten uplinks probing at the default
+	// 100 ms interval; DefaultClientBurst absorbs a second of jitter.
+	DefaultClientRate  = 100
+	DefaultClientBurst = 50
+	// DefaultGlobalRate is 5000 such clients with one uplink, or 1700
+	// with three. Beyond it probes are dropped and clients see paths
+	// die, so size it to the deployment.
+	DefaultGlobalRate = 50000
+)
+
+// ResponderConfig configures the concentrator side.
+type ResponderConfig struct {
+	// Key is the concentrator's private key, the tunnel's.
+	Key tunnel.PrivateKey
+	// Peers are the public keys of the clients to answer.
+	Peers []tunnel.PublicKey
+	// Logger gets the few things worth logging (nil: discard).
+	Logger *slog.Logger
+	// Now is the clock (nil: time.Now), for tests.
+	Now func() time.Time
+
+	// ClientRate and ClientBurst bound replies per client and second
+	// (0: DefaultClientRate, DefaultClientBurst). GlobalRate bounds all
+	// replies per second, with a burst of a tenth of it (0:
+	// DefaultGlobalRate).
+	ClientRate, ClientBurst int
+	GlobalRate              int
+}
+
+// ResponderStats counts what a Responder did with the datagrams it read.
+// Every request is counted exactly once: as a reply or under one drop
+// reason.
+type ResponderStats struct {
+	Requests    uint64 // datagrams read
+	Replies     uint64 // replies sent (or attempted: see WriteErrors)
+	Malformed   uint64 // wrong size or type
+	Stale       uint64 // timestamp more than MaxSkew from the clock
+	UnknownID   uint64 // no peer has this id in this epoch
+	BadMAC      uint64 // authentication failed
+	Replayed    uint64 // counter seen before or behind the window
+	ClientLimit uint64 // the client's reply rate was exhausted
+	GlobalLimit uint64 // the global reply rate was exhausted
+	WriteErrors uint64 // the reply could not be sent
+}
+
+// Responder answers authenticated probe requests. Its methods are safe for
+// concurrent use; Serve may run on several sockets at once (IPv4 and IPv6,
+// say), sharing replay windows and rate bounds.
+type Responder struct {
+	log   *slog.Logger
+	now   func() time.Time
+	peers []*peer
+
+	ids      atomic.Pointer[idTable]
+	idsMu    sync.Mutex // serialises rebuilds of ids
+	globalMu sync.Mutex
+	global   bucket
+
+	requests, replies, malformed, stale, unknownID, badMAC,
+	replayed, clientLimit, globalLimit, writeErrors atomic.Uint64
+}
+
+// peer is one client. Everything mutable is behind mu; verifying a MAC
+// takes it too, because the keyed hash and its output buffer are reused so
+// that a request costs no allocation.
+type peer struct {
+	pub  tunnel.PublicKey
+	keys keys
+
+	mu     sync.Mutex
+	mac    hash.Hash
+	sum    [macSize]byte
+	win    window
+	bucket bucket
+}
+
+// idTable maps the ids of every peer for the epochs around epoch to the
+// peer. It is immutable once published.
+type idTable struct {
+	epoch uint64
+	m     map[uint64]idEntry
+}
+
+type idEntry struct {
+	p     *peer
+	epoch uint64
+}
+
+// NewResponder derives a key per peer. It fails on a missing key, a
+// duplicate or unusable peer key.
+func NewResponder(cfg ResponderConfig) (*Responder, error) {
+	if cfg.Key.IsZero() {
+		return nil, errors.New("probe: responder has no private key")
+	}
+	if cfg.ClientRate < 0 || cfg.ClientBurst < 0 || cfg.GlobalRate < 0 {
+		return nil, errors.New("probe: negative rate bound")
+	}
+	if cfg.ClientRate == 0 {
+		cfg.ClientRate = DefaultClientRate
+	}
+	if cfg.ClientBurst == 0 {
+		cfg.ClientBurst = DefaultClientBurst
+	}
+	if cfg.GlobalRate == 0 {
+		cfg.GlobalRate = DefaultGlobalRate
+	}
+	r := &Responder{
+		log:    cfg.Logger,
+		now:    cfg.Now,
+		global: newBucket(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.now == nil {
+		r.now = time.Now
+	}
+	serverPub := cfg.Key.Public()
+	seen := make(map[tunnel.PublicKey]bool, len(cfg.Peers))
+	for _, pub := range cfg.Peers {
+		if seen[pub] {
+			return nil, fmt.Errorf("probe: peer %s listed twice", pub)
+		}
+		seen[pub] = true
+		ks, err := deriveKeys(cfg.Key, pub, pub, serverPub)
+		if err != nil {
+			return nil, fmt.Errorf("probe: peer: %w", err)
+		}
+		p := &peer{pub: pub, keys: ks, bucket: newBucket(cfg.ClientRate, cfg.ClientBurst)}
+		p.mac = newMAC(&p.keys)
+		r.peers = append(r.peers, p)
+	}
+	r.idsFor(epochOf(r.now().UnixNano()))
+	return r, nil
+}
+
+// idsFor returns the id table for the server's epoch e, building it when
+// the epoch has moved on (about every 275 s: the only allocation on the
+// request path).
+func (r *Responder) idsFor(e uint64) *idTable {
+	if t := r.ids.Load(); t != nil && t.epoch == e {
+		return t
+	}
+	r.idsMu.Lock()
+	defer r.idsMu.Unlock()
+	if t := r.ids.Load(); t != nil && t.epoch == e {
+		return t
+	}
+	t := &idTable{epoch: e, m: make(map[uint64]idEntry, 3*len(r.peers))}
+	for _, p := range r.peers {
+		for _, pe := range [...]uint64{e - 1, e, e + 1} {
+			id := clientID(&p.keys.k, pe)
+			if _, dup := t.m[id]; dup {
+				// 2^-64 per pair: log it, and let the first
+				// peer keep the id for this epoch.
+				r.log.Warn("probe: id collision between peers; one peer is unanswered for an epoch", "peer", p.pub.String())
+				continue
+			}
+			t.m[id] = idEntry{p: p, epoch: pe}
+		}
+	}
+	r.ids.Store(t)
+	return t
+}
+
+// handle answers one datagram: it returns the reply written into out (nil
+// for no reply). out must hold ReplySize bytes. It allocates nothing
+// except for the id table rebuild once an epoch.
+func (r *Responder) handle(pkt, out []byte) []byte {
+	r.requests.Add(1)
+	req, ok := parseRequest(pkt)
+	if !ok {
+		r.malformed.Add(1)
+		return nil
+	}
+	now := r.now().UnixNano()
+	if d := req.ts - now; d > int64(MaxSkew) || d < -int64(MaxSkew) {
+		r.stale.Add(1)
+		return nil
+	}
+	e, ok := r.idsFor(epochOf(now)).m[req.id]
+	if !ok || e.epoch != epochOf(req.ts) {
+		r.unknownID.Add(1)
+		return nil
+	}
+	p := e.p
+	p.mu.Lock()
+	sumMAC(p.mac, pkt[:macOffset], &p.sum)
+	if subtle.ConstantTimeCompare(p.sum[:], pkt[macOffset:]) != 1 {
+		p.mu.Unlock()
+		r.badMAC.Add(1)
+		return nil
+	}
+	if !p.win.accept(req.counter) {
+		p.mu.Unlock()
+		r.replayed.Add(1)
+		return nil
+	}
+	if !p.bucket.take(now) {
+		p.mu.Unlock()
+		r.clientLimit.Add(1)
+		return nil
+	}
+	r.globalMu.Lock()
+	ok = r.global.take(now)
+	r.globalMu.Unlock()
+	if !ok {
+		p.mu.Unlock()
+		r.globalLimit.Add(1)
+		return nil
+	}
+	b := putReply(out, p.mac, req, now, &p.sum)
+	p.mu.Unlock()
+	r.replies.Add(1)
+	return b
+}
+
+// Serve answers requests read from pc until ctx is done, and then returns
+// nil; it returns an error only if pc fails for good (closed by someone
+// else, say). It does not close pc, but sets a past read deadline on it
+// when ctx is done, to wake the read. A *net.UDPConn is read and written
+// without allocating.
+func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
+	stop := context.AfterFunc(ctx, func() { pc.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	uc, _ := pc.(*net.UDPConn)
+	var in [RequestSize + 1]byte // one byte more, so a longer datagram shows as such
+	var out [ReplySize]byte
+	var fails int
+	for {
+		var (
+			n    int
+			from netip.AddrPort
+			addr net.Addr
+			err  error
+		)
+		if uc != nil {
+			n, from, err = uc.ReadFromUDPAddrPort(in[:])
+		} else {
+			n, addr, err = pc.ReadFrom(in[:])
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("probe: serve: %w", err)
+			}
+			// Transient (ENOBUFS, ICMP errors with IP_RECVERR…):
+			// keep serving, but never spin on a broken socket.
+			fails++
+			if fails == 1 || fails%1000 == 0 {
+				r.log.Warn("probe: read failed", "err", err, "count", fails)
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(10 * time.Millisecond):
+			}
+			continue
+		}
+		fails = 0
+		b := r.handle(in[:n], out[:])
+		if b == nil {
+			continue
+		}
+		if uc != nil {
+			_, err = uc.WriteToUDPAddrPort(b, from)
+		} else {
+			_, err = pc.WriteTo(b, addr)
+		}
+		if err != nil {
+			r.writeErrors.Add(1)
+		}
+	}
+}
+
+// Stats returns the counters since NewResponder.
+func (r *Responder) Stats() ResponderStats {
+	return ResponderStats{
+		Requests:    r.requests.Load(),
+		Replies:     r.replies.Load(),
+		Malformed:   r.malformed.Load(),
+		Stale:       r.stale.Load(),
+		UnknownID:   r.unknownID.Load(),
+		BadMAC:      r.badMAC.Load(),
+		Replayed:    r.replayed.Load(),
+		ClientLimit: r.clientLimit.Load(),
+		GlobalLimit: r.globalLimit.Load(),
+		WriteErrors: r.writeErrors.Load(),
+	}
+}
