@@ -36,7 +36,13 @@ type ClientConfig struct {
 	// HandshakeTimeout bounds DialTCP: MPTCP connect, handshake and the
 	// concentrator's own dial to the destination. Default 10 s.
 	HandshakeTimeout time.Duration
-	Logger           *slog.Logger
+	// Source, if set, names the local address each new connection is
+	// bound to (invalid: let the kernel choose). The client's path
+	// manager points it at an uplink that works, so a flow's first
+	// subflow never starts on an uplink that is withdrawn while the main
+	// table's default route still points at it.
+	Source func() netip.Addr
+	Logger *slog.Logger
 }
 
 // ClientStats are a Client's counters.
@@ -169,6 +175,11 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 
 	var at dialAttempt
 	d := c.dialer
+	if c.cfg.Source != nil {
+		if src := c.cfg.Source(); src.IsValid() {
+			d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+		}
+	}
 	d.Control = func(_, _ string, rc syscall.RawConn) error {
 		return controlDial(rc, c.cfg.Mark, c.cfg.FastOpen, &at)
 	}

@@ -169,6 +169,17 @@ func runClient(c *cli.Context) (err error) {
 		return err
 	}
 	undo = append(undo, pm.Close)
+	// The watcher keeps the uplinks in step with the host until the end;
+	// it is stopped (and waited for) before pm.Close runs.
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		if err := pm.Run(watchCtx); err != nil {
+			log.Error("uplink watcher stopped; uplinks are no longer kept in step with the host", "err", err)
+		}
+	}()
+	undo = append(undo, func() error { stopWatch(); <-watchDone; return nil })
 
 	host := &sysctl.Changes{Root: sysctl.Proc}
 	undo = append(undo, host.Restore)
@@ -198,6 +209,7 @@ func runClient(c *cli.Context) (err error) {
 		Key:       cfg.key,
 		Mark:      cfg.mark,
 		FastOpen:  cfg.fastOpen,
+		Source:    pm.PreferredSource,
 		Logger:    log,
 	})
 	if err != nil {
