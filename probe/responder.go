@@ -244,6 +244,15 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 	stop := context.AfterFunc(ctx, func() { pc.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
 	uc, _ := pc.(*net.UDPConn)
+	var pi *pktinfo
+	if uc != nil {
+		var err error
+		if pi, err = enablePktinfo(uc); err != nil {
+			r.log.Warn("probe: replies leave from the routed source address, not the one asked", "err", err)
+		}
+	}
+	var oob [128]byte
+	var to netip.Addr            // the address the request was sent to
 	var in [RequestSize + 1]byte // one byte more, so a longer datagram shows as such
 	var out [ReplySize]byte
 	var fails int
@@ -255,7 +264,12 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 			err  error
 		)
 		if uc != nil {
-			n, from, err = uc.ReadFromUDPAddrPort(in[:])
+			var oobn int
+			n, oobn, _, from, err = uc.ReadMsgUDPAddrPort(in[:], oob[:])
+			to = netip.Addr{}
+			if pi != nil && err == nil {
+				to = pi.dst(oob[:oobn])
+			}
 		} else {
 			n, addr, err = pc.ReadFrom(in[:])
 		}
@@ -285,7 +299,11 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 			continue
 		}
 		if uc != nil {
-			_, err = uc.WriteToUDPAddrPort(b, from)
+			var o []byte
+			if pi != nil {
+				o = pi.src(to)
+			}
+			_, _, err = uc.WriteMsgUDPAddrPort(b, o, from)
 		} else {
 			_, err = pc.WriteTo(b, addr)
 		}
