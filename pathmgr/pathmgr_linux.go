@@ -356,6 +356,9 @@ func (m *Manager) applyAt(u *uplinkState, o observation, now time.Time) (retry t
 	switch {
 	case !o.usable():
 		state, reason = StateDown, o.err.Error()
+		// The probe's verdict was about the uplink as it was; when it
+		// is back it is probed afresh (and assumed to work until then).
+		u.unreachable = false
 	case u.unreachable:
 		state, reason = StateWithdrawn, "the concentrator does not answer over it"
 	}

@@ -7,12 +7,14 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netlink"
 
 	"github.com/mpvpn/mpvpn/internal/sysctl"
 	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/routing"
 	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tun"
@@ -158,17 +160,44 @@ func runClient(c *cli.Context) (err error) {
 	}()
 
 	// pathmgr validates every uplink (exists, has an address and a
-	// gateway) before it changes anything.
+	// gateway) before it changes anything. Its changes reach the liveness
+	// prober, which exists only once pathmgr does.
+	var prober atomic.Pointer[probe.Prober]
 	pm, err := pathmgr.Start(c.Context, pathmgr.Config{
 		Uplinks:   cfg.uplinks,
 		TableBase: cfg.table,
 		RulePrio:  cfg.table,
 		Logger:    log,
+		OnChange: func(s pathmgr.Status) {
+			if pr := prober.Load(); pr != nil {
+				probePath(pr, s)
+			}
+		},
 	})
 	if err != nil {
 		return err
 	}
 	undo = append(undo, pm.Close)
+
+	// Liveness: a probe per uplink to the concentrator, so an uplink
+	// whose link is up while nothing gets through is withdrawn within
+	// about half a second, and restored as quickly when it answers again.
+	pr, err := probe.NewProber(probe.ProberConfig{
+		Server:    cfg.server,
+		Key:       cfg.key,
+		ServerKey: cfg.serverKey,
+		Mark:      cfg.mark,
+		Logger:    log,
+		OnChange:  pm.SetReachable,
+	})
+	if err != nil {
+		return err
+	}
+	undo = append(undo, pr.Close)
+	for _, s := range pm.Status() {
+		probePath(pr, s)
+	}
+	prober.Store(pr)
 	// The watcher keeps the uplinks in step with the host until the end;
 	// it is stopped (and waited for) before pm.Close runs.
 	watchCtx, stopWatch := context.WithCancel(context.Background())
@@ -249,6 +278,16 @@ func runClient(c *cli.Context) (err error) {
 	<-c.Context.Done()
 	log.Info("client shutting down")
 	return nil
+}
+
+// probePath makes the prober follow an uplink: probed from its address
+// while pathmgr has it installed (up or withdrawn), not at all while down.
+func probePath(pr *probe.Prober, s pathmgr.Status) {
+	if s.State != pathmgr.StateDown && s.Addr.IsValid() {
+		pr.SetPath(s.Name, s.Addr)
+	} else {
+		pr.RemovePath(s.Name)
+	}
 }
 
 // tunnelDialer carries a netstack flow through the tunnel: the app's

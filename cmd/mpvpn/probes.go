@@ -1,0 +1,43 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"github.com/mpvpn/mpvpn/probe"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// serveProbes answers the clients' liveness probes on the UDP port of the
+// same number as the tunnel listener at addr, until ctx is done or stop is
+// called (stop waits for the responder to end).
+func serveProbes(ctx context.Context, addr net.Addr, key tunnel.PrivateKey, peers []tunnel.PublicKey, log *slog.Logger) (stop func(), err error) {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok {
+		return nil, fmt.Errorf("liveness probes: listener address %v is not TCP", addr)
+	}
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: ta.IP, Port: ta.Port})
+	if err != nil {
+		return nil, fmt.Errorf("liveness probes on udp %s: %w", ta, err)
+	}
+	r, err := probe.NewResponder(probe.ResponderConfig{Key: key, Peers: peers, Logger: log})
+	if err != nil {
+		pc.Close()
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := r.Serve(ctx, pc); err != nil {
+			log.Error("liveness probe responder stopped", "err", err)
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+		pc.Close()
+	}, nil
+}
