@@ -31,7 +31,10 @@ type Config struct {
 	// below the client's handshake timeout so the client hears "timed
 	// out" from us rather than giving up on its own.
 	DialTimeout time.Duration
-	Logger      *slog.Logger
+	// HandshakeDeadline is the tunnel server's fixed handshake deadline
+	// (tunnel.ServerConfig.HandshakeDeadline); 0 takes its default.
+	HandshakeDeadline time.Duration
+	Logger            *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -78,10 +81,14 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--listen %q: want address:port, e.g. 0.0.0.0:7100: %w", cfg.Listen, err)
 	}
+	if cfg.HandshakeDeadline < 0 {
+		return nil, fmt.Errorf("handshake deadline %v: must be positive", cfg.HandshakeDeadline)
+	}
 	ts, err := tunnel.NewServer(tunnel.ServerConfig{
-		Key:    cfg.Key,
-		Peers:  cfg.Peers,
-		Logger: cfg.Logger,
+		Key:               cfg.Key,
+		Peers:             cfg.Peers,
+		HandshakeDeadline: cfg.HandshakeDeadline,
+		Logger:            cfg.Logger,
 	})
 	if err != nil {
 		return nil, err

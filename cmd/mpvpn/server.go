@@ -27,6 +27,7 @@ func serverCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
 			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
+			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
 		}, logFlags...),
 		Action: runServer,
 	}
@@ -35,6 +36,9 @@ func serverCommand() *cli.Command {
 // concentratorDialTimeout stays below the client's handshake timeout (10 s)
 // so the app hears "timed out" from the concentrator, not from its own side.
 const concentratorDialTimeout = 7e9
+
+// defaultHandshakeTimeout is tunnel's default handshake deadline.
+const defaultHandshakeTimeout = 5e9
 
 func runServer(c *cli.Context) error {
 	if err := loadConfig(c); err != nil {
@@ -55,19 +59,32 @@ func runServer(c *cli.Context) error {
 	if len(peers) == 0 {
 		return usageError("--peer is required: the public key of each client allowed to connect")
 	}
+	if d := c.Duration("handshake-timeout"); d <= 0 {
+		return usageError("--handshake-timeout %v: must be positive", d)
+	}
 	srv, err := concentrator.Listen(c.Context, concentrator.Config{
-		Listen:       c.String("listen"),
-		Key:          key,
-		Peers:        peers,
-		AllowPrivate: c.Bool("allow-private"),
-		FastOpen:     c.Bool("fast-open"),
-		DialTimeout:  c.Duration("dial-timeout"),
-		Logger:       log,
+		Listen:            c.String("listen"),
+		Key:               key,
+		Peers:             peers,
+		AllowPrivate:      c.Bool("allow-private"),
+		FastOpen:          c.Bool("fast-open"),
+		DialTimeout:       c.Duration("dial-timeout"),
+		HandshakeDeadline: c.Duration("handshake-timeout"),
+		Logger:            log,
 	})
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+
+	// Liveness probes from the clients' uplinks come to the same port
+	// over UDP (see package probe); binding it now makes a port taken by
+	// someone else a configuration error, before the host is changed.
+	stopProbes, err := serveProbes(c.Context, srv.Addr(), key, peers, log)
+	if err != nil {
+		return err
+	}
+	defer stopProbes()
 
 	// Host settings the concentrator needs; each is put back on exit.
 	host := &sysctl.Changes{Root: sysctl.Proc}
