@@ -33,3 +33,6 @@ func SetSysctl(name, value string) error { return errors.ErrUnsupported }
 
 // GetSysctl fails: pathmgr needs Linux.
 func GetSysctl(name string) (string, error) { return "", errors.ErrUnsupported }
+
+// DiscoverUplinks fails: pathmgr needs Linux.
+func DiscoverUplinks(...string) ([]UplinkConfig, error) { return nil, errors.ErrUnsupported }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -363,4 +364,33 @@ func TestDamper(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Without --uplink the client takes every interface with a default route,
+// best metric first, never loopback or a TUN.
+func TestDiscoverUplinks(t *testing.T) {
+	withNetns(t, func() {
+		if _, err := DiscoverUplinks(); err == nil {
+			t.Error("no default route at all: want an error")
+		}
+		twoUplinks(t)
+		addLink(t, "lan0", "10.1.0.2/24") // no default route: not an uplink
+		got, err := DiscoverUplinks()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []UplinkConfig{{Name: "wan0"}, {Name: "wan1"}}
+		if !slices.Equal(got, want) {
+			t.Errorf("got %v, want %v", got, want)
+		}
+		if got, _ := DiscoverUplinks("wan0"); !slices.Equal(got, want[1:]) {
+			t.Errorf("excluding wan0: got %v", got)
+		}
+		// Metrics decide the order, not creation: wan1 first now.
+		delDefault(t, "wan1")
+		defaultBack(t, "wan1", "100.64.0.1", 50)
+		if got, _ := DiscoverUplinks(); !slices.Equal(got, []UplinkConfig{{Name: "wan1"}, {Name: "wan0"}}) {
+			t.Errorf("after re-metric: got %v", got)
+		}
+	})
 }

@@ -39,7 +39,7 @@ func clientCommand() *cli.Command {
 			&cli.StringFlag{Name: "server", Usage: "the concentrator's `ADDR:PORT`"},
 			&cli.StringFlag{Name: "server-key", Usage: "the concentrator's public `KEY`"},
 			&cli.PathFlag{Name: "key", Usage: "this client's private key `FILE` (from `mpvpn keygen`)"},
-			&cli.StringSliceFlag{Name: "uplink", Usage: "an uplink `IFACE` to carry flows over (repeatable); IFACE:backup carries data only when no other uplink works"},
+			&cli.StringSliceFlag{Name: "uplink", Usage: "an uplink `IFACE` to carry flows over (repeatable); IFACE:backup carries data only when no other uplink works. Default: every interface with a default route"},
 			&cli.StringSliceFlag{Name: "route", Usage: "send flows to this `CIDR` through mpvpn (repeatable)"},
 			&cli.StringFlag{Name: "tun", Value: "mpvpn0", Usage: "the TUN device's `NAME`"},
 			&cli.StringFlag{Name: "tun-addr", Value: "10.77.77.1/32", Usage: "the TUN device's address `PREFIX` (apps' flows come from it)"},
@@ -95,9 +95,6 @@ func parseClient(c *cli.Context) (*clientConfig, error) {
 		}
 		cfg.uplinks = append(cfg.uplinks, pathmgr.UplinkConfig{Name: name, Backup: opt == "backup"})
 	}
-	if len(cfg.uplinks) == 0 {
-		return nil, usageError("--uplink is required: name each interface to carry flows over")
-	}
 	for _, r := range c.StringSlice("route") {
 		p, err := netip.ParsePrefix(r)
 		if err != nil {
@@ -146,6 +143,13 @@ func runClient(c *cli.Context) (err error) {
 
 	if err := checkTUNName(cfg.tunName); err != nil {
 		return err
+	}
+	if len(cfg.uplinks) == 0 {
+		// No --uplink: every interface with a default route.
+		if cfg.uplinks, err = pathmgr.DiscoverUplinks(cfg.tunName); err != nil {
+			return err
+		}
+		log.Info("uplinks discovered from the default routes", "uplinks", fmt.Sprint(cfg.uplinks))
 	}
 
 	// From here on the host changes; every step is undone on the way out,

@@ -86,6 +86,7 @@ type env struct {
 	client    *topo.Proc
 	www       string // directory served on DestAddr:80
 	http      *topo.Proc
+	uplinks   []string // see options.uplinks
 }
 
 // options for newEnv.
@@ -94,6 +95,9 @@ type options struct {
 	serverArgs []string
 	clientArgs []string
 	noClient   bool // start only the server
+	// uplinks are the client's --uplink values; nil: wan0 and wan1,
+	// empty (non-nil): none, so the client discovers them.
+	uplinks []string
 }
 
 // newEnv builds the topology and starts the concentrator, the HTTP server
@@ -121,6 +125,7 @@ func newEnv(t *testing.T, o options) *env {
 	e.server = e.tp.Start(e.tp.Conc, "server", args...)
 	e.server.WaitListen("0.0.0.0:7100")
 	if !o.noClient {
+		e.uplinks = o.uplinks
 		e.startClient(t, clientKey, o.clientArgs...)
 	}
 	return e
@@ -157,11 +162,18 @@ func (e *env) pubkey(t *testing.T, path string) string {
 // network routed into it, and waits until its routes are in place.
 func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	t.Helper()
-	args := append([]string{bin.mpvpn, "client",
+	args := []string{bin.mpvpn, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		"--server-key", e.serverPub, "--key", key,
-		"--uplink", "wan0", "--uplink", "wan1",
-		"--route", topo.DestNet.String(), "--log-level", "debug"}, extra...)
+		"--route", topo.DestNet.String(), "--log-level", "debug"}
+	uplinks := e.uplinks
+	if uplinks == nil {
+		uplinks = []string{"wan0", "wan1"}
+	}
+	for _, u := range uplinks {
+		args = append(args, "--uplink", u)
+	}
+	args = append(args, extra...)
 	e.client = e.tp.Start(e.tp.Client, "client", args...)
 	e.waitLog(t, e.client, "client up", 15*time.Second)
 }
