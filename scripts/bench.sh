@@ -1,0 +1,544 @@
+#!/usr/bin/env bash
+# scripts/bench.sh — mpvpn's performance table (issue 3), measured side by
+# side in one run on the test topology of test/netns (mpvpn-topo). Run as root:
+#   sudo scripts/bench.sh
+#
+# Env:
+#   T=10           seconds per iperf3 run
+#   REPS=1         repetitions of every iperf3/throughput case (the table shows medians)
+#   ONLY="agg unshaped setup memory"   sections to run (any subset)
+#   SKIP_PEERS=1   do not run the peer anchors (peers.sh) in the unshaped section
+#   PEERS=path     peers.sh (default: scripts/peers.sh if present, else /work/shared/bench/peers.sh);
+#                  it builds its binaries into PA_WORK (default /tmp/pa-work) on first use
+#   CURLS=10       curl samples per set-up case (medians)
+#   FLOWS="1000 10000"  idle-flow counts of the memory section (cumulative)
+#   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
+#
+# Output: progress on stderr; on stdout a few context lines, then ONE markdown
+# table with the columns
+#   | section | measurement | value | relative | target / note |
+# and these rows (up = client→internet, iperf3 default; down = iperf3 -R):
+#   agg       uplink A alone / uplink B alone (plain TCP, iperf3 -B <wan addr> to
+#             the concentrator's address), up and down        Mbit/s
+#   agg       ceiling = A + B, up and down                     Mbit/s
+#   agg       kernel MPTCP (mptcpize iperf3, endpoints from the running mpvpn
+#             client's pathmgr) up/down   Mbit/s | % of ceiling | joins, bytes per uplink
+#   agg       mpvpn, one TCP flow to 198.51.100.10 up/down
+#             Mbit/s | % of ceiling | target ≥95 % and ≥ kernel MPTCP: met / NOT met
+#   unshaped  direct kernel TCP (client→concentrator over wan0) up/down  Mbit/s or Gbit/s
+#   unshaped  mpvpn, one flow up/down | % of direct | CPU-s per Gbit (client, server)
+#   unshaped  peers.sh anchors (own namespaces pa-*): wireguard-go, tun2socks up/down
+#             | % of peers' direct | CPU-s per Gbit of the daemons
+#   setup     time_connect / time_starttransfer of a small HTTP reply, median of
+#             CURLS, direct TCP vs mpvpn (server default = no Fast Open) vs mpvpn
+#             with `mpvpn server --fast-open`            ms | in RTTs (ping over wan0)
+#   memory    VmRSS of mpvpn client and server idle, with each FLOWS count of idle
+#             flows open                                  MiB | KiB per flow over idle
+# A measurement that failed shows FAIL and why in the note column.
+#
+# Topologies: "agg" and "setup" share one built with
+#   mpvpn-topo up --rate-a 40mbit --delay-a 10ms --rate-b 20mbit --delay-b 25ms
+# (uplink A 20 ms RTT, B 50 ms RTT; userspace link emulator linkemu on both).
+# "unshaped" and "memory" share one built with `mpvpn-topo up --no-emu`: plain
+# veths to the ISPs, no link emulator in the path (with the emulator and no
+# rate flags, linkemu itself would be the bottleneck). Every process started
+# here is killed by PID and every topology torn down on exit (trap), also on
+# failure or Ctrl-C.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+. scripts/lib.sh
+need_root
+install_deps
+preflight
+
+T=${T:-10}
+REPS=${REPS:-1}
+ONLY=${ONLY:-"agg unshaped setup memory"}
+SKIP_PEERS=${SKIP_PEERS:-}
+CURLS=${CURLS:-10}
+FLOWS=${FLOWS:-"1000 10000"}
+if [ -z "${PEERS:-}" ]; then
+	if [ -f scripts/peers.sh ]; then PEERS=scripts/peers.sh; else PEERS=/work/shared/bench/peers.sh; fi
+fi
+PA_WORK=${PA_WORK:-/tmp/pa-work}
+T0=$(date +%s)
+
+apt_install() {
+	echo "installing: $*" >&2
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null ||
+		{ apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "$@" >/dev/null; }
+}
+command -v mptcpize >/dev/null || apt_install mptcpd
+command -v jq >/dev/null || apt_install jq
+command -v ping >/dev/null || apt_install iputils-ping
+for c in mptcpize jq ping iperf3 curl python3; do
+	command -v $c >/dev/null || { echo "$0: $c is missing" >&2; exit 1; }
+done
+
+# Many idle flows need many descriptors (the server holds two per flow).
+ulimit -Hn 1048576 2>/dev/null || true
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+
+WORK=$(mktemp -d /tmp/mpvpn-bench.XXXXXX)
+BIN=$WORK/bin
+mkdir -p "$BIN" "$WORK/www"
+PY=$(command -v python3)
+HZ=$(getconf CLK_TCK)
+PIDS=()
+PREFIXES=()
+ROWS=$WORK/rows.md
+: >"$ROWS"
+
+log() { echo "[$(date +%T)] $*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+cleanup() {
+	local rc=$? p
+	trap - EXIT INT TERM
+	for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+	for _ in $(seq 30); do
+		local any=0
+		for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && any=1; done
+		[ $any = 0 ] && break
+		sleep 0.1
+	done
+	for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+	for p in "${PREFIXES[@]}"; do "$BIN/mpvpn-topo" down --prefix "$p" >&2 || log "down $p failed"; done
+	print_table
+	log "total $(($(date +%s) - T0)) s; exit $rc"
+	if [ "${KEEP:-}" = 1 ] || [ $rc != 0 ]; then
+		log "work directory (logs, JSON): $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+	exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# row SECTION MEASUREMENT VALUE RELATIVE NOTE
+row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" >>"$ROWS"; }
+
+print_table() {
+	[ -s "$ROWS" ] || return 0
+	echo
+	echo "mpvpn bench $(date -u +%Y-%m-%dT%H:%MZ): $(uname -r), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); T=${T}s, REPS=$REPS; $(git rev-parse --short HEAD 2>/dev/null)"
+	echo
+	echo "| section | measurement | value | relative | target / note |"
+	echo "| --- | --- | --- | --- | --- |"
+	cat "$ROWS"
+}
+
+# bg NAME NS CMD... starts CMD in NS, output to $WORK/NAME.log; BGPID is its
+# PID (ip netns exec execs the command).
+bg() {
+	local name=$1 ns=$2
+	shift 2
+	ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
+	BGPID=$!
+	PIDS+=("$BGPID")
+}
+
+stop_pid() {
+	local p=$1
+	kill -TERM "$p" 2>/dev/null || return 0
+	for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+	kill -KILL "$p" 2>/dev/null
+	wait "$p" 2>/dev/null
+	return 0
+}
+
+# wait_listen NS PORT [SECONDS]
+wait_listen() {
+	local ns=$1 port=$2
+	for _ in $(seq $((${3:-10} * 10))); do
+		[ -n "$(ip netns exec "$ns" ss -Hltn "sport = :$port" 2>/dev/null)" ] && return 0
+		sleep 0.1
+	done
+	return 1
+}
+
+# wait_log FILE REGEX SECONDS [PID]: 0 when a line matches; 1 on timeout or
+# when PID exited.
+wait_log() {
+	local f=$1 re=$2 secs=$3 pid=${4:-}
+	for _ in $(seq $((secs * 10))); do
+		grep -qE "$re" "$f" 2>/dev/null && return 0
+		[ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && { grep -qE "$re" "$f" 2>/dev/null; return; }
+		sleep 0.1
+	done
+	return 1
+}
+
+median() {
+	printf '%s\n' "$@" | grep -E '^[0-9]+(\.[0-9]+)?$' | sort -g |
+		awk '{a[NR]=$1} END{if(NR==0){print "FAIL"; exit} if(NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+
+isnum() { [[ $1 =~ ^[0-9]+(\.[0-9]+)?$ ]]; }
+
+# calc EXPR → result with awk (printf format in $2, default %.1f)
+calc() { awk "BEGIN{printf \"${2:-%.1f}\", ($1)}"; }
+
+# rate MBIT → "38.2 Mbit/s" / "1.23 Gbit/s"
+rate() {
+	isnum "$1" || { echo "FAIL"; return; }
+	awk -v m="$1" 'BEGIN{ if (m >= 1000) printf "%.2f Gbit/s", m/1000; else printf "%.1f Mbit/s", m }'
+}
+
+pct() { isnum "$1" && isnum "$2" && [ "$(calc "$2 > 0" %d)" = 1 ] && echo "$(calc "100*$1/$2" %.0f) %" || echo "-"; }
+
+ticks() { # utime+stime (clock ticks) of PIDs, summed
+	local s=0 p
+	for p in "$@"; do
+		[ -r "/proc/$p/stat" ] && s=$((s + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12+$13}')))
+	done
+	echo $s
+}
+
+rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo FAIL; }
+
+ifbytes() { # NS IFACE → rx+tx bytes
+	ip netns exec "$1" cat "/sys/class/net/$2/statistics/rx_bytes" "/sys/class/net/$2/statistics/tx_bytes" 2>/dev/null | awk '{s+=$1} END{print s+0}'
+}
+
+joins() { ip netns exec "$1" nstat -asz MPTcpExtMPJoinSynAckRx 2>/dev/null | awk '/MPJoin/{print $2}'; }
+
+# iperf DIR NS ADDR PORT [WRAPPER...] -- [IPERF ARGS...] sets IPERF_V to the
+# received Mbit/s or FAIL:<reason>, and IPERF_SECS to the run's wall time.
+IPERF_N=0
+iperf() {
+	local dir=$1 ns=$2 addr=$3 port=$4
+	shift 4
+	local wrap=()
+	while [ $# -gt 0 ] && [ "$1" != -- ]; do wrap+=("$1"); shift; done
+	[ $# -gt 0 ] && shift
+	IPERF_N=$((IPERF_N + 1))
+	local j=$WORK/iperf-$IPERF_N.json r=() s0 s1
+	[ "$dir" = down ] && r=(-R)
+	s0=$(date +%s.%N)
+	ip netns exec "$ns" timeout $((T + 30)) "${wrap[@]}" iperf3 -c "$addr" -p "$port" -t "$T" -J "${r[@]}" "$@" >"$j" 2>"$j.err"
+	s1=$(date +%s.%N)
+	IPERF_SECS=$(calc "$s1 - $s0" %.3f)
+	IPERF_V=$(jq -r 'if .error then "FAIL:" + .error else (.end.sum_received.bits_per_second / 1e6 * 100 | round / 100 | tostring) end' "$j" 2>/dev/null)
+	[ -n "$IPERF_V" ] || IPERF_V="FAIL:$(head -c 100 "$j.err" | tr '\n|' '  ')"
+	IPERF_V=${IPERF_V// /_}
+}
+
+# ------------------------------------------------------------------ build
+log "building mpvpn, mpvpn-topo, bench-idleflows into $BIN"
+go build -o "$BIN/mpvpn" ./cmd/mpvpn || die "go build ./cmd/mpvpn"
+go build -o "$BIN/mpvpn-topo" ./test/netns/cmd/mpvpn-topo || die "go build mpvpn-topo"
+go build -o "$BIN/bench-idleflows" ./test/netns/cmd/bench-idleflows || die "go build bench-idleflows"
+MPVPN=$BIN/mpvpn
+"$MPVPN" keygen >"$WORK/server.key" && "$MPVPN" keygen >"$WORK/client.key" || die "mpvpn keygen"
+chmod 600 "$WORK"/*.key
+SERVER_PUB=$("$MPVPN" pubkey <"$WORK/server.key")
+CLIENT_PUB=$("$MPVPN" pubkey <"$WORK/client.key")
+echo hello >"$WORK/www/hello"
+
+# topo_up ARGS...: builds a topology with a prefix of ours (mb + 4 hex digits,
+# so `mpvpn-topo down --all` of others leaves it alone) and sets its
+# variables (NS_CLI, NS_CONC, NS_INET, WAN0_ADDR, ...).
+topo_up() {
+	local p env
+	p=$(printf 'mb%04x' $((RANDOM * 2 % 65536 + RANDOM % 2)))
+	PREFIXES+=("$p")
+	env=$("$BIN/mpvpn-topo" up --prefix "$p" "$@" 2>"$WORK/topo-$p.log") || { cat "$WORK/topo-$p.log" >&2; return 1; }
+	eval "$env"
+	log "topology $p up ($*)"
+}
+
+topo_down() {
+	local p=$1 keep=() q
+	"$BIN/mpvpn-topo" down --prefix "$p" >&2 || log "down $p failed"
+	for q in "${PREFIXES[@]}"; do [ "$q" != "$p" ] && keep+=("$q"); done
+	PREFIXES=("${keep[@]}")
+}
+
+# start_server [EXTRA...] / start_client: SERVER_PID, CLIENT_PID.
+SERVER_N=0
+start_server() {
+	SERVER_N=$((SERVER_N + 1))
+	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" "$@"
+	SERVER_PID=$BGPID
+	wait_listen "$NS_CONC" 7100 10 || { tail -20 "$WORK/server-$PREFIX-$SERVER_N.log" >&2; return 1; }
+}
+CLIENT_N=0
+start_client() {
+	CLIENT_N=$((CLIENT_N + 1))
+	local l=$WORK/client-$PREFIX-$CLIENT_N.log
+	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
+		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level info
+	CLIENT_PID=$BGPID
+	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
+}
+
+# ------------------------------------------------------------------ 1 + 3: shaped topology
+shaped() {
+	topo_up --rate-a 40mbit --delay-a 10ms --rate-b 20mbit --delay-b 25ms || die "mpvpn-topo up (shaped)"
+	bg iperf-conc "$NS_CONC" iperf3 -s -B "$CONC_ADDR" -p 5201
+	bg iperfm-conc "$NS_CONC" mptcpize run iperf3 -s -B "$CONC_ADDR" -p 5202
+	bg iperf-inet "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
+	bg http-conc "$NS_CONC" "$PY" -m http.server 8080 --bind "$CONC_ADDR" --directory "$WORK/www"
+	bg http-inet "$NS_INET" "$PY" -m http.server 80 --bind "$DEST_ADDR" --directory "$WORK/www"
+	for x in "$NS_CONC 5201" "$NS_CONC 5202" "$NS_INET 5201" "$NS_CONC 8080" "$NS_INET 80"; do
+		# shellcheck disable=SC2086
+		wait_listen $x 10 || die "no listener: $x"
+	done
+	start_server || die "mpvpn server did not start"
+	start_client || die "mpvpn client did not come up"
+	ip netns exec "$NS_CLI" ip mptcp endpoint show >"$WORK/endpoints.txt" 2>&1
+	log "client MPTCP endpoints: $(tr '\n' ';' <"$WORK/endpoints.txt")"
+
+	want agg && aggregation
+	want setup && setup_latency
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+	topo_down "$PREFIX"
+}
+
+aggregation() {
+	declare -A V
+	local rep dir c v j0 j1 a0 a1 b0 b1
+	for rep in $(seq "$REPS"); do
+		for dir in up down; do
+			log "agg rep $rep $dir: A alone"
+			iperf $dir "$NS_CLI" "$CONC_ADDR" 5201 -- -B "$WAN0_ADDR"; v=$IPERF_V; V[A.$dir]+=" $v"; log "  $v"
+			log "agg rep $rep $dir: B alone"
+			iperf $dir "$NS_CLI" "$CONC_ADDR" 5201 -- -B "$WAN1_ADDR"; v=$IPERF_V; V[B.$dir]+=" $v"; log "  $v"
+			log "agg rep $rep $dir: kernel MPTCP"
+			j0=$(joins "$NS_CLI"); a0=$(ifbytes "$NS_CLI" "$WAN0"); b0=$(ifbytes "$NS_CLI" "$WAN1")
+			iperf $dir "$NS_CLI" "$CONC_ADDR" 5202 mptcpize run --; v=$IPERF_V; V[M.$dir]+=" $v"
+			j1=$(joins "$NS_CLI"); a1=$(ifbytes "$NS_CLI" "$WAN0"); b1=$(ifbytes "$NS_CLI" "$WAN1")
+			V[Mj.$dir]="$((${j1:-0} - ${j0:-0}))"; V[Ma.$dir]=$((a1 - a0)); V[Mb.$dir]=$((b1 - b0))
+			log "  $v (joins ${V[Mj.$dir]}, wan0 $((a1 - a0)) B, wan1 $((b1 - b0)) B)"
+			log "agg rep $rep $dir: mpvpn"
+			j0=$(joins "$NS_CLI"); a0=$(ifbytes "$NS_CLI" "$WAN0"); b0=$(ifbytes "$NS_CLI" "$WAN1")
+			iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V; V[P.$dir]+=" $v"
+			j1=$(joins "$NS_CLI"); a1=$(ifbytes "$NS_CLI" "$WAN0"); b1=$(ifbytes "$NS_CLI" "$WAN1")
+			V[Pj.$dir]="$((${j1:-0} - ${j0:-0}))"; V[Pa.$dir]=$((a1 - a0)); V[Pb.$dir]=$((b1 - b0))
+			log "  $v (joins ${V[Pj.$dir]}, wan0 $((a1 - a0)) B, wan1 $((b1 - b0)) B)"
+		done
+	done
+	local a b m p ceil note split
+	fails() { local x; for x in $1; do [[ $x == FAIL* ]] && { echo "${x:0:120}"; return; }; done; }
+	for dir in up down; do
+		# shellcheck disable=SC2086
+		{ a=$(median ${V[A.$dir]}); b=$(median ${V[B.$dir]}); m=$(median ${V[M.$dir]}); p=$(median ${V[P.$dir]}); }
+		ceil=FAIL
+		isnum "$a" && isnum "$b" && ceil=$(calc "$a + $b" %.2f)
+		row agg "uplink A alone, plain TCP, $dir" "$(rate "$a")" "-" "40 Mbit/s, 20 ms RTT; iperf3 -B $WAN0_ADDR $(fails "${V[A.$dir]}")"
+		row agg "uplink B alone, plain TCP, $dir" "$(rate "$b")" "-" "20 Mbit/s, 50 ms RTT (CGNAT); iperf3 -B $WAN1_ADDR $(fails "${V[B.$dir]}")"
+		row agg "ceiling A + B, $dir" "$(rate "$ceil")" "100 %" "sum of the two rows above"
+		split=$(pct "${V[Ma.$dir]}" "$(( ${V[Ma.$dir]} + ${V[Mb.$dir]} ))")
+		row agg "kernel MPTCP (mptcpize iperf3), $dir" "$(rate "$m")" "$(pct "$m" "$ceil") of ceiling" \
+			"joins ${V[Mj.$dir]}; wan0 $split of bytes (last rep) $(fails "${V[M.$dir]}")"
+		note="target ≥95 % and ≥ kernel MPTCP:"
+		if isnum "$p" && isnum "$ceil" && isnum "$m"; then
+			if [ "$(calc "$p >= 0.95*$ceil && $p >= $m" %d)" = 1 ]; then note+=" met"; else note+=" NOT met"; fi
+		else
+			note+=" FAIL $(fails "${V[P.$dir]}")"
+		fi
+		split=$(pct "${V[Pa.$dir]}" "$(( ${V[Pa.$dir]} + ${V[Pb.$dir]} ))")
+		row agg "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$ceil") of ceiling**" "$note; joins ${V[Pj.$dir]}; wan0 $split of bytes (last rep)"
+	done
+}
+
+setup_latency() {
+	local rtt
+	rtt=$(ip netns exec "$NS_CLI" ping -n -q -c 10 -i 0.2 -I "$WAN0_ADDR" "$CONC_ADDR" 2>/dev/null | awk -F/ '/^rtt|^round-trip/{print $5}')
+	isnum "${rtt:-x}" || rtt=20
+	log "setup: RTT over wan0 ${rtt} ms"
+	# curl_case NAME URL: median time_connect / time_starttransfer in ms.
+	curl_case() {
+		local name=$1 url=$2 out c=() s=() bad=0
+		for _ in $(seq "$CURLS"); do
+			out=$(ip netns exec "$NS_CLI" curl -s -o /dev/null --max-time 5 -w '%{time_connect} %{time_starttransfer} %{http_code}' "$url")
+			set -- $out
+			if [ "${3:-}" = 200 ]; then c+=("$(calc "$1*1000" %.2f)"); s+=("$(calc "$2*1000" %.2f)"); else bad=$((bad + 1)); fi
+			sleep 0.1
+		done
+		local mc ms
+		mc=$(median "${c[@]}"); ms=$(median "${s[@]}")
+		local n="median of ${#c[@]}/$CURLS; RTT over wan0 $rtt ms (ping)"
+		[ $bad -gt 0 ] && n+="; **$bad of $CURLS got no reply within 5 s**"
+		log "setup $name: connect $mc ms, first byte $ms ms"
+		if isnum "$mc"; then
+			row setup "$name: time_connect" "$mc ms" "$(calc "$mc/$rtt" %.2f) RTT" "$n"
+			row setup "$name: time_starttransfer" "$ms ms" "$(calc "$ms/$rtt" %.2f) RTT" "$n"
+		else
+			row setup "$name" "FAIL" "-" "$n"
+		fi
+	}
+	curl_case "direct TCP (client→concentrator)" "http://$CONC_ADDR:8080/hello"
+	curl_case "mpvpn, server default (no Fast Open)" "http://$DEST_ADDR/hello"
+	stop_pid "$SERVER_PID"
+	if start_server --fast-open; then
+		# The first flows fetch the Fast Open cookie.
+		for _ in 1 2 3; do ip netns exec "$NS_CLI" curl -s -o /dev/null --max-time 5 "http://$DEST_ADDR/hello"; done
+		curl_case "mpvpn, server --fast-open" "http://$DEST_ADDR/hello"
+	else
+		row setup "mpvpn, server --fast-open" "FAIL" "-" "server did not start"
+	fi
+}
+
+# ------------------------------------------------------------------ 2 + 4: unshaped topology
+unshaped_topo() {
+	topo_up --no-emu || die "mpvpn-topo up --no-emu"
+	want unshaped && unshaped
+	want memory && memory
+	topo_down "$PREFIX"
+}
+
+unshaped() {
+	bg iperf-conc-u "$NS_CONC" iperf3 -s -B "$CONC_ADDR" -p 5201
+	local ip1=$BGPID
+	bg iperf-inet-u "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
+	local ip2=$BGPID
+	wait_listen "$NS_CONC" 5201 && wait_listen "$NS_INET" 5201 || die "iperf3 servers (unshaped)"
+	start_server || die "mpvpn server did not start (unshaped)"
+	start_client || die "mpvpn client did not come up (unshaped)"
+	declare -A V
+	local rep dir v
+	for rep in $(seq "$REPS"); do
+		for dir in up down; do
+			log "unshaped rep $rep $dir: direct kernel TCP"
+			iperf $dir "$NS_CLI" "$CONC_ADDR" 5201 -- -B "$WAN0_ADDR"; v=$IPERF_V; V[D.$dir]+=" $v"; log "  $v"
+			log "unshaped rep $rep $dir: mpvpn"
+			local c0 s0 c1 s1 secs
+			c0=$(ticks "$CLIENT_PID"); s0=$(ticks "$SERVER_PID")
+			iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V
+			c1=$(ticks "$CLIENT_PID"); s1=$(ticks "$SERVER_PID")
+			secs=$IPERF_SECS
+			V[P.$dir]+=" $v"
+			if isnum "$v"; then
+				# CPU-seconds per second, per Gbit/s
+				V[Pc.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs/($v/1000)" %.3f)"
+				V[Ps.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs/($v/1000)" %.3f)"
+				V[Pcc.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs" %.2f)"
+				V[Psc.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs" %.2f)"
+			fi
+			log "  $v (client $(((c1 - c0) * 100 / HZ)) cs, server $(((s1 - s0) * 100 / HZ)) cs CPU in ${secs}s)"
+		done
+	done
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+	stop_pid "$ip1"
+	stop_pid "$ip2"
+	local d p
+	for dir in up down; do
+		# shellcheck disable=SC2086
+		{ d=$(median ${V[D.$dir]}); p=$(median ${V[P.$dir]}); }
+		row unshaped "direct kernel TCP (client→concentrator over wan0), $dir" "$(rate "$d")" "100 %" "mpvpn-topo up --no-emu: veths, no link emulator, no shaping; 2 routed hops"
+		# shellcheck disable=SC2086
+		row unshaped "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$d") of direct**" \
+			"CPU-s per Gbit: client $(median ${V[Pc.$dir]:-}), server $(median ${V[Ps.$dir]:-}) (busy: client $(median ${V[Pcc.$dir]:-}), server $(median ${V[Psc.$dir]:-}) cores)"
+	done
+	want_peers && peers
+}
+
+want_peers() { [ "$SKIP_PEERS" != 1 ]; }
+
+peers() {
+	if [ ! -f "$PEERS" ]; then
+		row unshaped "peers (peers.sh)" "-" "-" "skipped: $PEERS not found (set PEERS=)"
+		return
+	fi
+	local arg=() b
+	for b in wireguard tun2socks socks5d pa-delay; do [ -x "$PA_WORK/bin/$b" ] || arg=(build); done
+	log "peers: $PEERS ${arg[*]} (ONLY=\"direct wg t2s\" REPS=$REPS T=$T; namespaces pa-*; log $WORK/peers.log)"
+	mkdir -p "$WORK/peers"
+	PA_WORK=$PA_WORK PA_RESULTS=$WORK/peers ONLY="direct wg t2s" REPS=$REPS T=$T \
+		bash "$PEERS" "${arg[@]}" >"$WORK/peers.log" 2>&1 &
+	local pp=$!
+	PIDS+=("$pp")
+	wait "$pp"
+	local rc=$?
+	local tsv=$WORK/peers/runs.tsv
+	if [ ! -s "$tsv" ] || [ "$(wc -l <"$tsv")" -lt 2 ]; then
+		row unshaped "peers (peers.sh)" "FAIL" "-" "exit $rc; see peers.log: $(grep -v '^\[' "$WORK/peers.log" | tail -1 | tr '|' ' ' | head -c 120)"
+		return
+	fi
+	# name rep dir Mbps retr cli_cpu srv_cpu busy daemon_cpu%(of 1 core) ...
+	local name dir d v cpu label
+	for name in direct wg t2s; do
+		case $name in
+		direct) label="peers: direct kernel TCP (1 veth)" ;;
+		wg) label="peers: wireguard-go" ;;
+		t2s) label="peers: tun2socks v2 → SOCKS5" ;;
+		esac
+		for dir in fwd rev; do
+			local dd=up
+			[ $dir = rev ] && dd=down
+			# shellcheck disable=SC2046
+			v=$(median $(awk -F'\t' -v n=$name -v d=$dir '$1==n && $3==d {print $4}' "$tsv"))
+			# shellcheck disable=SC2046
+			d=$(median $(awk -F'\t' -v d=$dir '$1=="direct" && $3==d {print $4}' "$tsv"))
+			if [ $name = direct ]; then
+				row unshaped "$label, $dd" "$(rate "$v")" "100 %" "peers.sh, own namespaces pa-*"
+			else
+				# shellcheck disable=SC2046
+				cpu=$(median $(awk -F'\t' -v n=$name -v d=$dir '$1==n && $3==d && $4+0>0 {printf "%.3f\n", $9/100/($4/1000)}' "$tsv"))
+				row unshaped "$label, $dd" "$(rate "$v")" "$(pct "$v" "$d") of peers' direct" "CPU-s per Gbit of its daemons: $cpu"
+			fi
+		done
+	done
+}
+
+memory() {
+	# debug: the server says why it refuses a flow (e.g. over MaxFlowsPerPeer).
+	SERVER_LOG_LEVEL=debug start_server || die "mpvpn server did not start (memory)"
+	start_client || die "mpvpn client did not come up (memory)"
+	bg idle-serve "$NS_INET" "$BIN/bench-idleflows" serve -listen "$DEST_ADDR:9100"
+	local sp=$BGPID
+	wait_listen "$NS_INET" 9100 || die "bench-idleflows serve"
+	sleep 2
+	local c0 s0
+	c0=$(rss_kib "$CLIENT_PID"); s0=$(rss_kib "$SERVER_PID")
+	row memory "mpvpn client VmRSS, idle" "$(calc "$c0/1024") MiB" "-" "fresh client on --no-emu topology, no flow yet"
+	row memory "mpvpn server VmRSS, idle" "$(calc "$s0/1024") MiB" "-" "fresh server"
+	local stages
+	stages=$(echo $FLOWS | tr ' ' ',')
+	bg idle-dial "$NS_CLI" "$BIN/bench-idleflows" dial -addr "$DEST_ADDR:9100" -n "$stages" -batch 500
+	local dp=$BGPID n got c s note
+	for n in $FLOWS; do
+		log "memory: opening up to $n idle flows"
+		if ! wait_log "$WORK/idle-dial.log" "^(ready $n |stuck )" 600 "$dp"; then
+			note="dialer did not finish: $(tail -1 "$WORK/idle-dial.log")"
+			row memory "$n idle flows" "FAIL" "-" "$note"
+			log "memory: $note"
+			break
+		fi
+		sleep 3
+		got=$(grep -E '^(ready|stuck) ' "$WORK/idle-dial.log" | tail -1 | awk '{print $2}' | tr -d :)
+		c=$(rss_kib "$CLIENT_PID"); s=$(rss_kib "$SERVER_PID")
+		note="held at the listener: $(grep '^held' "$WORK/idle-serve.log" | tail -1 | awk '{print $2}')"
+		if grep -q '^stuck' "$WORK/idle-dial.log"; then
+			note="**stuck at $got of $n**: $(grep '^stuck' "$WORK/idle-dial.log" | head -1 | cut -d: -f2- | tr '|' ' ' | head -c 160)"
+			local lim sl=$WORK/server-$PREFIX-$SERVER_N.log
+			lim=$(grep -ciE 'limit|over max' "$sl")
+			[ "$lim" -gt 0 ] && note+="; server log: $lim× \"$(grep -iE 'limit|over max' "$sl" | head -1 | sed 's/.*msg=//; s/ peer=.*//' | tr -d '"|' | head -c 100)\""
+		fi
+		kill -0 "$CLIENT_PID" 2>/dev/null || note+="; client DIED"
+		kill -0 "$SERVER_PID" 2>/dev/null || note+="; server DIED"
+		row memory "mpvpn client VmRSS, $got idle flows" "$(calc "$c/1024") MiB" "$(calc "($c-$c0)/$got" %.1f) KiB/flow" "$note"
+		row memory "mpvpn server VmRSS, $got idle flows" "$(calc "$s/1024") MiB" "$(calc "($s-$s0)/$got" %.1f) KiB/flow" "over idle"
+		log "memory: $got flows: client $c KiB, server $s KiB ($note)"
+		grep -q '^stuck' "$WORK/idle-dial.log" && break
+		kill -USR1 "$dp" 2>/dev/null
+	done
+	stop_pid "$dp"
+	stop_pid "$sp"
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+}
+
+# ------------------------------------------------------------------ main
+log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
+if want agg || want setup; then shaped; fi
+if want unshaped || want memory; then unshaped_topo; fi
+log "done"
