@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -53,6 +56,10 @@ type ClientStats struct {
 	Failures  uint64 // dials that got no verdict (connect or handshake failed)
 	Fallbacks uint64 // connected flows whose connection is plain TCP, not MPTCP
 	Active    int64  // connected flows not yet closed
+	// FallbacksBySource splits Fallbacks by the local address the
+	// connection started from: with the path manager's Source, that
+	// names the uplink a middlebox stripped MPTCP on.
+	FallbacksBySource map[netip.Addr]uint64
 }
 
 // Client opens flows to one concentrator.
@@ -71,6 +78,10 @@ type Client struct {
 	dials, connected, rejected, failures, fallbacks atomic.Uint64
 	active                                          atomic.Int64
 	lastWarn                                        atomic.Int64
+
+	mu         sync.Mutex
+	conns      map[*Conn]struct{} // open flows, for Conns and AbortAll
+	fallbackBy map[netip.Addr]uint64
 }
 
 const defaultHandshakeTimeout = 10 * time.Second
@@ -125,7 +136,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 
 // Stats returns a snapshot of the counters.
 func (c *Client) Stats() ClientStats {
-	return ClientStats{
+	st := ClientStats{
 		Dials:     c.dials.Load(),
 		Connected: c.connected.Load(),
 		Rejected:  c.rejected.Load(),
@@ -133,6 +144,30 @@ func (c *Client) Stats() ClientStats {
 		Fallbacks: c.fallbacks.Load(),
 		Active:    c.active.Load(),
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.fallbackBy) > 0 {
+		st.FallbacksBySource = maps.Clone(c.fallbackBy)
+	}
+	return st
+}
+
+// Conns returns the flows open now.
+func (c *Client) Conns() []*Conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Collect(maps.Keys(c.conns))
+}
+
+// AbortAll resets every open flow (the app sees its connection reset) and
+// returns how many there were: what the client does when every uplink has
+// been down for longer than it lets flows wait.
+func (c *Client) AbortAll() int {
+	conns := c.Conns()
+	for _, fc := range conns {
+		fc.Abort()
+	}
+	return len(conns)
 }
 
 // DialTCP opens one MPTCP connection to the concentrator, sends msg1
@@ -235,10 +270,32 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 	mp, _ := tc.MultipathTCP()
 	if !mp {
 		c.fallbacks.Add(1)
+		if la, ok := tc.LocalAddr().(*net.TCPAddr); ok {
+			src, _ := netip.AddrFromSlice(la.IP)
+			c.mu.Lock()
+			if c.fallbackBy == nil {
+				c.fallbackBy = map[netip.Addr]uint64{}
+			}
+			c.fallbackBy[src.Unmap()]++
+			c.mu.Unlock()
+		}
 		c.warnFallback("flow is on plain TCP, not MPTCP: it uses one path only (the concentrator, a middlebox, or the kernel's MPTCP blackhole detection after lost SYNs; see net.mptcp.blackhole_timeout)", "server", c.server, "dst", dst.String())
 	}
 	c.active.Add(1)
-	return newConn(tc, send, recv, mp, func() { c.active.Add(-1) }), nil
+	var fc *Conn
+	fc = newConn(tc, send, recv, mp, func() {
+		c.active.Add(-1)
+		c.mu.Lock()
+		delete(c.conns, fc)
+		c.mu.Unlock()
+	})
+	c.mu.Lock()
+	if c.conns == nil {
+		c.conns = map[*Conn]struct{}{}
+	}
+	c.conns[fc] = struct{}{}
+	c.mu.Unlock()
+	return fc, nil
 }
 
 // failed explains an error that left the dial without a verdict.

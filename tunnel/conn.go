@@ -121,6 +121,16 @@ func (c *Conn) Close() error {
 	return err
 }
 
+// Abort closes the connection with a reset instead of a FIN, so the peer
+// (and through it the app at the far end) learns at once that the flow is
+// gone.
+func (c *Conn) Abort() error {
+	if c.tcp != nil {
+		c.tcp.SetLinger(0)
+	}
+	return c.Close()
+}
+
 func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
 
 // ---- reading ----

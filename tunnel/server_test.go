@@ -122,9 +122,22 @@ func TestDialTCP(t *testing.T) {
 			if cs.Dials != 1 || cs.Connected != 1 || cs.Fallbacks != wantFallbacks || cs.Active != 1 {
 				t.Errorf("client stats %+v", cs)
 			}
+			var bySrc uint64
+			for _, n := range cs.FallbacksBySource {
+				bySrc += n
+			}
+			if bySrc != wantFallbacks || (!tt.mptcp && cs.FallbacksBySource[netip.MustParseAddr("127.0.0.1")] != 1) {
+				t.Errorf("fallbacks by source %v, want %d from 127.0.0.1", cs.FallbacksBySource, wantFallbacks)
+			}
+			if got := p.cli.Conns(); len(got) != 1 || got[0] != c {
+				t.Errorf("Conns() = %v, want the one flow", got)
+			}
 			c.Close()
 			if cs := p.cli.Stats(); cs.Active != 0 {
 				t.Errorf("Active = %d after Close", cs.Active)
+			}
+			if got := p.cli.Conns(); len(got) != 0 {
+				t.Errorf("Conns() after Close = %v", got)
 			}
 			if ss := p.srv.Stats(); ss.Flows != 1 || ss.Fallbacks != wantFallbacks {
 				t.Errorf("server stats %+v", ss)
@@ -706,5 +719,47 @@ func TestServeListenerClosed(t *testing.T) {
 	ln.Close()
 	if err := <-done; !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("Serve = %v, want net.ErrClosed", err)
+	}
+}
+
+// AbortAll resets every open flow: the concentrator's side reads a reset
+// (not a clean end), and the client has no flows left.
+func TestAbortAll(t *testing.T) {
+	requireMPTCP(t)
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{Logger: testLogger(t)}, ClientConfig{Server: lnAddr(ln), Logger: testLogger(t)})
+	errs := make(chan error, 3)
+	serve(t, p.srv, ln, func(_ context.Context, f *Flow) {
+		c, err := f.Accept()
+		if err != nil {
+			errs <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.ReadAll(c)
+		errs <- err
+	})
+	for range 3 {
+		c, err := p.cli.DialTCP(context.Background(), testDst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	if n := p.cli.AbortAll(); n != 3 {
+		t.Fatalf("AbortAll = %d, want 3", n)
+	}
+	for range 3 {
+		select {
+		case err := <-errs:
+			if err == nil {
+				t.Error("the concentrator saw a clean end, want a reset")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the concentrator never saw the flows end")
+		}
+	}
+	if cs := p.cli.Stats(); cs.Active != 0 || len(p.cli.Conns()) != 0 {
+		t.Errorf("after AbortAll: %+v, %d conns", cs, len(p.cli.Conns()))
 	}
 }

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netlink"
@@ -46,6 +49,7 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: defaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
+			&cli.DurationFlag{Name: "all-down-timeout", Value: 60 * time.Second, Usage: "when every uplink is down, flows wait this long for one to come back, then are reset"},
 			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "TCP Fast Open to the server, so a new flow costs no extra round trip once a cookie is cached"},
 		}, logFlags...),
 		Action: runClient,
@@ -66,6 +70,7 @@ type clientConfig struct {
 	mark      uint32
 	table     int
 	fastOpen  bool
+	allDown   time.Duration
 }
 
 func parseClient(c *cli.Context) (*clientConfig, error) {
@@ -122,6 +127,9 @@ func parseClient(c *cli.Context) (*clientConfig, error) {
 	cfg.mark = uint32(c.Uint("mark"))
 	cfg.table = c.Int("table")
 	cfg.fastOpen = c.Bool("fast-open")
+	if cfg.allDown = c.Duration("all-down-timeout"); cfg.allDown <= 0 {
+		return nil, usageError("--all-down-timeout %v: must be positive", cfg.allDown)
+	}
 	return &cfg, nil
 }
 
@@ -249,6 +257,17 @@ func runClient(c *cli.Context) (err error) {
 		return err
 	}
 
+	// With every uplink down, flows wait (MPTCP keeps a connection with
+	// no subflow, and the path manager gives it new ones when an uplink
+	// returns), but not for ever.
+	wdCtx, stopWD := context.WithCancel(context.Background())
+	wdDone := make(chan struct{})
+	go func() {
+		defer close(wdDone)
+		resetWhenAllDown(wdCtx, pm, tc, cfg.allDown, time.Second, log)
+	}()
+	undo = append(undo, func() error { stopWD(); <-wdDone; return nil })
+
 	st, err := stack.New(stack.Config{
 		Device: dev.Inner(),
 		MTU:    cfg.mtu,
@@ -282,6 +301,39 @@ func runClient(c *cli.Context) (err error) {
 	<-c.Context.Done()
 	log.Info("client shutting down")
 	return nil
+}
+
+// resetWhenAllDown resets every flow once no uplink has been up for
+// bound, checking every tick, until ctx is done. It resets once per
+// outage: flows opened during it fail on their own.
+func resetWhenAllDown(ctx context.Context, pm interface{ Status() []pathmgr.Status }, tc interface{ AbortAll() int }, bound, tick time.Duration, log *slog.Logger) {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	var downSince time.Time
+	reset := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if slices.ContainsFunc(pm.Status(), func(s pathmgr.Status) bool { return s.State == pathmgr.StateUp }) {
+				if !downSince.IsZero() {
+					log.Info("an uplink is back", "all_down_for", now.Sub(downSince).Round(time.Millisecond).String())
+				}
+				downSince, reset = time.Time{}, false
+				continue
+			}
+			if downSince.IsZero() {
+				downSince = now
+				log.Warn("every uplink is down; flows wait for one to return", "up_to", bound.String())
+			}
+			if !reset && now.Sub(downSince) >= bound {
+				reset = true
+				n := tc.AbortAll()
+				log.Warn("every uplink has been down too long; flows reset", "flows", n, "down_for", now.Sub(downSince).Round(time.Second).String())
+			}
+		}
+	}
 }
 
 // probePath makes the prober follow an uplink: probed from its address

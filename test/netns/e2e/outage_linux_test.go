@@ -196,3 +196,59 @@ func (w *flowWatch) stop() (stall, recovery time.Duration) {
 	<-w.stopped
 	return w.stall, w.recovery
 }
+
+// Every uplink down: a flow waits for one to come back (here 3 s: it
+// survives intact), but only up to --all-down-timeout; then it is reset,
+// the app gets an error rather than a hang, and new flows work once the
+// uplinks return.
+func TestAllUplinksDown(t *testing.T) {
+	e := newEnv(t, options{topo: outageNet(), clientArgs: []string{"--all-down-timeout", "6s"}})
+	const size = 32 << 20
+	sum := e.randomFile(t, "big", size)
+	both := func(on bool) {
+		for _, u := range []topo.Uplink{topo.A, topo.B} {
+			e.tp.Blackhole(u, on)
+		}
+	}
+
+	t.Run("back in time", func(t *testing.T) {
+		out := filepath.Join(t.TempDir(), "big")
+		dl := e.tp.Start(e.tp.Client, "curl", "curl", "-sS", "-m", "120", "-o", out, destURL("big"))
+		waitSize(t, dl, out, size/5)
+		both(true)
+		time.Sleep(3 * time.Second)
+		both(false)
+		if err := dl.Wait(2 * time.Minute); err != nil {
+			t.Fatalf("curl: %v\n%s", err, dl.Log())
+		}
+		if got := fileSum(t, out); got != sum {
+			t.Fatalf("sha256 %s, want %s", got, sum)
+		}
+	})
+
+	t.Run("down too long", func(t *testing.T) {
+		out := filepath.Join(t.TempDir(), "big")
+		dl := e.tp.Start(e.tp.Client, "curl", "curl", "-sS", "-m", "120", "-o", out, destURL("big"))
+		waitSize(t, dl, out, size/5)
+		both(true)
+		err := dl.Wait(time.Minute)
+		both(false)
+		if err == nil {
+			t.Fatal("curl succeeded with every uplink dark")
+		}
+		if !strings.Contains(e.client.Log(), "flows reset") {
+			t.Errorf("the client did not reset the flows:\n%s", tail(e.client.Log(), 20))
+		}
+		t.Logf("curl: %v: %s", err, strings.TrimSpace(dl.Log()))
+		// A new flow works once the uplinks are back (give the probes
+		// a moment to see them).
+		e.waitLog(t, e.client, "an uplink is back", 10*time.Second)
+		out2 := filepath.Join(t.TempDir(), "again")
+		if code, msg := e.curl(t, "-m", "60", "-o", out2, destURL("big")); code != 0 {
+			t.Fatalf("curl after the outage: exit %d: %s", code, msg)
+		}
+		if got := fileSum(t, out2); got != sum {
+			t.Fatalf("sha256 %s, want %s", got, sum)
+		}
+	})
+}
