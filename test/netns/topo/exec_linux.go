@@ -197,18 +197,18 @@ func (p *Proc) WaitListen(addrport string) {
 	if p.tp.tb != nil {
 		p.tp.tb.Helper()
 	}
-	if err := waitListen(p.NS, addrport, 15*time.Second, p.done); err != nil {
+	if err := waitListen(p.NS, addrport, listenWait, p.done); err != nil {
 		p.tp.fatalf("%s: %v\n--- log ---\n%s", p.Name, err, p.logTail(16<<10))
 	}
 }
 
 // WaitListen waits until something in ns listens on addrport (TCP), for up
-// to 15 s, polling `ss -ltn` (a dial would be a connection the server sees).
+// to listenWait, polling `ss -ltn` (a dial would be a connection the server sees).
 func (tp *Topology) WaitListen(ns, addrport string) {
 	if tp.tb != nil {
 		tp.tb.Helper()
 	}
-	if err := waitListen(ns, addrport, 15*time.Second, nil); err != nil {
+	if err := waitListen(ns, addrport, listenWait, nil); err != nil {
 		tp.fatalf("%v", err)
 	}
 }
@@ -346,3 +346,7 @@ func BindToDevice(ifname string) func(network, address string, c syscall.RawConn
 		return errors.Join(err, serr)
 	}
 }
+
+// listenWait bounds WaitListen. Generous: python3 starting its HTTP server
+// on a loaded 2-core machine was seen to take more than 15 s.
+const listenWait = 45 * time.Second
