@@ -1,0 +1,205 @@
+package control
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Render writes s for a human: a header with the role, the far end, the
+// uptime and the flow counters, then a row per uplink (client) or per peer
+// (server). With prev, the status read interval earlier, rates that s does
+// not report itself are worked out from the byte counters; with prev nil
+// they are shown as s gives them.
+func Render(w io.Writer, s Status, prev *Status, interval time.Duration) error {
+	return renderAt(w, s, prev, interval, time.Now())
+}
+
+func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now time.Time) error {
+	var b strings.Builder
+	b.WriteString("mpvpn " + orDash(s.Role))
+	if s.Version != "" {
+		b.WriteString(" " + s.Version)
+	}
+	switch {
+	case s.Server != "":
+		b.WriteString(", concentrator " + s.Server)
+	case s.Listen != "":
+		b.WriteString(", listening on " + s.Listen)
+	}
+	if !s.Started.IsZero() {
+		b.WriteString(", up " + humanDuration(now.Sub(s.Started)))
+	}
+	b.WriteString("\n")
+
+	f := s.Flows
+	fmt.Fprintf(&b, "flows: %d active, %d total, %d failed, %d rejected, %d on plain TCP; rx %s, tx %s",
+		f.Active, f.Total, f.Failed, f.Rejected, f.Fallbacks, humanBytes(f.RxBytes), humanBytes(f.TxBytes))
+	if prev != nil && interval > 0 {
+		fmt.Fprintf(&b, "; now rx %s, tx %s",
+			humanRate(deltaRate(f.RxBytes, prev.Flows.RxBytes, interval)),
+			humanRate(deltaRate(f.TxBytes, prev.Flows.TxBytes, interval)))
+	}
+	b.WriteString("\n")
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return err
+	}
+
+	if len(s.Uplinks) > 0 {
+		if _, err := io.WriteString(w, "\n"); err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "UPLINK\tSTATE\tSINCE\tADDR\tRX\tTX\tRX-RATE\tTX-RATE\tSUBFLOWS\tRTT\tPROBE")
+		for _, u := range s.Uplinks {
+			rx, tx := u.RxRate, u.TxRate
+			if p := prevUplink(prev, u.Name); p != nil && interval > 0 {
+				if rx == 0 {
+					rx = deltaRate(u.RxBytes, p.RxBytes, interval)
+				}
+				if tx == 0 {
+					tx = deltaRate(u.TxBytes, p.TxBytes, interval)
+				}
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n",
+				u.Name, uplinkState(u), since(now, u.Since), orDash(u.Addr),
+				humanBytes(u.RxBytes), humanBytes(u.TxBytes), humanRate(rx), humanRate(tx),
+				u.Subflows, millis(u.RTT), probe(u))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+
+	if len(s.Peers) > 0 {
+		if _, err := io.WriteString(w, "\n"); err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "PEER\tACTIVE\tTOTAL\tLAST-SEEN")
+		for _, p := range s.Peers {
+			seen := "never"
+			if !p.LastSeen.IsZero() {
+				seen = since(now, p.LastSeen) + " ago"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", p.Key, p.ActiveFlows, p.TotalFlows, seen)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func prevUplink(prev *Status, name string) *Uplink {
+	if prev == nil {
+		return nil
+	}
+	for i := range prev.Uplinks {
+		if prev.Uplinks[i].Name == name {
+			return &prev.Uplinks[i]
+		}
+	}
+	return nil
+}
+
+// deltaRate is bits per second between two byte counters; a counter that
+// went backwards (a restart) gives 0.
+func deltaRate(cur, prev uint64, interval time.Duration) float64 {
+	if cur < prev || interval <= 0 {
+		return 0
+	}
+	return float64(cur-prev) * 8 / interval.Seconds()
+}
+
+func uplinkState(u Uplink) string {
+	s := orDash(u.State)
+	if u.Backup {
+		s += " (backup)"
+	}
+	if u.Reason != "" {
+		s += ": " + u.Reason
+	}
+	return s
+}
+
+func probe(u Uplink) string {
+	if !u.ProbeAlive {
+		return "lost"
+	}
+	return "ok " + millis(u.ProbeRTT)
+}
+
+func since(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return humanDuration(now.Sub(t))
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// millis shows a round-trip time given in milliseconds; 0 means none.
+func millis(ms float64) string {
+	switch {
+	case ms <= 0:
+		return "-"
+	case ms < 10:
+		return fmt.Sprintf("%.1f ms", ms)
+	default:
+		return fmt.Sprintf("%.0f ms", ms)
+	}
+}
+
+// humanDuration is d in its two largest units: "42s", "3m4s", "1h59m",
+// "2d1h". Watching, the seconds matter only for the first hour.
+func humanDuration(d time.Duration) string {
+	d = max(d, 0).Round(time.Second)
+	switch day := 24 * time.Hour; {
+	case d >= day:
+		return fmt.Sprintf("%dd%dh", d/day, d%day/time.Hour)
+	case d >= time.Hour:
+		return fmt.Sprintf("%dh%dm", d/time.Hour, d%time.Hour/time.Minute)
+	case d >= time.Minute:
+		return fmt.Sprintf("%dm%ds", d/time.Minute, d%time.Minute/time.Second)
+	default:
+		return fmt.Sprintf("%ds", d/time.Second)
+	}
+}
+
+// humanBytes uses binary prefixes: "512 B", "1.5 KiB", "3.2 GiB".
+func humanBytes(n uint64) string {
+	if n < 1024 {
+		return fmt.Sprintf("%d B", n)
+	}
+	v := float64(n)
+	for _, unit := range []string{"KiB", "MiB", "GiB", "TiB", "PiB"} {
+		v /= 1024
+		if v < 1024 || unit == "PiB" {
+			return fmt.Sprintf("%.1f %s", v, unit)
+		}
+	}
+	panic("unreachable")
+}
+
+// humanRate uses decimal prefixes, as link speeds do: "0 bit/s",
+// "640 bit/s", "12.5 Mbit/s".
+func humanRate(bps float64) string {
+	if bps < 1000 {
+		return fmt.Sprintf("%.0f bit/s", max(bps, 0))
+	}
+	for _, unit := range []string{"kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"} {
+		bps /= 1000
+		if bps < 1000 || unit == "Tbit/s" {
+			return fmt.Sprintf("%.1f %s", bps, unit)
+		}
+	}
+	panic("unreachable")
+}

@@ -1,0 +1,141 @@
+package control
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestRender(t *testing.T) {
+	now := t0.Add(26*time.Hour + 3*time.Minute + 4*time.Second)
+	prev := clientStatus()
+	prev.Uplinks[1].RxBytes -= 1000   // 8000 bits over 2 s: 4.0 kbit/s
+	prev.Uplinks[1].TxBytes -= 100    // 400 bit/s
+	prev.Flows.RxBytes -= 250_000_000 // 1.0 Gbit/s over 2 s
+
+	tests := []struct {
+		name    string
+		s       Status
+		prev    *Status
+		want    []string
+		wantNot []string
+	}{
+		{
+			name: "client",
+			s:    clientStatus(),
+			want: []string{
+				"mpvpn client v0.4.0", "203.0.113.7:443", "up 1d2h\n",
+				"4 active", "120 total", "2 failed", "1 rejected", "3 on plain TCP",
+				"UPLINK", "STATE", "RX-RATE", "TX-RATE", "SUBFLOWS", "RTT", "PROBE",
+				"wlan0", "up", "192.168.1.20", "3.0 GiB", "5.0 MiB", "12.5 Mbit/s", "640.0 kbit/s",
+				"23 ms", "ok 22 ms",
+				"wwan0", "down (backup): probe lost", "1.5 KiB", "100 B", "lost",
+				"eth1", "withdrawn: no carrier",
+			},
+			wantNot: []string{"PEER"},
+		},
+		{
+			name: "client with previous",
+			s:    clientStatus(),
+			prev: &prev,
+			want: []string{
+				"12.5 Mbit/s", "640.0 kbit/s", // its own rates win
+				"4.0 kbit/s", "400 bit/s", // worked out for wwan0
+				"now rx 1.0 Gbit/s, tx 0 bit/s",
+			},
+		},
+		{
+			name:    "server",
+			s:       serverStatus(),
+			want:    []string{"mpvpn server", "listening on 0.0.0.0:443", "PEER", "peerA", "peerB", "never", "1d1h ago", "2 active"},
+			wantNot: []string{"UPLINK"},
+		},
+		{
+			name: "empty",
+			s:    Status{},
+			want: []string{"mpvpn -", "0 active"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var b strings.Builder
+			if err := renderAt(&b, tt.s, tt.prev, 2*time.Second, now); err != nil {
+				t.Fatal(err)
+			}
+			out := b.String()
+			for _, w := range tt.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+			for _, w := range tt.wantNot {
+				if strings.Contains(out, w) {
+					t.Errorf("output has %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
+
+func TestRenderUplinkRows(t *testing.T) {
+	var b strings.Builder
+	if err := Render(&b, clientStatus(), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string]string{}
+	for _, line := range strings.Split(b.String(), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			rows[f[0]] = line
+		}
+	}
+	for _, u := range clientStatus().Uplinks {
+		row, ok := rows[u.Name]
+		if !ok {
+			t.Errorf("no row for %s:\n%s", u.Name, b.String())
+			continue
+		}
+		if !strings.Contains(row, u.State) {
+			t.Errorf("row for %s lacks its state %q: %s", u.Name, u.State, row)
+		}
+	}
+}
+
+func TestHuman(t *testing.T) {
+	bytes := []struct {
+		n    uint64
+		want string
+	}{
+		{0, "0 B"}, {1023, "1023 B"}, {1024, "1.0 KiB"}, {1536, "1.5 KiB"},
+		{5 << 20, "5.0 MiB"}, {3 << 30, "3.0 GiB"}, {2 << 40, "2.0 TiB"},
+	}
+	for _, tt := range bytes {
+		if got := humanBytes(tt.n); got != tt.want {
+			t.Errorf("humanBytes(%d) = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+	rates := []struct {
+		bps  float64
+		want string
+	}{
+		{0, "0 bit/s"}, {-5, "0 bit/s"}, {999, "999 bit/s"}, {1000, "1.0 kbit/s"},
+		{640_000, "640.0 kbit/s"}, {12_500_000, "12.5 Mbit/s"}, {2.5e9, "2.5 Gbit/s"},
+	}
+	for _, tt := range rates {
+		if got := humanRate(tt.bps); got != tt.want {
+			t.Errorf("humanRate(%v) = %q, want %q", tt.bps, got, tt.want)
+		}
+	}
+	durations := []struct {
+		d    time.Duration
+		want string
+	}{
+		{0, "0s"}, {-time.Second, "0s"}, {42 * time.Second, "42s"},
+		{59*time.Minute + 59*time.Second + 600*time.Millisecond, "1h0m"},
+		{184 * time.Second, "3m4s"}, {90 * time.Minute, "1h30m"}, {48 * time.Hour, "2d0h"}, {49*time.Hour + time.Second, "2d1h"},
+	}
+	for _, tt := range durations {
+		if got := humanDuration(tt.d); got != tt.want {
+			t.Errorf("humanDuration(%v) = %q, want %q", tt.d, got, tt.want)
+		}
+	}
+}
