@@ -272,7 +272,7 @@ start_client() {
 	CLIENT_N=$((CLIENT_N + 1))
 	local l=$WORK/client-$PREFIX-$CLIENT_N.log
 	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
-		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level info
+		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}"
 	CLIENT_PID=$BGPID
 	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
 }
@@ -290,7 +290,8 @@ shaped() {
 		wait_listen $x 10 || die "no listener: $x"
 	done
 	start_server || die "mpvpn server did not start"
-	start_client || die "mpvpn client did not come up"
+	# debug: the client logs why a flow's tunnel handshake failed (setup).
+	CLIENT_LOG_LEVEL=debug start_client || die "mpvpn client did not come up"
 	ip netns exec "$NS_CLI" ip mptcp endpoint show >"$WORK/endpoints.txt" 2>&1
 	log "client MPTCP endpoints: $(tr '\n' ';' <"$WORK/endpoints.txt")"
 
@@ -360,12 +361,20 @@ setup_latency() {
 			out=$(ip netns exec "$NS_CLI" curl -s -o /dev/null --max-time 5 -w '%{time_connect} %{time_starttransfer} %{http_code}' "$url")
 			set -- $out
 			if [ "${3:-}" = 200 ]; then c+=("$(calc "$1*1000" %.2f)"); s+=("$(calc "$2*1000" %.2f)"); else bad=$((bad + 1)); fi
+			# Three failures and no success: the case is broken, not slow.
+			[ $bad -ge 3 ] && [ ${#c[@]} = 0 ] && break
 			sleep 0.1
 		done
 		local mc ms
 		mc=$(median "${c[@]}"); ms=$(median "${s[@]}")
-		local n="median of ${#c[@]}/$CURLS; RTT over wan0 $rtt ms (ping)"
-		[ $bad -gt 0 ] && n+="; **$bad of $CURLS got no reply within 5 s**"
+		local n="median of ${#c[@]}; RTT over wan0 $rtt ms (ping)"
+		if [ $bad -gt 0 ]; then
+			n+="; **$bad of $((${#c[@]} + bad)) got no reply within 5 s**"
+			local na
+			sleep 6 # the client gives up on a tunnel handshake after 10 s
+			na=$(grep -c 'no answer within' "$WORK/client-$PREFIX-$CLIENT_N.log")
+			[ "$na" -gt 0 ] && n+=" (client log: $na× tunnel handshake \"no answer within 10s\")"
+		fi
 		log "setup $name: connect $mc ms, first byte $ms ms"
 		if isnum "$mc"; then
 			row setup "$name: time_connect" "$mc ms" "$(calc "$mc/$rtt" %.2f) RTT" "$n"
@@ -381,6 +390,9 @@ setup_latency() {
 		# The first flows fetch the Fast Open cookie.
 		for _ in 1 2 3; do ip netns exec "$NS_CLI" curl -s -o /dev/null --max-time 5 "http://$DEST_ADDR/hello"; done
 		curl_case "mpvpn, server --fast-open" "http://$DEST_ADDR/hello"
+		# On Linux 6.18 a flow whose SYN carried data stalls server→client
+		# once the second subflow joins (README, Decisions): the handshake
+		# answer never arrives.
 	else
 		row setup "mpvpn, server --fast-open" "FAIL" "-" "server did not start"
 	fi
