@@ -232,6 +232,15 @@ func runClient(c *cli.Context) (err error) {
 	if err := host.Set("net.mptcp.blackhole_timeout", "0"); err != nil {
 		log.Warn("cannot disable the MPTCP blackhole detection", "err", err)
 	}
+	if err := tuneStaleSubflows(host); err != nil {
+		log.Warn("cannot tune stale-subflow detection", "err", err)
+	}
+	// A connection whose last subflow is gone lives close_timeout (60 s by
+	// default, "make-after-break"); flows must be able to wait as long as
+	// --all-down-timeout says.
+	if err := raiseSysctl(host, "net.mptcp.close_timeout", int(cfg.allDown.Seconds()+0.999)); err != nil {
+		log.Warn("cannot raise net.mptcp.close_timeout", "err", err)
+	}
 	if cfg.fastOpen {
 		if err := orSysctl(host, "net.ipv4.tcp_fastopen", 0x1); err != nil {
 			return err
