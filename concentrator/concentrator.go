@@ -216,3 +216,6 @@ func (s *Server) Stats() Stats {
 		Tunnel:      s.tun.Stats(),
 	}
 }
+
+// Peers returns each configured client key's flow counters.
+func (s *Server) Peers() []tunnel.PeerStats { return s.tun.PeerStats() }

@@ -79,6 +79,7 @@ type Client struct {
 	active                                          atomic.Int64
 	lastWarn                                        atomic.Int64
 
+	nextID     atomic.Uint64
 	mu         sync.Mutex
 	conns      map[*Conn]struct{} // open flows, for Conns and AbortAll
 	fallbackBy map[netip.Addr]uint64
@@ -289,6 +290,7 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 		delete(c.conns, fc)
 		c.mu.Unlock()
 	})
+	fc.id = c.nextID.Add(1)
 	c.mu.Lock()
 	if c.conns == nil {
 		c.conns = map[*Conn]struct{}{}

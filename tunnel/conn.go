@@ -87,7 +87,12 @@ type Conn struct {
 
 	closeOnce sync.Once
 	onClose   func()
+	id        uint64 // the Client's number for the flow; 0 on the server
 }
+
+// ID is the client's number for this flow, unique within its Client (0
+// for a flow accepted by a Server).
+func (c *Conn) ID() uint64 { return c.id }
 
 func newConn(raw net.Conn, send, recv *noise.CipherState, mptcp bool, onClose func()) *Conn {
 	c := &Conn{raw: raw, send: send, recv: recv, mptcp: mptcp, onClose: onClose, frameCap: writeFramePayload}

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -86,7 +88,31 @@ type Server struct {
 }
 
 type peerState struct {
-	flows atomic.Int64
+	flows    atomic.Int64 // open now
+	total    atomic.Uint64
+	lastSeen atomic.Int64 // unix nanoseconds of the last authenticated flow
+}
+
+// PeerStats is one client key's share of the flows.
+type PeerStats struct {
+	Key      PublicKey
+	Active   int64
+	Total    uint64
+	LastSeen time.Time // zero if never seen
+}
+
+// PeerStats returns every configured peer's counters.
+func (s *Server) PeerStats() []PeerStats {
+	out := make([]PeerStats, 0, len(s.peers))
+	for k, p := range s.peers {
+		ps := PeerStats{Key: k, Active: p.flows.Load(), Total: p.total.Load()}
+		if ns := p.lastSeen.Load(); ns != 0 {
+			ps.LastSeen = time.Unix(0, ns)
+		}
+		out = append(out, ps)
+	}
+	slices.SortFunc(out, func(a, b PeerStats) int { return bytes.Compare(a.Key[:], b.Key[:]) })
+	return out
 }
 
 // Defaults.
@@ -352,6 +378,8 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 		p.peer.flows.Add(-1)
 		s.active.Add(-1)
 	}
+	p.peer.total.Add(1)
+	p.peer.lastSeen.Store(time.Now().UnixNano())
 	if p.peer.flows.Add(1) > int64(s.cfg.MaxFlowsPerPeer) {
 		s.limited.Add(1)
 		s.log.Debug("flow over MaxFlowsPerPeer", "peer", p.key.String())

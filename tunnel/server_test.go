@@ -142,6 +142,9 @@ func TestDialTCP(t *testing.T) {
 			if ss := p.srv.Stats(); ss.Flows != 1 || ss.Fallbacks != wantFallbacks {
 				t.Errorf("server stats %+v", ss)
 			}
+			if ps := p.srv.PeerStats(); len(ps) != 1 || ps[0].Key != p.clientKey.Public() || ps[0].Total != 1 || ps[0].LastSeen.IsZero() {
+				t.Errorf("peer stats %+v", ps)
+			}
 		})
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/mpvpn/mpvpn/internal/sysctl"
+	"github.com/mpvpn/mpvpn/internal/uplinkstats"
 	"github.com/mpvpn/mpvpn/pathmgr"
 	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/routing"
@@ -51,7 +52,7 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
 			&cli.DurationFlag{Name: "all-down-timeout", Value: 60 * time.Second, Usage: "when every uplink is down, flows wait this long for one to come back, then are reset"},
 			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "TCP Fast Open to the server, so a new flow costs no extra round trip once a cookie is cached"},
-		}, logFlags...),
+		}, append(controlFlags(defaultClientSocket), logFlags...)...),
 		Action: runClient,
 	}
 }
@@ -152,6 +153,13 @@ func runClient(c *cli.Context) (err error) {
 	if err := checkTUNName(cfg.tunName); err != nil {
 		return err
 	}
+	// The status socket (and metrics port) before anything else changes:
+	// a second client, or a port in use, is a configuration error.
+	dc, err := listenControl(c)
+	if err != nil {
+		return err
+	}
+	defer dc.ln.Close()
 	if len(cfg.uplinks) == 0 {
 		// No --uplink: every interface with a default route.
 		if cfg.uplinks, err = pathmgr.DiscoverUplinks(cfg.tunName); err != nil {
@@ -301,6 +309,17 @@ func runClient(c *cli.Context) (err error) {
 		return err
 	}
 	undo = append(undo, rt.Close)
+
+	stats := &clientStats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: time.Now(), srv: cfg.server}
+	sampleCtx, stopSampling := context.WithCancel(context.Background())
+	sampleDone := make(chan struct{})
+	go func() { defer close(sampleDone); stats.run(sampleCtx, time.Second) }()
+	undo = append(undo, func() error { stopSampling(); <-sampleDone; return nil })
+	stopControl, err := dc.serve(stats.status, log)
+	if err != nil {
+		return err
+	}
+	undo = append(undo, stopControl)
 
 	var names []string
 	for _, u := range pm.Uplinks() {

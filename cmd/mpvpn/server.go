@@ -3,10 +3,12 @@ package main
 import (
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/mpvpn/mpvpn/concentrator"
+	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
 	"github.com/mpvpn/mpvpn/pathmgr"
 )
@@ -28,7 +30,7 @@ func serverCommand() *cli.Command {
 			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
-		}, logFlags...),
+		}, append(controlFlags(defaultServerSocket), logFlags...)...),
 		Action: runServer,
 	}
 }
@@ -86,6 +88,12 @@ func runServer(c *cli.Context) error {
 	}
 	defer stopProbes()
 
+	dc, err := listenControl(c)
+	if err != nil {
+		return err
+	}
+	defer dc.ln.Close()
+
 	// Host settings the concentrator needs; each is put back on exit.
 	host := &sysctl.Changes{Root: sysctl.Proc}
 	defer host.Restore()
@@ -110,6 +118,13 @@ func runServer(c *cli.Context) error {
 		return err
 	}
 	defer restoreLimits()
+
+	start := time.Now()
+	stopControl, err := dc.serve(func() control.Status { return serverStatus(srv, start) }, log)
+	if err != nil {
+		return err
+	}
+	defer stopControl()
 
 	log.Info("concentrator listening", "addr", srv.Addr().String(), "peers", len(peers), "allow_private", c.Bool("allow-private"))
 	return srv.Serve(c.Context)

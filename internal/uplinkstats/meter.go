@@ -20,9 +20,9 @@ import (
 )
 
 // Flow is one connection's subflows at a sample. ID tells flows apart
-// across samples (e.g. the connection's pointer).
+// across samples (the tunnel connection's ID).
 type Flow struct {
-	ID       uintptr
+	ID       uint64
 	Subflows []mptcpinfo.Subflow
 }
 
@@ -35,7 +35,7 @@ type Uplink struct {
 }
 
 type key struct {
-	flow  uintptr
+	flow  uint64
 	id    uint32
 	local netip.AddrPort
 }

@@ -87,6 +87,7 @@ type env struct {
 	www       string // directory served on DestAddr:80
 	http      *topo.Proc
 	uplinks   []string // see options.uplinks
+	sockDir   string   // short: a unix socket path has at most 107 bytes
 }
 
 // options for newEnv.
@@ -106,6 +107,11 @@ func newEnv(t *testing.T, o options) *env {
 	t.Helper()
 	needRoot(t)
 	e := &env{tp: topo.New(t, o.topo), dir: t.TempDir()}
+	var err error
+	if e.sockDir, err = os.MkdirTemp("", "mv"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(e.sockDir) })
 	serverKey := filepath.Join(e.dir, "server.key")
 	clientKey := filepath.Join(e.dir, "client.key")
 	e.keygen(t, serverKey)
@@ -121,7 +127,10 @@ func newEnv(t *testing.T, o options) *env {
 	e.http = e.tp.Start(e.tp.Inet, "http", "python3", "-c", httpServer, e.www, topo.DestAddr.String(), "80")
 	e.http.WaitListen(netip.AddrPortFrom(topo.DestAddr, 80).String())
 
-	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug"}, o.serverArgs...)
+	// Status sockets in the test's own directory: tests never meet each
+	// other's (or a real mpvpn's) in /run/mpvpn.
+	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug",
+		"--control", e.serverSocket()}, o.serverArgs...)
 	e.server = e.tp.Start(e.tp.Conc, "server", args...)
 	e.server.WaitListen("0.0.0.0:7100")
 	if !o.noClient {
@@ -165,7 +174,7 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	args := []string{bin.mpvpn, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		"--server-key", e.serverPub, "--key", key,
-		"--route", topo.DestNet.String(), "--log-level", "debug"}
+		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket()}
 	uplinks := e.uplinks
 	if uplinks == nil {
 		uplinks = []string{"wan0", "wan1"}
@@ -177,6 +186,9 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	e.client = e.tp.Start(e.tp.Client, "client", args...)
 	e.waitLog(t, e.client, "client up", 15*time.Second)
 }
+
+func (e *env) clientSocket() string { return filepath.Join(e.sockDir, "client.sock") }
+func (e *env) serverSocket() string { return filepath.Join(e.sockDir, "server.sock") }
 
 // waitLog waits for a line containing s in p's log.
 func (e *env) waitLog(t *testing.T, p *topo.Proc, s string, timeout time.Duration) {

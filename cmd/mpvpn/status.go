@@ -1,0 +1,255 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/mpvpn/mpvpn/concentrator"
+	"github.com/mpvpn/mpvpn/control"
+	"github.com/mpvpn/mpvpn/internal/uplinkstats"
+	"github.com/mpvpn/mpvpn/mptcpinfo"
+	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/probe"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// Default control sockets: root-only files under /run/mpvpn.
+const (
+	defaultClientSocket = "/run/mpvpn/client.sock"
+	defaultServerSocket = "/run/mpvpn/server.sock"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+// controlFlags are the status socket and metrics flags of a daemon.
+func controlFlags(defaultSocket string) []cli.Flag {
+	return []cli.Flag{
+		&cli.PathFlag{Name: "control", Value: defaultSocket, Usage: "the status socket `PATH` that `mpvpn status` reads (root-only)"},
+		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics on http://`ADDR`/metrics (e.g. 127.0.0.1:9510); off by default"},
+	}
+}
+
+// daemonControl is a daemon's status socket and metrics endpoint, bound
+// before the host is changed so that a taken socket or port is a
+// configuration error.
+type daemonControl struct {
+	ln      *control.Listener
+	metrics string
+}
+
+func listenControl(c *cli.Context) (*daemonControl, error) {
+	ln, err := control.Listen(c.Path("control"))
+	if err != nil {
+		return nil, fmt.Errorf("--control: %w", err)
+	}
+	return &daemonControl{ln: ln, metrics: c.String("metrics")}, nil
+}
+
+// serve answers the socket and, if asked, serves metrics, until the
+// returned stop is called (it waits for both to end).
+func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop func() error, err error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var ms *control.MetricsServer
+	if d.metrics != "" {
+		if ms, err = control.ServeMetrics(ctx, d.metrics, control.NewCollector(get), log); err != nil {
+			cancel()
+			d.ln.Close()
+			return nil, fmt.Errorf("--metrics: %w", err)
+		}
+		log.Info("metrics", "url", "http://"+ms.Addr().String()+"/metrics")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := d.ln.Serve(ctx, get, log); err != nil {
+			log.Warn("status socket stopped", "err", err)
+		}
+	}()
+	return func() error {
+		cancel()
+		<-done
+		if ms != nil {
+			ms.Close()
+		}
+		return d.ln.Close()
+	}, nil
+}
+
+// clientStats samples the subflows of every open flow once per interval,
+// so that bytes, rates, subflows and RTT can be told per uplink.
+type clientStats struct {
+	tc    *tunnel.Client
+	pm    *pathmgr.Manager
+	pr    *probe.Prober
+	meter *uplinkstats.Meter
+	start time.Time
+	srv   netip.AddrPort
+}
+
+func (s *clientStats) run(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			conns := s.tc.Conns()
+			flows := make([]uplinkstats.Flow, 0, len(conns))
+			for _, c := range conns {
+				tcp := c.TCP()
+				if tcp == nil {
+					continue
+				}
+				info, err := mptcpinfo.GetConn(tcp)
+				if err != nil {
+					continue // closed meanwhile
+				}
+				flows = append(flows, uplinkstats.Flow{ID: c.ID(), Subflows: info.Subflows})
+			}
+			s.meter.Update(now, flows)
+		}
+	}
+}
+
+func (s *clientStats) status() control.Status {
+	ts := s.tc.Stats()
+	probes := map[string]probe.PathStatus{}
+	for _, p := range s.pr.Status() {
+		probes[p.Name] = p
+	}
+	st := control.Status{
+		Role:    "client",
+		Version: version,
+		Started: s.start,
+		Server:  s.srv.String(),
+		Flows: control.Flows{
+			Active:    ts.Active,
+			Total:     ts.Connected,
+			Failed:    ts.Failures,
+			Rejected:  ts.Rejected,
+			Fallbacks: ts.Fallbacks,
+		},
+	}
+	for _, u := range s.pm.Status() {
+		cu := control.Uplink{
+			Name:        u.Name,
+			State:       u.State.String(),
+			Reason:      u.Reason,
+			Backup:      u.Backup,
+			Since:       u.Since,
+			Transitions: u.Transitions,
+		}
+		if u.Addr.IsValid() {
+			cu.Addr = u.Addr.String()
+			m := s.meter.Get(u.Addr)
+			cu.RxBytes, cu.TxBytes = m.RxBytes, m.TxBytes
+			cu.RxRate, cu.TxRate = m.RxRate, m.TxRate
+			cu.Subflows = m.Subflows
+			cu.RTT = float64(m.RTT) / float64(time.Millisecond)
+			cu.Fallbacks = ts.FallbacksBySource[u.Addr]
+			st.Flows.RxBytes += m.RxBytes
+			st.Flows.TxBytes += m.TxBytes
+		}
+		if u.Gateway.IsValid() {
+			cu.Gateway = u.Gateway.String()
+		}
+		if p, ok := probes[u.Name]; ok {
+			cu.ProbeAlive = p.Known && p.Alive
+			cu.ProbeRTT = float64(p.RTT) / float64(time.Millisecond)
+		}
+		st.Uplinks = append(st.Uplinks, cu)
+	}
+	return st
+}
+
+// serverStatus is the concentrator's side of `mpvpn status`.
+func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
+	cs := srv.Stats()
+	st := control.Status{
+		Role:    "server",
+		Version: version,
+		Started: start,
+		Listen:  srv.Addr().String(),
+		Flows: control.Flows{
+			Active:    cs.Active,
+			Total:     cs.Flows,
+			Failed:    cs.Refused + cs.Unreachable + cs.TimedOut,
+			Rejected:  cs.NotAllowed + cs.Tunnel.Limited,
+			Fallbacks: cs.Tunnel.Fallbacks,
+			RxBytes:   cs.BytesUp,
+			TxBytes:   cs.BytesDown,
+		},
+	}
+	for _, p := range srv.Peers() {
+		st.Peers = append(st.Peers, control.Peer{Key: p.Key.String(), ActiveFlows: p.Active, TotalFlows: p.Total, LastSeen: p.LastSeen})
+	}
+	return st
+}
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show a running mpvpn's uplinks, flows and concentrator (or, with --server, the concentrator's peers)",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "json", Usage: "print the status as JSON, for scripts"},
+			&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval, with per-uplink throughput"},
+			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh period of --watch"},
+			&cli.BoolFlag{Name: "server", Usage: "ask the concentrator on this host (" + defaultServerSocket + ")"},
+			&cli.PathFlag{Name: "socket", Usage: "the status socket `PATH` (default " + defaultClientSocket + ", or the server's with --server)"},
+		},
+		Action: runStatus,
+	}
+}
+
+func runStatus(c *cli.Context) error {
+	path := c.Path("socket")
+	if path == "" {
+		path = defaultClientSocket
+		if c.Bool("server") {
+			path = defaultServerSocket
+		}
+	}
+	interval := c.Duration("interval")
+	if interval <= 0 {
+		return usageError("--interval %v: must be positive", interval)
+	}
+	out := c.App.Writer
+	var prev *control.Status
+	for {
+		st, err := control.Fetch(c.Context, path)
+		if err != nil {
+			return err
+		}
+		if c.Bool("json") {
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			if err := enc.Encode(st); err != nil {
+				return err
+			}
+		} else {
+			if c.Bool("watch") {
+				fmt.Fprint(out, "\033[H\033[2J") // clear the terminal
+			}
+			if err := control.Render(out, st, prev, interval); err != nil {
+				return err
+			}
+		}
+		if !c.Bool("watch") {
+			return nil
+		}
+		prev = &st
+		select {
+		case <-c.Context.Done():
+			return nil
+		case <-time.After(interval):
+		}
+	}
+}
