@@ -47,6 +47,8 @@ var (
 	descUplinkProbeRTT = prometheus.NewDesc("mpvpn_uplink_probe_rtt_seconds",
 		"Round-trip time of the uplink's liveness probe.", []string{"uplink"}, nil)
 
+	descNetlinkChanges = prometheus.NewDesc("mpvpn_netlink_changes_total",
+		"Routes, rules and MPTCP endpoints the path manager added or removed (client).", nil, nil)
 	descFlowsActive = prometheus.NewDesc("mpvpn_flows_active",
 		"TCP flows open now.", nil, nil)
 	descFlowsTotal = prometheus.NewDesc("mpvpn_flows_total",
@@ -76,7 +78,7 @@ var allDescs = []*prometheus.Desc{
 	descUplinkRx, descUplinkTx, descUplinkSubflows, descUplinkRTT,
 	descUplinkFallbacks, descUplinkProbeUp, descUplinkProbeRTT,
 	descFlowsActive, descFlowsTotal, descFlowsFailed, descFlowsRejected,
-	descFlowsFallback, descRx, descTx,
+	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descPeerActive, descPeerTotal, descPeerLastSeen,
 }
 
@@ -144,6 +146,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descUplinkProbeRTT, u.ProbeRTT/1000, n)
 	}
 
+	if s.Role == "client" {
+		counter(descNetlinkChanges, float64(s.NetlinkChanges))
+	}
 	f := s.Flows
 	gauge(descFlowsActive, float64(f.Active))
 	counter(descFlowsTotal, float64(f.Total))

@@ -14,6 +14,10 @@ type Status struct {
 	Uplinks []Uplink  `json:"uplinks,omitempty"` // client only
 	Flows   Flows     `json:"flows"`
 	Peers   []Peer    `json:"peers,omitempty"` // server only
+	// NetlinkChanges counts the routes, rules and MPTCP endpoints the
+	// client's path manager added or removed since start (a flapping
+	// uplink must not turn into a storm of them). Client only.
+	NetlinkChanges uint64 `json:"netlink_changes,omitempty"`
 }
 
 // Uplink states.

@@ -126,10 +126,11 @@ func (s *clientStats) status() control.Status {
 		probes[p.Name] = p
 	}
 	st := control.Status{
-		Role:    "client",
-		Version: version,
-		Started: s.start,
-		Server:  s.srv.String(),
+		Role:           "client",
+		Version:        version,
+		Started:        s.start,
+		Server:         s.srv.String(),
+		NetlinkChanges: s.pm.Changes(),
 		Flows: control.Flows{
 			Active:    ts.Active,
 			Total:     ts.Connected,

@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -251,4 +253,61 @@ func TestAllUplinksDown(t *testing.T) {
 			t.Fatalf("sha256 %s, want %s", got, sum)
 		}
 	})
+}
+
+// A flapping uplink (down and up every 0.5 s for 10 s) during a download:
+// the flow stays intact, the path manager's netlink changes stay bounded
+// (damping holds the uplink back after a few flaps), and A carries the flow
+// again once it is quiet.
+func TestFlappingUplink(t *testing.T) {
+	e := newEnv(t, options{topo: outageNet()})
+	const size = 64 << 20
+	sum := e.randomFile(t, "big", size)
+	out := filepath.Join(t.TempDir(), "big")
+	dl := e.tp.Start(e.tp.Client, "curl", "curl", "-sS", "-m", "180", "-o", out, destURL("big"))
+	waitSize(t, dl, out, size/10)
+	before, _ := e.status(t, "--socket", e.clientSocket())
+	changes := func() uint64 {
+		var st struct {
+			N uint64 `json:"netlink_changes"`
+		}
+		out, err := exec.Command(bin.mpvpn, "status", "--json", "--socket", e.clientSocket()).Output()
+		if err != nil || json.Unmarshal(out, &st) != nil {
+			t.Fatalf("mpvpn status: %v", err)
+		}
+		return st.N
+	}
+	base := changes()
+	for range 10 {
+		e.tp.LinkDown(topo.A)
+		time.Sleep(500 * time.Millisecond)
+		e.tp.LinkUp(topo.A)
+		time.Sleep(500 * time.Millisecond)
+	}
+	spent := changes() - base
+	t.Logf("10 flaps: %d netlink changes (before: %d uplinks)", spent, len(before.Uplinks))
+	// One withdraw and restore of an uplink is about a dozen changes
+	// (endpoint, rule, three routes, each way); without damping ten
+	// flaps would be ~120.
+	if spent > 60 {
+		t.Errorf("10 flaps cost %d netlink changes", spent)
+	}
+	if err := dl.Wait(3 * time.Minute); err != nil {
+		t.Fatalf("curl: %v\n%s", err, dl.Log())
+	}
+	if got := fileSum(t, out); got != sum {
+		t.Fatalf("sha256 %s, want %s", got, sum)
+	}
+	// Quiet now: A comes back on its own.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, raw := e.status(t, "--socket", e.clientSocket())
+		if st.Uplinks[0].State == "up" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("A never came back after the flapping:\n%s", raw)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
