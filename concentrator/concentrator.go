@@ -34,7 +34,10 @@ type Config struct {
 	// HandshakeDeadline is the tunnel server's fixed handshake deadline
 	// (tunnel.ServerConfig.HandshakeDeadline); 0 takes its default.
 	HandshakeDeadline time.Duration
-	Logger            *slog.Logger
+	// MaxFlowsPerPeer caps one client key's open flows
+	// (tunnel.ServerConfig.MaxFlowsPerPeer); 0 takes its default.
+	MaxFlowsPerPeer int
+	Logger          *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -88,6 +91,7 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 		Key:               cfg.Key,
 		Peers:             cfg.Peers,
 		HandshakeDeadline: cfg.HandshakeDeadline,
+		MaxFlowsPerPeer:   cfg.MaxFlowsPerPeer,
 		Logger:            cfg.Logger,
 	})
 	if err != nil {

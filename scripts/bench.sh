@@ -263,7 +263,8 @@ topo_down() {
 SERVER_N=0
 start_server() {
 	SERVER_N=$((SERVER_N + 1))
-	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" "$@"
+	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" \
+		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 "$@"
 	SERVER_PID=$BGPID
 	wait_listen "$NS_CONC" 7100 10 || { tail -20 "$WORK/server-$PREFIX-$SERVER_N.log" >&2; return 1; }
 }
@@ -272,7 +273,8 @@ start_client() {
 	CLIENT_N=$((CLIENT_N + 1))
 	local l=$WORK/client-$PREFIX-$CLIENT_N.log
 	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
-		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}"
+		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}" \
+		--control "$WORK/client-$CLIENT_N.sock"
 	CLIENT_PID=$BGPID
 	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
 }

@@ -156,7 +156,8 @@ echo "file: $SIZE_MIB MiB of random bytes, sha256 ${SUM:0:16}…"
 
 start http-inet "$NS_INET" python3 -m http.server --bind "$DEST_ADDR" --directory "$TMP/www" 80
 start http-conc "$NS_CONC" python3 -m http.server --bind "$CONC_ADDR" --directory "$TMP/www" "$BASE_PORT"
-start server "$NS_CONC" "$MPVPN" server --listen "0.0.0.0:$CONC_PORT" --key "$TMP/server.key" --peer "$CLIENT_PUB"
+start server "$NS_CONC" "$MPVPN" server --listen "0.0.0.0:$CONC_PORT" --key "$TMP/server.key" --peer "$CLIENT_PUB" \
+	--control "$TMP/server.sock"
 wait_listen "$NS_INET" 80
 wait_listen "$NS_CONC" "$BASE_PORT"
 wait_listen "$NS_CONC" "$CONC_PORT"
@@ -181,7 +182,7 @@ rm -f "$TMP/base.out"
 # ---------------------------------------------------------------- step 2
 step "2. through mpvpn, both uplinks"
 start client "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:$CONC_PORT" --server-key "$SERVER_PUB" \
-	--key "$TMP/client.key" --uplink wan0 --uplink wan1 --route "$DEST_NET"
+	--key "$TMP/client.key" --uplink wan0 --uplink wan1 --route "$DEST_NET" --control "$TMP/client.sock"
 CLIENT_PID=${PIDS[-1]}
 for ((i = 0; ; i++)); do
 	grep -q 'client up' "$TMP/client.log" && break
@@ -209,6 +210,9 @@ printf 'received on wan0 (A): %6.1f MiB  %3s %%\n' "$(calc '%.1f' "$RX_A / 10485
 printf 'received on wan1 (B): %6.1f MiB  %3s %%\n' "$(calc '%.1f' "$RX_B / 1048576")" "$SHARE_B"
 rm -f "$TMP/mp1.out"
 [ "$MP1_OK" = yes ] || { echo "download through mpvpn failed: $(cat "$TMP/curl-mp1.log")"; show_logs; }
+echo
+echo "mpvpn status (what \`mpvpn status\` shows on the client):"
+"$MPVPN" status --socket "$TMP/client.sock" | sed 's/^/  /' || true
 
 # ---------------------------------------------------------------- step 3
 step "3. through mpvpn; uplink A is cut a third of the way through"
@@ -261,6 +265,10 @@ printf 'flow survived: %s (curl exit %s, sha256 matches: %s; %s MiB in %.1f s, %
 printf 'received on wan0 (A): %6.1f MiB  %3s %%\n' "$(calc '%.1f' "$RX2_A / 1048576")" "$SHARE2_A"
 printf 'received on wan1 (B): %6.1f MiB  %3s %%\n' "$(calc '%.1f' "$RX2_B / 1048576")" "$SHARE2_B"
 [ "$SURVIVED" = yes ] || { echo "download through mpvpn failed: $(cat "$TMP/curl-mp2.log")"; show_logs; }
+
+echo
+echo "mpvpn status after the cut (A withdrawn: the concentrator no longer answers over it):"
+"$MPVPN" status --socket "$TMP/client.sock" | sed 's/^/  /' || true
 
 # ---------------------------------------------------------------- summary
 step "summary"

@@ -118,6 +118,10 @@ func TestConfigErrors(t *testing.T) {
 		{"server without peer", []string{"server", "--key", key}, "--peer is required"},
 		{"server bad peer", []string{"server", "--key", key, "--peer", "xyz"}, "--peer"},
 		{"server missing key", []string{"server", "--key", missing, "--peer", pub}, "no such file"},
+		{"server no flows", []string{"server", "--key", key, "--peer", pub, "--max-flows-per-client", "0"}, "--max-flows-per-client"},
+		{"bad all-down timeout", client("--all-down-timeout", "0s"), "--all-down-timeout"},
+		{"status bad interval", []string{"status", "--interval", "0s"}, "--interval"},
+		{"status, nothing running", []string{"status", "--socket", missing}, "no mpvpn running"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

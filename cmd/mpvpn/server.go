@@ -29,6 +29,7 @@ func serverCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
 			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
+			&cli.IntFlag{Name: "max-flows-per-client", Value: 4096, Usage: "most flows one client key may have open at once; more are refused"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
 		}, append(controlFlags(defaultServerSocket), logFlags...)...),
 		Action: runServer,
@@ -61,6 +62,9 @@ func runServer(c *cli.Context) error {
 	if len(peers) == 0 {
 		return usageError("--peer is required: the public key of each client allowed to connect")
 	}
+	if n := c.Int("max-flows-per-client"); n <= 0 {
+		return usageError("--max-flows-per-client %d: must be positive", n)
+	}
 	if d := c.Duration("handshake-timeout"); d <= 0 {
 		return usageError("--handshake-timeout %v: must be positive", d)
 	}
@@ -72,6 +76,7 @@ func runServer(c *cli.Context) error {
 		FastOpen:          c.Bool("fast-open"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		HandshakeDeadline: c.Duration("handshake-timeout"),
+		MaxFlowsPerPeer:   c.Int("max-flows-per-client"),
 		Logger:            log,
 	})
 	if err != nil {
