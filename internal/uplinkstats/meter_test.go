@@ -9,8 +9,10 @@ import (
 )
 
 func sf(id uint32, local string, rx, tx uint64, rtt time.Duration) mptcpinfo.Subflow {
-	return mptcpinfo.Subflow{ID: id, Local: netip.MustParseAddrPort(local), BytesReceived: rx, BytesAcked: tx, RTT: rtt}
+	return mptcpinfo.Subflow{ID: id, Local: netip.MustParseAddrPort(local), BytesReceived: rx, BytesAcked: tx, RTT: rtt, State: tcpEstablished}
 }
+
+func closed(s mptcpinfo.Subflow) mptcpinfo.Subflow { s.State = 7; return s } // TCP_CLOSE
 
 func TestMeter(t *testing.T) {
 	a, b := netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("100.64.0.2")
@@ -39,9 +41,12 @@ func TestMeter(t *testing.T) {
 		{"A's subflow of flow 1 withdrawn, flow 2 ended: totals keep their bytes", 2 * time.Second, []Flow{
 			{1, []mptcpinfo.Subflow{sf(2, "100.64.0.2:1001", 250, 5, 50*time.Millisecond)}},
 		}, []want{{a, 1400, 40, 0, 0, 0}, {b, 250, 5, 1600, 1, 50 * time.Millisecond}}},
+		{"a closed first subflow still listed: its bytes count, it is not open", 2500 * time.Millisecond, []Flow{
+			{1, []mptcpinfo.Subflow{sf(2, "100.64.0.2:1001", 250, 5, 50*time.Millisecond), closed(sf(9, "192.0.2.2:1009", 0, 0, time.Millisecond))}},
+		}, []want{{a, 1400, 40, 0, 0, 0}, {b, 250, 5, 0, 1, 50 * time.Millisecond}}},
 		{"A back with a new subflow on flow 1", 3 * time.Second, []Flow{
 			{1, []mptcpinfo.Subflow{sf(2, "100.64.0.2:1001", 250, 5, 50*time.Millisecond), sf(3, "192.0.2.2:1003", 100, 0, 25*time.Millisecond)}},
-		}, []want{{a, 1500, 40, 800, 1, 25 * time.Millisecond}, {b, 250, 5, 0, 1, 50 * time.Millisecond}}},
+		}, []want{{a, 1500, 40, 1600, 1, 25 * time.Millisecond}, {b, 250, 5, 0, 1, 50 * time.Millisecond}}},
 	}
 	m := New()
 	for _, st := range steps {
