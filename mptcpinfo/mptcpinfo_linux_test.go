@@ -6,15 +6,13 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
 	"unsafe"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+	"github.com/mpvpn/mpvpn/internal/netnstest"
+
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
@@ -23,59 +21,18 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// cannotRun fails the test in CI (CI=true) and skips it elsewhere: a CI
-// run that silently skipped the kernel tests would prove nothing.
+// cannotRun fails the test under CI and skips it elsewhere.
 func cannotRun(t *testing.T, format string, args ...any) {
 	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("cannot run (and CI=true): "+format, args...)
-	}
-	t.Skipf(format, args...)
+	netnstest.CannotRun(t, format, args...)
 }
 
-// withNetns runs fn on a locked OS thread inside a network namespace made
-// for it, and puts the thread back and drops the namespace on every path
-// (t.Fatal included); the same approach as pathmgr's helper. Sockets made
-// and commands run from fn's goroutine live in the new namespace.
+// withNetns runs fn inside a network namespace of its own (see
+// internal/netnstest).
 func withNetns(t *testing.T, fn func()) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		cannotRun(t, "needs root to create network namespaces")
-	}
-	if _, err := os.Stat("/proc/sys/net/mptcp/enabled"); err != nil {
-		cannotRun(t, "the kernel has no MPTCP: %v", err)
-	}
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("current netns: %v", err)
-	}
-	ns, err := netns.New() // moves this thread into the new namespace
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		cannotRun(t, "cannot create a network namespace: %v", err)
-	}
-	defer func() {
-		if err := netns.Set(orig); err != nil {
-			// Keep the thread locked: the runtime ends it with this
-			// goroutine instead of reusing it in the wrong namespace.
-			t.Errorf("back to the original netns: %v", err)
-		} else {
-			runtime.UnlockOSThread()
-		}
-		ns.Close()
-		orig.Close()
-	}()
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		t.Fatalf("lo: %v", err)
-	}
-	if err := netlink.LinkSetUp(lo); err != nil {
-		t.Fatalf("lo up: %v", err)
-	}
-	fn()
+	netnstest.RequireMPTCP(t)
+	netnstest.Run(t, fn)
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

@@ -6,59 +6,23 @@ import (
 	"errors"
 	"io"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+	"github.com/mpvpn/mpvpn/internal/netnstest"
+
 	"golang.org/x/sys/unix"
 )
 
-// withNetns runs fn on a locked OS thread inside a network namespace made
-// for it (loopback up), so that sysctls such as net.ipv4.tcp_fastopen can
-// be set without touching the host. Sockets fn creates on this goroutine
-// belong to the namespace; other goroutines may use them.
+// withNetns runs fn inside a network namespace of its own (see
+// internal/netnstest).
 func withNetns(t *testing.T, fn func()) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		cannotRun(t, "needs root to create network namespaces")
-	}
-	requireMPTCP(t)
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("current netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		runtime.UnlockOSThread()
-		cannotRun(t, "cannot create a network namespace: %v", err)
-	}
-	defer func() {
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: the runtime ends it with this
-			// goroutine instead of reusing it in the wrong namespace.
-			t.Errorf("back to the original netns: %v", err)
-		} else {
-			runtime.UnlockOSThread()
-		}
-		ns.Close()
-		orig.Close()
-	}()
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		t.Fatalf("lo: %v", err)
-	}
-	if err := netlink.LinkSetUp(lo); err != nil {
-		t.Fatalf("lo up: %v", err)
-	}
-	fn()
+	netnstest.RequireMPTCP(t)
+	netnstest.Run(t, fn)
 }
 
 // setSysctl writes a sysctl of the current thread's network namespace.
