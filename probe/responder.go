@@ -19,9 +19,9 @@ import (
 // Default rate bounds of a Responder.
 const (
 	// DefaultClientRate answers ten uplinks probing at the default
-	// 100 ms interval; DefaultClientBurst absorbs a second of jitter.
-	DefaultClientRate  = 100
-	DefaultClientBurst = 50
+	// 50 ms interval; DefaultClientBurst absorbs half a second of jitter.
+	DefaultClientRate  = 200
+	DefaultClientBurst = 100
 	// DefaultGlobalRate is 5000 such clients with one uplink, or 1700
 	// with three. Beyond it probes are dropped and clients see paths
 	// die, so size it to the deployment.
