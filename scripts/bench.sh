@@ -6,7 +6,8 @@
 # Env:
 #   T=10           seconds per iperf3 run
 #   REPS=1         repetitions of every iperf3/throughput case (the table shows medians)
-#   ONLY="agg unshaped setup memory"   sections to run (any subset)
+#   ONLY="agg unshaped setup memory outage"   sections to run (any subset);
+#                  outage runs scripts/bench_outage.sh (issue 4's table; RUNS, OUTAGE_FOR there)
 #   SKIP_PEERS=1   do not run the peer anchors (peers.sh) in the unshaped section
 #   PEERS=path     peers.sh (default: scripts/peers.sh if present, else /work/shared/bench/peers.sh);
 #                  it builds its binaries into PA_WORK (default /tmp/pa-work) on first use
@@ -53,7 +54,7 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup memory"}
+ONLY=${ONLY:-"agg unshaped setup memory outage"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FLOWS=${FLOWS:-"1000 10000"}
@@ -123,13 +124,17 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" >>"$ROWS"; }
 
 print_table() {
-	[ -s "$ROWS" ] || return 0
+	[ -s "$ROWS" ] || [ -s "$WORK/outage.md" ] || return 0
 	echo
 	echo "mpvpn bench $(date -u +%Y-%m-%dT%H:%MZ): $(uname -r), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); T=${T}s, REPS=$REPS; $(git rev-parse --short HEAD 2>/dev/null)"
 	echo
 	echo "| section | measurement | value | relative | target / note |"
 	echo "| --- | --- | --- | --- | --- |"
 	cat "$ROWS"
+	if [ -s "$WORK/outage.md" ]; then
+		echo
+		cat "$WORK/outage.md"
+	fi
 }
 
 # bg NAME NS CMD... starts CMD in NS, output to $WORK/NAME.log; BGPID is its
@@ -555,4 +560,8 @@ memory() {
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
 if want agg || want setup; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
+if want outage; then
+	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"
+	bash scripts/bench_outage.sh >"$WORK/outage.md" || log "outage bench failed (exit $?)"
+fi
 log "done"
