@@ -157,6 +157,7 @@ func main() {
 		s := <-sigs
 		logf("%v: stopping, tearing down", s)
 		cancel()
+		current.stopping.Store(true)
 		// Tear down here: the run may be blocked anywhere. Later
 		// additions to the cleaner run at once.
 		current.closeAll()
@@ -292,6 +293,9 @@ type cleaner struct {
 	mu     sync.Mutex
 	fns    []func()
 	closed bool
+	// stopping: a signal came; the cleaner stays closed, so whatever a
+	// run still sets up is torn down as soon as it is added.
+	stopping atomic.Bool
 }
 
 // current is the running run's cleaner.
@@ -322,7 +326,7 @@ func (c *cleaner) closeAll() {
 func (c *cleaner) reset() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.fns, c.closed = nil, false
+	c.fns, c.closed = nil, c.stopping.Load()
 }
 
 // runOne builds a topology, measures one (mode, outage) pair and tears
