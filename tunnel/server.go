@@ -226,6 +226,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 	var backoff time.Duration
 	for {
 		raw, err := ln.Accept()
+		if err == nil {
+			if err := limitUnsent(raw); err != nil {
+				s.log.Debug("TCP_NOTSENT_LOWAT not set", "err", err)
+			}
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

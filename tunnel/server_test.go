@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 )
 
 // plainTCPListener is a listener that refuses MPTCP, to force a fallback.
@@ -765,4 +766,48 @@ func TestAbortAll(t *testing.T) {
 	if cs := p.cli.Stats(); cs.Active != 0 || len(p.cli.Conns()) != 0 {
 		t.Errorf("after AbortAll: %+v, %d conns", cs, len(p.cli.Conns()))
 	}
+}
+
+// Both ends bound their unsent queue (TCP_NOTSENT_LOWAT), so data re-sent
+// after a subflow dies does not wait behind megabytes of it.
+func TestNotSentLowat(t *testing.T) {
+	requireMPTCP(t)
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{Logger: testLogger(t)}, ClientConfig{Server: lnAddr(ln), Logger: testLogger(t)})
+	got := make(chan int, 1)
+	serve(t, p.srv, ln, func(_ context.Context, f *Flow) {
+		c, err := f.Accept()
+		if err != nil {
+			got <- -1
+			return
+		}
+		defer c.Close()
+		got <- lowat(t, c.TCP())
+	})
+	c, err := p.cli.DialTCP(context.Background(), testDst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if v := lowat(t, c.TCP()); v != notSentLowat {
+		t.Errorf("client TCP_NOTSENT_LOWAT = %d, want %d", v, notSentLowat)
+	}
+	if v := <-got; v != notSentLowat {
+		t.Errorf("server TCP_NOTSENT_LOWAT = %d, want %d", v, notSentLowat)
+	}
+}
+
+func lowat(t *testing.T, c *net.TCPConn) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	rc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT) })
+	if gerr != nil {
+		t.Fatalf("getsockopt TCP_NOTSENT_LOWAT: %v", gerr)
+	}
+	return v
 }

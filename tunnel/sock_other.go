@@ -4,6 +4,7 @@ package tunnel
 
 import (
 	"errors"
+	"net"
 	"syscall"
 )
 
@@ -45,3 +46,5 @@ func controlListen(rc syscall.RawConn, fastOpen bool, st *listenAttempt) error {
 func isMPTCPSocket(sc syscall.Conn) bool { return false }
 
 func fastOpenSysctl() (int, error) { return 0, errNotLinux }
+
+func limitUnsent(net.Conn) error { return nil }
