@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/mpvpn/mpvpn/internal/netnstest"
 )
 
 // A responder bound to the wildcard address answers from the address each
@@ -25,7 +27,7 @@ func TestServeRepliesFromTheAddressAsked(t *testing.T) {
 			tr.r.now = time.Now
 			pc, err := net.ListenPacket(tt.network, tt.listen)
 			if err != nil {
-				t.Skipf("no %s: %v", tt.network, err)
+				netnstest.CannotRun(t, "no %s: %v", tt.network, err)
 			}
 			defer pc.Close()
 			ctx, cancel := context.WithCancel(context.Background())

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mpvpn/mpvpn/internal/netnstest"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
@@ -31,7 +32,7 @@ func startResponder(t *testing.T, network, addr string) *testNet {
 	tn.r = r
 	pc, err := net.ListenPacket(network, addr)
 	if err != nil {
-		t.Skipf("listen %s %s: %v", network, addr, err)
+		netnstest.CannotRun(t, "listen %s %s: %v", network, addr, err)
 	}
 	tn.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -123,7 +124,7 @@ func TestRoundTrip(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.mark != 0 && os.Geteuid() != 0 {
-				t.Skip("SO_MARK needs CAP_NET_ADMIN")
+				netnstest.CannotRun(t, "SO_MARK needs CAP_NET_ADMIN")
 			}
 			tn := startResponder(t, tt.network, tt.addr)
 			ch := newChanges()
