@@ -70,7 +70,8 @@ func TestConfigErrorsLeaveHostUntouched(t *testing.T) {
 	before := hostState(t, tp, tp.Client)
 	concBefore := hostState(t, tp, tp.Conc)
 	client := func(extra ...string) []string {
-		args := []string{bin.mpvpn, "client", "--server", "203.0.113.1:7100", "--server-key", e.serverPub, "--key", key, "--route", "198.51.100.0/24"}
+		args := []string{bin.mpvpn, "client", "--server", "203.0.113.1:7100", "--server-key", e.serverPub, "--key", key, "--route", "198.51.100.0/24",
+			"--control", filepath.Join(e.sockDir, "cfg-client.sock")}
 		return append(args, extra...)
 	}
 	tests := []struct {
@@ -83,7 +84,7 @@ func TestConfigErrorsLeaveHostUntouched(t *testing.T) {
 		{"uplink without gateway", tp.Client, client("--uplink", "wan0", "--uplink", "wan2"), "wan2"},
 		{"unreadable key", tp.Client, client("--uplink", "wan0", "--key", "/nonexistent/client.key"), "no such file"},
 		{"TUN name taken", tp.Client, client("--uplink", "wan0", "--tun", "wan2p"), "wan2p"},
-		{"port in use", tp.Conc, []string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", filepath.Join(e.dir, "server.key"), "--peer", e.clientPub}, "address already in use"},
+		{"port in use", tp.Conc, []string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", filepath.Join(e.dir, "server.key"), "--peer", e.clientPub, "--control", filepath.Join(e.sockDir, "cfg-server.sock")}, "address already in use"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
