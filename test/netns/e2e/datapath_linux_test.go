@@ -76,17 +76,7 @@ func TestOneFlowUsesBothUplinks(t *testing.T) {
 
 	t.Run("http download", func(t *testing.T) {
 		const size = 24 << 20
-		sum := e.randomFile(t, "big", size)
-		out := filepath.Join(t.TempDir(), "big")
-		before := e.uplinkBytes()
-		code, msg := e.curl(t, "-m", "90", "-o", out, destURL("big"))
-		after := e.uplinkBytes()
-		if code != 0 {
-			t.Fatalf("curl exit %d: %s", code, msg)
-		}
-		if got := fileSum(t, out); got != sum {
-			t.Fatalf("downloaded file sha256 %s, want %s", got, sum)
-		}
+		before, after := e.download(t, "big", e.randomFile(t, "big", size), "90")
 		check(t, "download (rx)", before.rx, after.rx, size)
 	})
 

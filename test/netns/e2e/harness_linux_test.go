@@ -248,6 +248,24 @@ func (e *env) curl(t *testing.T, args ...string) (int, string) {
 	return -1, ""
 }
 
+// download fetches name from the web server through the tunnel with curl,
+// fails the test unless it arrives whole with SHA-256 sum, and returns the
+// uplinks' counters around the transfer. maxTime is curl's -m.
+func (e *env) download(t *testing.T, name, sum, maxTime string) (before, after uplinkBytes) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), name)
+	before = e.uplinkBytes()
+	code, msg := e.curl(t, "-m", maxTime, "-o", out, destURL(name))
+	after = e.uplinkBytes()
+	if code != 0 {
+		t.Fatalf("curl exit %d: %s", code, msg)
+	}
+	if got := fileSum(t, out); got != sum {
+		t.Fatalf("downloaded %s: sha256 %s, want %s", name, got, sum)
+	}
+	return before, after
+}
+
 // uplinkBytes is what each client uplink has received and sent so far.
 type uplinkBytes struct{ rx, tx [2]uint64 }
 

@@ -16,15 +16,7 @@ func TestBackupUplink(t *testing.T) {
 	sum := e.randomFile(t, "big", size)
 
 	t.Run("primary works", func(t *testing.T) {
-		out := filepath.Join(t.TempDir(), "small")
-		before := e.uplinkBytes()
-		if code, msg := e.curl(t, "-m", "60", "-o", out, destURL("big")); code != 0 {
-			t.Fatalf("curl exit %d: %s", code, msg)
-		}
-		after := e.uplinkBytes()
-		if got := fileSum(t, out); got != sum {
-			t.Fatalf("sha256 %s, want %s", got, sum)
-		}
+		before, after := e.download(t, "big", sum, "60")
 		total, share := shares(before.rx, after.rx)
 		t.Logf("%d bytes: wan0 %.1f%%, wan1 (backup) %.1f%%", total, 100*share[0], 100*share[1])
 		// Probes and the join's handshake are all the backup may carry.
@@ -61,16 +53,7 @@ func TestUplinksDiscovered(t *testing.T) {
 		t.Fatalf("the client did not discover wan0 and wan1:\n%s", tail(log, 20))
 	}
 	const size = 16 << 20
-	sum := e.randomFile(t, "big", size)
-	out := filepath.Join(t.TempDir(), "big")
-	before := e.uplinkBytes()
-	if code, msg := e.curl(t, "-m", "60", "-o", out, destURL("big")); code != 0 {
-		t.Fatalf("curl exit %d: %s", code, msg)
-	}
-	after := e.uplinkBytes()
-	if got := fileSum(t, out); got != sum {
-		t.Fatalf("sha256 %s, want %s", got, sum)
-	}
+	before, after := e.download(t, "big", e.randomFile(t, "big", size), "60")
 	total, share := shares(before.rx, after.rx)
 	t.Logf("%d bytes: wan0 %.0f%%, wan1 %.0f%%", total, 100*share[0], 100*share[1])
 	for i, s := range share {
