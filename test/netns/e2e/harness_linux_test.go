@@ -6,7 +6,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -15,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -323,28 +321,3 @@ s = http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), H)
 print("serving", flush=True)
 s.serve_forever()
 `
-
-// statsLine finds the last log line of p containing msg and returns its
-// key=value fields.
-func statsLine(p *topo.Proc, msg string) map[string]string {
-	var last string
-	sc := bufio.NewScanner(strings.NewReader(p.Log()))
-	for sc.Scan() {
-		if strings.Contains(sc.Text(), msg) {
-			last = sc.Text()
-		}
-	}
-	fields := map[string]string{}
-	for _, f := range strings.Fields(last) {
-		if k, v, ok := strings.Cut(f, "="); ok {
-			fields[k] = strings.Trim(v, `"`)
-		}
-	}
-	return fields
-}
-
-// atoi parses a decimal field, 0 if absent.
-func atoi(s string) int {
-	n, _ := strconv.Atoi(s)
-	return n
-}
