@@ -42,11 +42,17 @@ type ServerConfig struct {
 	Logger           *slog.Logger
 }
 
-// ServerStats are a Server's counters.
+// ServerStats are a Server's counters. Every accepted connection ends up
+// in exactly one of: Evicted, one of the silent reasons, or Flows.
 type ServerStats struct {
 	Accepted uint64 // connections accepted
-	Shed     uint64 // closed at once, unread: over MaxHalfOpen or MaxHalfOpenPerIP
-	HalfOpen int64  // connections now in the handshake
+	// Evicted counts half-open connections closed before their deadline
+	// to make room for a newer one: the oldest of the same address (or
+	// IPv6 /64 or /48) when that is over its share, else the oldest of
+	// all when the table is full. Nonzero means a flood, or limits set
+	// too low for the clients behind one address.
+	Evicted  uint64
+	HalfOpen int64 // connections now in the handshake
 
 	// Connections dropped silently (closed at the deadline), by reason.
 	Incomplete   uint64 // no complete msg1 before the deadline
@@ -54,14 +60,16 @@ type ServerStats struct {
 	BadHandshake uint64 // Noise decryption failed
 	UnknownPeer  uint64 // a valid handshake from a key not in Peers
 	BadPayload   uint64 // authenticated, but the request is malformed
-	BadTime      uint64 // timestamp outside the window, or before the server started
+	BadTime      uint64 // timestamp outside the window, or before the server's horizon
 	Replayed     uint64 // msg1 seen before
-	ReplayFull   uint64 // replay cache full (authenticated flood)
+	ReplayFull   uint64 // the peer's replay cache is full (that peer's own handshake flood)
 
-	Flows     uint64 // authenticated flows
-	Limited   uint64 // of which answered Limited (MaxFlowsPerPeer)
-	Active    int64  // authenticated flows not yet closed
-	Fallbacks uint64 // authenticated connections that were plain TCP, not MPTCP
+	Flows       uint64 // authenticated flows
+	Limited     uint64 // answered Limited: the peer had MaxFlowsPerPeer open
+	RateLimited uint64 // answered Limited: the peer is over its handshake rate
+	Full        uint64 // answered Limited: the server had MaxFlows open
+	Active      int64  // authenticated flows not yet closed
+	Fallbacks   uint64 // authenticated connections that were plain TCP, not MPTCP
 }
 
 // Server is the concentrator side of the protocol.
@@ -82,9 +90,10 @@ type Server struct {
 	ipMu     sync.Mutex
 	perIP    map[netip.Prefix]int
 
-	accepted, shed, flows, limited, fallbacks atomic.Uint64
-	rejects                                   [numRejects]atomic.Uint64
-	active                                    atomic.Int64
+	accepted, evicted, flows, limited, fallbacks atomic.Uint64
+	rateLimited, full                            atomic.Uint64
+	rejects                                      [numRejects]atomic.Uint64
+	active                                       atomic.Int64
 }
 
 type peerState struct {
@@ -99,6 +108,10 @@ type PeerStats struct {
 	Active   int64
 	Total    uint64
 	LastSeen time.Time // zero if never seen
+	// Limited counts this peer's flows answered Limited (over its flow
+	// cap, its handshake rate, or the server's MaxFlows); ReplayFull its
+	// handshakes dropped because its own replay cache was full.
+	Limited, ReplayFull uint64
 }
 
 // PeerStats returns every configured peer's counters.
@@ -184,7 +197,7 @@ func (s *Server) Stats() ServerStats {
 	r := func(x reject) uint64 { return s.rejects[x].Load() }
 	return ServerStats{
 		Accepted:     s.accepted.Load(),
-		Shed:         s.shed.Load(),
+		Evicted:      s.evicted.Load(),
 		HalfOpen:     s.halfOpen.Load(),
 		Incomplete:   r(rejectIncomplete),
 		BadMAC:       r(rejectMAC),
@@ -196,6 +209,8 @@ func (s *Server) Stats() ServerStats {
 		ReplayFull:   r(rejectReplayFull),
 		Flows:        s.flows.Load(),
 		Limited:      s.limited.Load(),
+		RateLimited:  s.rateLimited.Load(),
+		Full:         s.full.Load(),
 		Active:       s.active.Load(),
 		Fallbacks:    s.fallbacks.Load(),
 	}
@@ -258,7 +273,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 		if !ok {
 			// Load shedding: closing unread is fine here, every
 			// connection over the limit gets the same treatment.
-			s.shed.Add(1)
+			s.evicted.Add(1)
 			abort(raw)
 			continue
 		}

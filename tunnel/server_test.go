@@ -601,8 +601,8 @@ func TestHalfOpenCaps(t *testing.T) {
 		if !closedQuickly(t, ln, "127.0.0.1") {
 			t.Fatal("third connection over MaxHalfOpen=2 was held")
 		}
-		if s := p.srv.Stats(); s.Shed != 1 {
-			t.Errorf("Shed = %d", s.Shed)
+		if s := p.srv.Stats(); s.Evicted != 1 {
+			t.Errorf("Evicted = %d", s.Evicted)
 		}
 	})
 	t.Run("per IP", func(t *testing.T) {
@@ -632,8 +632,8 @@ func TestHalfOpenCaps(t *testing.T) {
 		if closedQuickly(t, ln, "127.0.0.1") {
 			t.Fatal("slot not released after the deadline")
 		}
-		if s := p.srv.Stats(); s.Shed != 1 {
-			t.Errorf("Shed = %d", s.Shed)
+		if s := p.srv.Stats(); s.Evicted != 1 {
+			t.Errorf("Evicted = %d", s.Evicted)
 		}
 	})
 }
