@@ -30,8 +30,34 @@ type pendingSYN struct {
 
 // flow is a relayed flow, kept so that Close can end it.
 type flow struct {
-	app *gonet.TCPConn
+	app *appConn
 	up  net.Conn
+}
+
+// appConn is the app's side of a flow: gonet's conn, plus WaitRead, which
+// the tunnel's Conn.ReadFrom uses to wait for the app's bytes without
+// holding a buffer (issue 8: an idle flow pins no relay buffer).
+type appConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+	wq *waiter.Queue
+}
+
+// WaitRead blocks until a Read would not block: data, the app's FIN or an
+// error is there, or the endpoint was closed (gVisor 2025-05: Close
+// notifies every event, and a closed endpoint is readable). It ignores
+// read deadlines; the relay sets none.
+func (c *appConn) WaitRead() error {
+	if c.ep.Readiness(waiter.ReadableEvents) != 0 {
+		return nil
+	}
+	entry, ch := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	c.wq.EventRegister(&entry)
+	defer c.wq.EventUnregister(&entry)
+	for c.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 {
+		<-ch
+	}
+	return nil
 }
 
 func (f *flow) close() {
@@ -162,7 +188,7 @@ func (s *Stack) serve(r *tcp.ForwarderRequest) {
 
 // accept completes the app's handshake; the dial has succeeded. Like
 // reject, it counts the outcome before answering.
-func (s *Stack) accept(r *tcp.ForwarderRequest, p *pendingSYN) (*gonet.TCPConn, error) {
+func (s *Stack) accept(r *tcp.ForwarderRequest, p *pendingSYN) (*appConn, error) {
 	var wq waiter.Queue
 	s.mu.Lock()
 	if s.closed {
@@ -186,7 +212,7 @@ func (s *Stack) accept(r *tcp.ForwarderRequest, p *pendingSYN) (*gonet.TCPConn, 
 	if err := setFlowOptions(ep); err != nil {
 		s.log.Debug("flow options", "err", err)
 	}
-	return gonet.NewTCPConn(&wq, ep), nil
+	return &appConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq}, nil
 }
 
 // reject answers a SYN whose dial failed, without ever completing its
@@ -248,7 +274,7 @@ func unreachableKind(err error) (unreach, bool) {
 // relay moves the flow's bytes both ways until both directions are done.
 // The app's FIN becomes the upstream's CloseWrite and the upstream's EOF
 // the app's FIN (internal/relay, shared with the concentrator).
-func (s *Stack) relay(app *gonet.TCPConn, up net.Conn, src, dst netip.AddrPort) {
+func (s *Stack) relay(app *appConn, up net.Conn, src, dst netip.AddrPort) {
 	f := &flow{app: app, up: up}
 	s.mu.Lock()
 	if s.closed {

@@ -45,6 +45,14 @@ type ClientConfig struct {
 	// subflow never starts on an uplink that is withdrawn while the main
 	// table's default route still points at it.
 	Source func() netip.Addr
+	// Now is the clock msg1 is stamped with (nil: this host's wall
+	// clock). The client's prober passes the concentrator's own clock as
+	// it learns it from authenticated probe replies, which the
+	// concentrator requires to within ServerConfig.FutureSkew ahead (and
+	// ReplayWindow behind): that way a client whose clock is wrong still
+	// connects, and the concentrator can refuse every message recorded
+	// before it restarted.
+	Now    func() time.Time
 	Logger *slog.Logger
 }
 
@@ -71,9 +79,8 @@ type Client struct {
 	mac1   [32]byte
 	dialer net.Dialer
 
-	// Hooks for tests; nil means time.Now and crypto/rand.
-	now  func() time.Time
-	rand io.Reader
+	now  func() time.Time // ClientConfig.Now; nil means time.Now
+	rand io.Reader        // for tests; nil means crypto/rand
 
 	dials, connected, rejected, failures, fallbacks atomic.Uint64
 	active                                          atomic.Int64
@@ -122,6 +129,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		server: cfg.Server.String(),
 		static: dhKey(cfg.Key),
 		mac1:   mac1Key(cfg.ServerKey),
+		now:    cfg.Now,
 	}
 	c.dialer.KeepAliveConfig = keepAlive()
 	c.dialer.SetMultipathTCP(true)

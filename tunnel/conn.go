@@ -30,25 +30,43 @@ var (
 	ErrTruncated = fmt.Errorf("tunnel: stream ended without an end-of-stream frame: %w", io.ErrUnexpectedEOF)
 	// ErrWriteAfterCloseWrite: Write after CloseWrite.
 	ErrWriteAfterCloseWrite = errors.New("tunnel: write after CloseWrite")
+	// ErrFrameTimeout: a frame was begun and not completed within the
+	// Conn's frame timeout. A peer that stops in the middle of a frame
+	// would otherwise pin the frame's buffer for ever.
+	ErrFrameTimeout = errors.New("tunnel: a frame was begun and not completed in time")
 )
+
+// DefaultFrameTimeout is how long a frame may take from the moment a
+// reader has to wait for the rest of it. It is longer than the client's
+// default --all-down-timeout (60 s), so a frame cut in half by an outage
+// of every uplink survives as long as the flow is allowed to wait.
+const DefaultFrameTimeout = 90 * time.Second
 
 // Buffers come from pools so that a flow costs no heap allocation per
 // frame, and an idle flow holds none at all: a Read waiting for the next
-// frame's header owns only a 2-byte array (see nextFrame).
+// frame's header owns only a 2-byte array (see nextFrame), and ReadFrom
+// waiting for its source owns no buffer (see ReadFrom).
 //
-// The read buffer holds two maximal frames so that a socket read rarely
-// ends in the middle of one and forces a move to the front.
-const readBufSize = 2 * maxFrameSize
+// While bytes move, reads batch into a buffer of four frames, so that a
+// socket read rarely ends in the middle of one and forces a move to the
+// front. When a read would block in the middle of a frame, the partial
+// frame moves into a buffer of one frame's size for the wait (a stalled or
+// slowloris frame pins at most that, and for at most the frame timeout).
+const (
+	readBufSize  = 4 * maxFrameSize
+	frameBufSize = maxFrameSize
+)
 
 // writeFramePayload is the most plaintext a Write or ReadFrom puts in one
-// frame (the receiver accepts up to 65519). Measured with
+// frame, and the most a receiver accepts. Measured with
 // BenchmarkConnThroughput on loopback MPTCP (2 vCPUs, 2026-11): 32 KiB
 // frames ran at 0.9–1.27 GB/s, 16 KiB at 0.83–1.16, 65519 at 0.52–0.77:
 // a frame and its buffers that stay in L2 beat fewer, larger frames.
-const writeFramePayload = 32 << 10
+const writeFramePayload = maxPlaintext
 
 var (
 	readBufPool  = sync.Pool{New: func() any { b := make([]byte, readBufSize); return &b }}
+	frameBufPool = sync.Pool{New: func() any { b := make([]byte, frameBufSize); return &b }}
 	writeBufPool = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
 )
 
@@ -73,12 +91,22 @@ type Conn struct {
 	rmu      sync.Mutex
 	recv     *noise.CipherState
 	rbuf     *[]byte // nil while no partial frame is buffered
+	rsmall   bool    // rbuf is a frameBufPool buffer (waiting mid-frame)
 	rs, re   int     // rbuf[rs:re] holds received, unparsed bytes
 	hdr      [frameHeaderSize]byte
 	hdrN     int
-	pending  []byte // decrypted, not yet returned; aliases rbuf
-	rerr     error  // sticky: io.EOF after the end-of-stream frame, or fatal
-	frameCap int    // most plaintext per frame written (tests change it)
+	pending  []byte     // decrypted, not yet returned; aliases rbuf
+	rerr     error      // sticky: io.EOF after the end-of-stream frame, or fatal
+	frameCap int        // most plaintext per frame written (tests change it)
+	try      *tryReader // non-blocking reads of raw; nil if raw has no fd
+
+	// Read deadlines: the caller's and the frame's; raw has the earlier.
+	frameTimeout time.Duration
+	frameStart   time.Time // when a reader first waited for this frame
+	dmu          sync.Mutex
+	userRD       time.Time
+	frameRD      time.Time
+	rawRD        time.Time
 
 	wmu     sync.Mutex
 	send    *noise.CipherState
@@ -95,9 +123,24 @@ type Conn struct {
 func (c *Conn) ID() uint64 { return c.id }
 
 func newConn(raw net.Conn, send, recv *noise.CipherState, mptcp bool, onClose func()) *Conn {
-	c := &Conn{raw: raw, send: send, recv: recv, mptcp: mptcp, onClose: onClose, frameCap: writeFramePayload}
+	c := &Conn{raw: raw, send: send, recv: recv, mptcp: mptcp, onClose: onClose, frameCap: writeFramePayload, frameTimeout: DefaultFrameTimeout}
 	c.tcp, _ = raw.(*net.TCPConn)
+	if c.tcp != nil {
+		c.try = newTryReader(c.tcp)
+	}
 	return c
+}
+
+// SetFrameTimeout sets how long a frame may take from the moment a reader
+// has to wait for its rest (0: DefaultFrameTimeout); a frame over it
+// fails the Read with ErrFrameTimeout and closes the flow.
+func (c *Conn) SetFrameTimeout(d time.Duration) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if d <= 0 {
+		d = DefaultFrameTimeout
+	}
+	c.frameTimeout = d
 }
 
 // TCP returns the underlying connection, or nil if it is not TCP (tests).
@@ -110,9 +153,78 @@ func (c *Conn) MultipathTCP() bool { return c.mptcp }
 
 func (c *Conn) LocalAddr() net.Addr                { return c.raw.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr               { return c.raw.RemoteAddr() }
-func (c *Conn) SetDeadline(t time.Time) error      { return c.raw.SetDeadline(t) }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.raw.SetReadDeadline(t) }
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.raw.SetWriteDeadline(t) }
+
+// SetDeadline sets the read and write deadlines.
+func (c *Conn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.raw.SetWriteDeadline(t)
+}
+
+// SetReadDeadline sets the caller's read deadline. A frame's own deadline
+// (the frame timeout) may end a Read earlier, and then fatally.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	c.userRD = t
+	return c.applyRD()
+}
+
+// applyRD gives raw the earlier of the caller's and the frame's
+// deadlines; called with dmu held.
+func (c *Conn) applyRD() error {
+	d := c.userRD
+	if !c.frameRD.IsZero() && (d.IsZero() || c.frameRD.Before(d)) {
+		d = c.frameRD
+	}
+	if d.Equal(c.rawRD) {
+		return nil
+	}
+	c.rawRD = d
+	return c.raw.SetReadDeadline(d)
+}
+
+// waitingMidFrame arms the frame deadline before a read that may block in
+// the middle of a frame. Called with rmu held.
+func (c *Conn) waitingMidFrame() {
+	if c.frameStart.IsZero() {
+		c.frameStart = time.Now()
+	}
+	c.dmu.Lock()
+	c.frameRD = c.frameStart.Add(c.frameTimeout)
+	c.applyRD()
+	c.dmu.Unlock()
+}
+
+// frameDone disarms the frame deadline. Called with rmu held.
+func (c *Conn) frameDone() {
+	if c.frameStart.IsZero() {
+		return
+	}
+	c.frameStart = time.Time{}
+	c.dmu.Lock()
+	c.frameRD = time.Time{}
+	c.applyRD()
+	c.dmu.Unlock()
+}
+
+// midFrameErr turns a timeout of a read in the middle of a frame into
+// ErrFrameTimeout when it was the frame's deadline, not the caller's, that
+// passed. Called with rmu held.
+func (c *Conn) midFrameErr(err error) error {
+	if !isTimeout(err) || c.frameStart.IsZero() {
+		return err
+	}
+	c.dmu.Lock()
+	frame, user := c.frameRD, c.userRD
+	c.dmu.Unlock()
+	if !frame.IsZero() && !time.Now().Before(frame) && (user.IsZero() || !user.Before(frame)) {
+		return ErrFrameTimeout
+	}
+	return err
+}
 
 // Close closes the connection in both directions at once.
 func (c *Conn) Close() error {
@@ -260,10 +372,7 @@ func (c *Conn) readFailed(err error) error {
 	}
 	c.rerr = err
 	c.pending = nil
-	if c.rbuf != nil {
-		readBufPool.Put(c.rbuf)
-		c.rbuf = nil
-	}
+	c.putReadBuf()
 	c.Close()
 	return err
 }
@@ -271,10 +380,40 @@ func (c *Conn) readFailed(err error) error {
 // releaseReadBuf gives the read buffer back once nothing in it is needed.
 func (c *Conn) releaseReadBuf() {
 	if c.rbuf != nil && len(c.pending) == 0 && c.rs == c.re {
-		readBufPool.Put(c.rbuf)
-		c.rbuf = nil
+		c.putReadBuf()
 		c.rs, c.re = 0, 0
 	}
+}
+
+func (c *Conn) putReadBuf() {
+	if c.rbuf == nil {
+		return
+	}
+	if c.rsmall {
+		frameBufPool.Put(c.rbuf)
+	} else {
+		readBufPool.Put(c.rbuf)
+	}
+	c.rbuf, c.rsmall = nil, false
+}
+
+// swapReadBuf moves the unparsed bytes into a buffer of the other size:
+// a frame's (small) for a wait in the middle of a frame, the batching one
+// once the frame is done. It copies at most one frame, once per wait and
+// once per frame, so a peer trickling bytes cannot make it copy per byte.
+func (c *Conn) swapReadBuf(small bool) {
+	var nb *[]byte
+	if small {
+		nb = frameBufPool.Get().(*[]byte)
+	} else {
+		nb = readBufPool.Get().(*[]byte)
+	}
+	n := 0
+	if c.rbuf != nil {
+		n = copy(*nb, (*c.rbuf)[c.rs:c.re])
+		c.putReadBuf()
+	}
+	c.rbuf, c.rsmall, c.rs, c.re = nb, small, 0, n
 }
 
 // nextFrame returns the next frame's ciphertext, aliasing the read buffer
@@ -282,60 +421,95 @@ func (c *Conn) releaseReadBuf() {
 // read past the header; no allocation ever depends on it. The state is
 // kept across a deadline error, so a later call resumes the same frame.
 func (c *Conn) nextFrame() ([]byte, error) {
+	if c.rsmall && c.rs == c.re {
+		c.putReadBuf()
+	}
 	if c.rbuf == nil {
 		// Idle: wait for a header in a 2-byte array, so that a flow
-		// with nothing to read holds no 128 KiB buffer.
+		// with nothing to read holds no buffer at all.
 		for c.hdrN < frameHeaderSize {
+			if c.hdrN > 0 {
+				c.waitingMidFrame()
+			}
 			n, err := c.raw.Read(c.hdr[c.hdrN:])
 			c.hdrN += n
 			if c.hdrN < frameHeaderSize && err != nil {
-				return nil, streamErr(err)
+				return nil, c.midFrameErr(streamErr(err))
 			}
 		}
-		if n := int(binary.BigEndian.Uint16(c.hdr[:])); n < tagSize {
-			return nil, fmt.Errorf("%w: length %d", ErrBadFrame, n)
+		if err := checkLength(c.hdr[:]); err != nil {
+			return nil, err
 		}
-		c.rbuf = readBufPool.Get().(*[]byte)
-		copy(*c.rbuf, c.hdr[:])
-		c.rs, c.re, c.hdrN = 0, frameHeaderSize, 0
+		c.swapReadBuf(false)
+		c.re = copy(*c.rbuf, c.hdr[:])
+		c.hdrN = 0
+	} else if c.rsmall {
+		// The frame that needed the wait is done: back to batching
+		// reads, with what came after it.
+		c.swapReadBuf(false)
+	}
+	if err := c.fill(frameHeaderSize); err != nil {
+		return nil, err
 	}
 	buf := *c.rbuf
-	if err := c.fill(buf, frameHeaderSize); err != nil {
+	if err := checkLength(buf[c.rs:]); err != nil {
 		return nil, err
 	}
-	n := int(binary.BigEndian.Uint16(buf[c.rs:]))
-	if n < tagSize {
-		return nil, fmt.Errorf("%w: length %d", ErrBadFrame, n)
-	}
-	need := frameHeaderSize + n
-	if err := c.fill(buf, need); err != nil {
+	need := frameHeaderSize + int(binary.BigEndian.Uint16(buf[c.rs:]))
+	if err := c.fill(need); err != nil {
 		return nil, err
 	}
+	c.frameDone()
+	buf = *c.rbuf
 	ct := buf[c.rs+frameHeaderSize : c.rs+need]
 	c.rs += need
 	return ct, nil
 }
 
-// fill reads until buf[rs:re] holds at least need bytes, first moving
+func checkLength(hdr []byte) error {
+	if n := int(binary.BigEndian.Uint16(hdr)); n < tagSize || n > maxCiphertext {
+		return fmt.Errorf("%w: length %d", ErrBadFrame, n)
+	}
+	return nil
+}
+
+// fill reads until rbuf[rs:re] holds at least need bytes, first moving
 // them to the front if the frame would not fit after rs. (Without that
 // move a header split across the buffer's end would be read into an
-// empty slice, forever.)
-func (c *Conn) fill(buf []byte, need int) error {
-	if c.re-c.rs >= need {
-		return nil
-	}
-	if len(buf)-c.rs < need {
-		c.re = copy(buf, buf[c.rs:c.re])
-		c.rs = 0
-	}
+// empty slice, forever.) When raw has a file descriptor, a read that
+// would block in the middle of a frame first moves the frame into a
+// buffer of its own size, so the wait pins no more than that; the wait
+// is bounded by the frame timeout.
+func (c *Conn) fill(need int) error {
 	for c.re-c.rs < need {
+		buf := *c.rbuf
+		if len(buf)-c.rs < need {
+			c.re = copy(buf, buf[c.rs:c.re])
+			c.rs = 0
+		}
+		if c.try != nil && !c.rsmall {
+			n, wouldBlock, err := c.try.read(buf[c.re:])
+			if !wouldBlock {
+				c.re += n
+				if c.re-c.rs >= need {
+					return nil
+				}
+				if err != nil {
+					return c.midFrameErr(streamErr(err))
+				}
+				continue
+			}
+			c.swapReadBuf(true)
+			buf = *c.rbuf
+		}
+		c.waitingMidFrame()
 		n, err := c.raw.Read(buf[c.re:])
 		c.re += n
 		if c.re-c.rs >= need {
 			return nil
 		}
 		if err != nil {
-			return streamErr(err)
+			return c.midFrameErr(streamErr(err))
 		}
 	}
 	return nil
@@ -352,7 +526,7 @@ func streamErr(err error) error {
 
 // ---- writing ----
 
-// Write sends p as frames of up to 32 KiB of plaintext each (one frame
+// Write sends p as frames of up to 32 KiB on the wire each (one frame
 // per Write when p fits). An empty p sends nothing: an empty frame means
 // end of stream.
 func (c *Conn) Write(p []byte) (int, error) {
@@ -377,21 +551,48 @@ func (c *Conn) Write(p []byte) (int, error) {
 // ReadFrom encrypts what r yields, one frame per Read of r, until r's EOF
 // (returning nil, as io.Copy expects; it does not CloseWrite). The
 // plaintext is read straight into the frame buffer and sealed in place.
+//
+// While r has nothing to give, ReadFrom holds no buffer: a *net.TCPConn
+// is read through its file descriptor with a buffer taken from the pool
+// only once data is there, and a reader with a WaitRead() error method
+// (the netstack's conns) is waited on before a buffer is taken. Any
+// other reader is read into a buffer held for the whole call.
+//
+// Bytes ReadFrom has taken from r are never dropped silently: if they
+// cannot be sent (a write deadline included), the error is returned and
+// the stream is closed, since the caller cannot know how much of what it
+// handed over is lost.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
-	bp := writeBufPool.Get().(*[]byte)
-	defer writeBufPool.Put(bp)
-	buf := *bp
+	if tc, ok := r.(*net.TCPConn); ok {
+		if lr := newLazyReader(tc, c.frameCap); lr != nil {
+			return c.readFromLazy(lr)
+		}
+	}
+	waiter, _ := r.(interface{ WaitRead() error })
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			writeBufPool.Put(bp)
+		}
+	}()
 	var total int64
 	for {
+		if waiter != nil {
+			if bp != nil {
+				writeBufPool.Put(bp)
+				bp = nil
+			}
+			if err := waiter.WaitRead(); err != nil {
+				return total, err
+			}
+		}
+		if bp == nil {
+			bp = writeBufPool.Get().(*[]byte)
+		}
+		buf := *bp
 		n, rerr := r.Read(buf[frameHeaderSize : frameHeaderSize+c.frameCap])
 		if n > 0 {
-			c.wmu.Lock()
-			err := c.writable()
-			if err == nil {
-				err = c.writeFrame(buf, buf[frameHeaderSize:frameHeaderSize+n])
-			}
-			c.wmu.Unlock()
-			if err != nil {
+			if err := c.sendRead(buf, n); err != nil {
 				return total, err
 			}
 			total += int64(n)
@@ -403,6 +604,44 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 			return total, rerr
 		}
 	}
+}
+
+func (c *Conn) readFromLazy(lr *lazyReader) (int64, error) {
+	var total int64
+	for {
+		bp, n, rerr := lr.read()
+		if n > 0 {
+			err := c.sendRead(*bp, n)
+			writeBufPool.Put(bp)
+			if err != nil {
+				return total, err
+			}
+			total += int64(n)
+		} else if bp != nil {
+			writeBufPool.Put(bp)
+		}
+		if rerr == io.EOF {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
+
+// sendRead sends the n bytes ReadFrom read into buf[frameHeaderSize:] as
+// one frame. Any failure is fatal to the stream (see ReadFrom).
+func (c *Conn) sendRead(buf []byte, n int) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	err := c.writable()
+	if err == nil {
+		err = c.writeFrame(buf, buf[frameHeaderSize:frameHeaderSize+n])
+	}
+	if err != nil && c.werr == nil {
+		err = c.writeFailed(fmt.Errorf("tunnel: %d bytes read from the source could not be sent: %w", n, err))
+	}
+	return err
 }
 
 // CloseWrite sends the end-of-stream frame, then shuts down the sending

@@ -200,8 +200,11 @@ func TestConnTamper(t *testing.T) {
 		{"frame after end of stream", join(fr[0], fr[1], fr[2], fr[3], after), 3, ErrBadFrame},
 		{"length 0", join(fr[0], []byte{0, 0}, fr[1]), 1, ErrBadFrame},
 		{"length 15", join(fr[0], []byte{0, 15}, make([]byte, 15)), 1, ErrBadFrame},
-		{"length 65535 of garbage", join(fr[0], []byte{0xff, 0xff}, make([]byte, 65535)), 1, ErrTampered},
-		{"length 65535 then end", join(fr[0], []byte{0xff, 0xff}, make([]byte, 100)), 1, ErrTruncated},
+		{"largest length of garbage", join(fr[0], maxLen(0), make([]byte, maxCiphertext)), 1, ErrTampered},
+		{"largest length then end", join(fr[0], maxLen(0), make([]byte, 100)), 1, ErrTruncated},
+		// Refused on the header alone: nothing after it is read.
+		{"length one over the largest", join(fr[0], maxLen(1), make([]byte, maxCiphertext+1)), 1, ErrBadFrame},
+		{"length 65535", join(fr[0], []byte{0xff, 0xff}, make([]byte, 65535)), 1, ErrBadFrame},
 		{"empty stream", nil, 0, ErrTruncated},
 	}
 	for _, tt := range tests {
@@ -237,6 +240,9 @@ func TestConnTamper(t *testing.T) {
 		}
 	}
 }
+
+// maxLen is a frame header announcing the largest ciphertext plus extra.
+func maxLen(extra int) []byte { return binary.BigEndian.AppendUint16(nil, uint16(maxCiphertext+extra)) }
 
 func head(b []byte) []byte {
 	if len(b) > 20 {
@@ -275,8 +281,8 @@ func TestConnFrameAcrossBufferEnd(t *testing.T) {
 	}
 }
 
-// TestConnFrameSizes: a large Write goes out in frames of 32 KiB of
-// plaintext, a small one in one frame, an empty one in none.
+// TestConnFrameSizes: a large Write goes out in frames of 32 KiB on the
+// wire, a small one in one frame, an empty one in none.
 func TestConnFrameSizes(t *testing.T) {
 	p := newPair(t, ServerConfig{}, ClientConfig{})
 	cs, _, _, _ := p.handshake(t)
@@ -291,7 +297,7 @@ func TestConnFrameSizes(t *testing.T) {
 		for _, f := range frames(t, wire.Bytes()) {
 			sizes = append(sizes, len(f)-frameHeaderSize-tagSize)
 		}
-		want := map[int][]int{0: nil, 5: {5}, 100_000: {32768, 32768, 32768, 1696}}[n]
+		want := map[int][]int{0: nil, 5: {5}, 100_000: {maxPlaintext, maxPlaintext, maxPlaintext, 100_000 - 3*maxPlaintext}}[n]
 		if !slices.Equal(sizes, want) {
 			t.Fatalf("Write(%d): frames of %v, want %v", n, sizes, want)
 		}
@@ -365,7 +371,7 @@ func TestConnNoAllocPerFrame(t *testing.T) {
 
 	// A hostile peer announcing maximal frames of garbage costs at most
 	// the one fixed-size pooled buffer per connection.
-	garbage := append([]byte{0xff, 0xff}, make([]byte, 65535)...)
+	garbage := append(maxLen(0), make([]byte, maxCiphertext)...)
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)

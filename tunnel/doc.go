@@ -45,33 +45,56 @@
 //  2. Noise decryption (es, ss) and the client's static key among the
 //     configured peers;
 //  3. the payload well formed;
-//  4. timestamp within ±ReplayWindow of the server's clock and not before
-//     the server started (a restart does not reopen the window);
-//  5. the ephemeral key not seen before: an exact map with expiry at
-//     timestamp+ReplayWindow and a hard cap on entries. Parallel flows
-//     arrive out of order over different paths, so there is no
-//     "increasing timestamp per peer" rule as in WireGuard.
+//  4. the timestamp after the server's horizon (its start plus
+//     FutureSkew), at most FutureSkew (1 s) ahead of the server's clock
+//     and at most ReplayWindow (30 s) behind it. Clients stamp in the
+//     server's clock, learned from the probe replies (which also carry
+//     the horizon), so their own clock may be off; the horizon means no
+//     message accepted before a restart is accepted after it;
+//  5. the ephemeral key not seen before, in the peer's own replay cache:
+//     an exact map with expiry at timestamp+ReplayWindow and a cap per
+//     peer. Parallel flows arrive out of order over different paths, so
+//     there is no "increasing timestamp per peer" rule as in WireGuard;
+//     a cache per peer means a peer's flood refuses only that peer.
+//
+// The server's clock (Server.Now) is its wall clock at start advanced by
+// the monotonic clock, so the window and the cache's expiry never step.
 //
 // A connection that fails any check, or sends less than msg1, gets no
-// byte back. The server reads and discards what comes (one 4 KiB buffer)
-// until HandshakeDeadline after accept, then closes with a RST
-// (SO_LINGER 0), whatever was sent and whenever the peer stopped, so a
-// prober learns neither how many bytes were consumed nor which check
-// failed. Over MaxHalfOpen or MaxHalfOpenPerIP a connection is closed at
-// once, unread (load shedding). Over MaxFlowsPerPeer an authenticated
-// flow gets the verdict Limited.
+// byte back. The server reads exactly msg1's size (or less, if less
+// comes), nothing more, and closes with a RST (SO_LINGER 0) at
+// HandshakeDeadline after accept, whatever was sent and whenever the peer
+// stopped, so a prober learns neither how many bytes were consumed nor
+// which check failed.
+//
+// Unauthenticated connections live in a table (MaxHalfOpen in all,
+// MaxHalfOpenPerAddr per IPv4 address or IPv6 /64, MaxHalfOpenPerSite per
+// IPv6 /48). A newcomer is never refused: when its source's share or the
+// table is full, the oldest unauthenticated connection of that share (or
+// of all) is closed at once instead. A legitimate client authenticates
+// within a fraction of a round trip, a flood's connections linger, so a
+// flood pushes out only its own (see halfOpen in admission.go).
+//
+// An authenticated flow then meets three limits, each answered with the
+// verdict Limited: the peer's rate of new flows (PeerHandshakeRate, a
+// token bucket), the server's flows in all (MaxFlows), the peer's flows
+// (MaxFlowsPerPeer). The peer's limits never refuse another peer.
 //
 // # Transport
 //
 // After msg2 both sides hold the CipherStates from Split (the initiator
 // sends with the first). The stream is a sequence of frames:
 //
-//	length  2 bytes, big-endian: the ciphertext length, 16..65535
+//	length  2 bytes, big-endian: the ciphertext length, 16..32766
 //	ciphertext  ChaCha20-Poly1305 (Noise nonce = frame counter, no AD):
-//	            up to 65519 bytes of plaintext + 16 tag
+//	            up to 32750 bytes of plaintext + 16 tag
 //
-// A receiver accepts any length up to the maximum; a Conn writes at most
-// 32 KiB of plaintext per frame (faster than 64 KiB: see conn.go).
+// A frame is at most 32 KiB on the wire. That is faster than 64 KiB (see
+// conn.go), and it bounds what a frame stopped half-way can pin on the
+// receiver: a reader that has to wait in the middle of a frame keeps it
+// in a buffer of one frame's size, for at most the frame timeout
+// (DefaultFrameTimeout, 90 s), after which the flow is closed with
+// ErrFrameTimeout. An idle flow holds no buffer at all, on either side.
 //
 // An empty plaintext (a 16-byte frame) is the end-of-stream marker that
 // CloseWrite sends before shutdown(SHUT_WR); the peer's Read then returns
@@ -79,8 +102,8 @@
 // duplicate, reorder, injection), data after the end-of-stream frame, the
 // TCP stream ending without that frame, or an exhausted nonce
 // (noise.ErrMaxNonce; there is no rekey) closes the flow; no byte of a
-// bad frame reaches the reader. Lengths are checked before reading
-// further and buffers have a fixed size, never one a peer chose.
+// bad frame reaches the reader. A length over the maximum is refused on
+// the header alone; buffers have a fixed size, never one a peer chose.
 //
 // # Sockets
 //

@@ -123,7 +123,7 @@ func FuzzServerMsg1(f *testing.F) {
 			mac := mac1(&srv.mac1, m)
 			m = append(m, mac[:]...)
 		}
-		srv.replay = newReplayCache(16) // every input is judged fresh
+		srv.peers[fuzzClientKey.Public()].replay = newReplayCache(16) // every input is judged fresh
 		pf, why := srv.checkMsg1(m)
 		if pf == nil {
 			if why < 0 || why >= numRejects {
@@ -160,7 +160,7 @@ func FuzzClientMsg2(f *testing.F) {
 	}
 	for v := Connected; v <= Limited; v++ {
 		m1, _ := msg1()
-		srv.replay = newReplayCache(16)
+		srv.peers[fuzzClientKey.Public()].replay = newReplayCache(16)
 		pf, why := srv.checkMsg1(m1)
 		if pf == nil {
 			f.Fatalf("seed msg1 rejected: %s", why)

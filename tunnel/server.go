@@ -27,19 +27,39 @@ type ServerConfig struct {
 	// connection that failed any check is closed exactly then too,
 	// whatever and however much it sent. Default 5 s.
 	HandshakeDeadline time.Duration
-	// ReplayWindow: msg1's timestamp must be within ± this of the
-	// server's clock. Default 30 s.
+	// ReplayWindow: msg1's timestamp may be up to this much behind the
+	// server's clock. Default 30 s, so a client whose clock is behind
+	// by up to that much connects even before it has learned the
+	// server's clock from its probes.
 	ReplayWindow time.Duration
+	// FutureSkew: msg1's timestamp may be up to this much ahead of the
+	// server's clock. Default 1 s. It is small on purpose: the server
+	// refuses every timestamp up to Horizon (its start plus FutureSkew),
+	// and a message recorded before a restart carries a timestamp no
+	// later than that, so no first message is accepted twice, across a
+	// restart too. Clients stamp in the server's clock, learned from
+	// authenticated probe replies, so a client clock that is off does
+	// not matter.
+	FutureSkew time.Duration
+	// MaxFlows: authenticated flows open at once, over all peers; over
+	// it the verdict is Limited. Default 16384.
+	MaxFlows int
 	// MaxFlowsPerPeer: authenticated flows per client key; over it the
 	// verdict is Limited. Default 4096.
 	MaxFlowsPerPeer int
-	// MaxHalfOpen: connections not yet authenticated, in all. Default 4096.
+	// PeerHandshakeRate and PeerHandshakeBurst bound each peer's new
+	// flows per second (a token bucket); over it the verdict is Limited,
+	// and other peers are not affected. Defaults 1000 and 2000.
+	PeerHandshakeRate, PeerHandshakeBurst int
+	// MaxHalfOpen: connections not yet authenticated, in all. Default
+	// 4096. When the table is full the oldest of them is closed to make
+	// room; a newcomer is never refused.
 	MaxHalfOpen int
-	// MaxHalfOpenPerIP: the same per source address (per /64 for IPv6).
-	// Default 1024. Over either limit a connection is closed at once,
-	// unread.
-	MaxHalfOpenPerIP int
-	Logger           *slog.Logger
+	// MaxHalfOpenPerAddr: the same per IPv4 address or IPv6 /64, and
+	// MaxHalfOpenPerSite per IPv6 /48. Defaults 32 and 256. Over either,
+	// the oldest of that source is closed to make room.
+	MaxHalfOpenPerAddr, MaxHalfOpenPerSite int
+	Logger                                 *slog.Logger
 }
 
 // ServerStats are a Server's counters. Every accepted connection ends up
@@ -74,21 +94,18 @@ type ServerStats struct {
 
 // Server is the concentrator side of the protocol.
 type Server struct {
-	cfg    ServerConfig
-	log    *slog.Logger
-	static noise.DHKey
-	mac1   [32]byte
-	peers  map[PublicKey]*peerState
-	start  time.Time
-	replay *replayCache
+	cfg     ServerConfig
+	log     *slog.Logger
+	static  noise.DHKey
+	mac1    [32]byte
+	peers   map[PublicKey]*peerState
+	start   time.Time // with its monotonic reading: see Now
+	horizon time.Time // see Horizon
+	table   *halfOpen
 
-	// Hooks for tests; nil means time.Now and crypto/rand.
+	// Hooks for tests; nil means the server's own clock and crypto/rand.
 	now  func() time.Time
 	rand io.Reader
-
-	halfOpen atomic.Int64
-	ipMu     sync.Mutex
-	perIP    map[netip.Prefix]int
 
 	accepted, evicted, flows, limited, fallbacks atomic.Uint64
 	rateLimited, full                            atomic.Uint64
@@ -100,6 +117,12 @@ type peerState struct {
 	flows    atomic.Int64 // open now
 	total    atomic.Uint64
 	lastSeen atomic.Int64 // unix nanoseconds of the last authenticated flow
+	limited  atomic.Uint64
+	replay   *replayCache
+	full     atomic.Uint64 // handshakes dropped: replay cache full
+
+	mu     sync.Mutex
+	bucket bucket // new flows per second
 }
 
 // PeerStats is one client key's share of the flows.
@@ -118,7 +141,7 @@ type PeerStats struct {
 func (s *Server) PeerStats() []PeerStats {
 	out := make([]PeerStats, 0, len(s.peers))
 	for k, p := range s.peers {
-		ps := PeerStats{Key: k, Active: p.flows.Load(), Total: p.total.Load()}
+		ps := PeerStats{Key: k, Active: p.flows.Load(), Total: p.total.Load(), Limited: p.limited.Load(), ReplayFull: p.full.Load()}
 		if ns := p.lastSeen.Load(); ns != 0 {
 			ps.LastSeen = time.Unix(0, ns)
 		}
@@ -130,21 +153,28 @@ func (s *Server) PeerStats() []PeerStats {
 
 // Defaults.
 const (
-	defaultHandshakeDeadline = 5 * time.Second
-	defaultReplayWindow      = 30 * time.Second
-	defaultMaxFlowsPerPeer   = 4096
-	defaultMaxHalfOpen       = 4096
-	// A legitimate client opens flows in bursts (a browser page, a
-	// build's downloads) and sits behind one address, often a CGNAT one
-	// shared with others; a connection is half-open for one round trip
-	// only. 1024 keeps one address to a quarter of the global cap.
-	defaultMaxHalfOpenPerIP = 1024
+	defaultHandshakeDeadline  = 5 * time.Second
+	defaultReplayWindow       = 30 * time.Second
+	defaultFutureSkew         = time.Second
+	defaultMaxFlows           = 16384
+	defaultMaxFlowsPerPeer    = 4096
+	defaultPeerHandshakeRate  = 1000
+	defaultPeerHandshakeBurst = 2000
+	defaultMaxHalfOpen        = 4096
+	// A legitimate client is half-open for less than a round trip (msg1
+	// follows the ACK that completes the TCP handshake), so even a burst
+	// of a browser's page load rarely has more than a few connections
+	// half-open at once; 32 per address leaves room for a CGNAT address
+	// shared by several clients, and eviction of the oldest (see
+	// halfOpen) keeps a flood from that same address from starving them.
+	defaultMaxHalfOpenPerAddr = 32
+	defaultMaxHalfOpenPerSite = 256
 )
 
-// NewServer checks cfg and returns a Server. Its start time is taken now:
-// msg1s timestamped earlier are refused, so a restart does not reopen the
-// window for messages recorded before it. (A client whose clock is behind
-// the server's by d is therefore refused for d after a restart.)
+// NewServer checks cfg and returns a Server. Its clock starts now (see
+// Now), and so does its horizon: msg1s timestamped up to start+FutureSkew
+// are refused, so a restart does not reopen the window for messages
+// recorded before it.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -155,20 +185,29 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if len(cfg.Peers) == 0 {
 		return nil, errors.New("tunnel: no peers: the server would accept nobody")
 	}
-	if cfg.HandshakeDeadline <= 0 {
-		cfg.HandshakeDeadline = defaultHandshakeDeadline
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
 	}
-	if cfg.ReplayWindow <= 0 {
-		cfg.ReplayWindow = defaultReplayWindow
+	defDur := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
 	}
-	if cfg.MaxFlowsPerPeer <= 0 {
-		cfg.MaxFlowsPerPeer = defaultMaxFlowsPerPeer
-	}
-	if cfg.MaxHalfOpen <= 0 {
-		cfg.MaxHalfOpen = defaultMaxHalfOpen
-	}
-	if cfg.MaxHalfOpenPerIP <= 0 {
-		cfg.MaxHalfOpenPerIP = defaultMaxHalfOpenPerIP
+	defDur(&cfg.HandshakeDeadline, defaultHandshakeDeadline)
+	defDur(&cfg.ReplayWindow, defaultReplayWindow)
+	defDur(&cfg.FutureSkew, defaultFutureSkew)
+	def(&cfg.MaxFlows, defaultMaxFlows)
+	def(&cfg.MaxFlowsPerPeer, defaultMaxFlowsPerPeer)
+	def(&cfg.PeerHandshakeRate, defaultPeerHandshakeRate)
+	def(&cfg.PeerHandshakeBurst, defaultPeerHandshakeBurst)
+	def(&cfg.MaxHalfOpen, defaultMaxHalfOpen)
+	def(&cfg.MaxHalfOpenPerAddr, defaultMaxHalfOpenPerAddr)
+	def(&cfg.MaxHalfOpenPerSite, defaultMaxHalfOpenPerSite)
+	if cfg.MaxHalfOpenPerAddr > cfg.MaxHalfOpen || cfg.MaxHalfOpenPerSite > cfg.MaxHalfOpen {
+		return nil, fmt.Errorf("tunnel: half-open limits per address (%d) and per /48 (%d) must not exceed the total (%d)",
+			cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite, cfg.MaxHalfOpen)
 	}
 	s := &Server{
 		cfg:    cfg,
@@ -177,9 +216,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		mac1:   mac1Key(cfg.Key.Public()),
 		peers:  make(map[PublicKey]*peerState, len(cfg.Peers)),
 		start:  time.Now(),
-		replay: newReplayCache(defaultReplayMax),
-		perIP:  make(map[netip.Prefix]int),
+		table:  newHalfOpen(cfg.MaxHalfOpen, cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite),
 	}
+	s.horizon = s.start.Add(cfg.FutureSkew)
 	for _, p := range cfg.Peers {
 		if p.IsZero() {
 			return nil, errors.New("tunnel: a peer key is all zeros")
@@ -187,10 +226,35 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		if err := checkPeerKey(cfg.Key, p); err != nil {
 			return nil, fmt.Errorf("tunnel: peer: %w", err)
 		}
-		s.peers[p] = &peerState{}
+		s.peers[p] = &peerState{
+			replay: newReplayCache(defaultPeerReplayMax),
+			bucket: newBucket(cfg.PeerHandshakeRate, cfg.PeerHandshakeBurst),
+		}
 	}
 	return s, nil
 }
+
+// Now is the server's clock: the wall clock as it was at start, advanced
+// by the monotonic clock since. It never steps, whatever NTP or an
+// operator does to the wall clock meanwhile, so the timestamp check and
+// the replay cache's expiry always agree (a wall-clock step back and
+// forth could otherwise empty the cache while its messages were still
+// acceptable). Clients learn this clock from the probe responder, which
+// uses it too, and stamp their handshakes in it.
+func (s *Server) Now() time.Time {
+	if s.now != nil {
+		return s.now()
+	}
+	return s.start.Add(time.Since(s.start))
+}
+
+// Horizon is the latest msg1 timestamp the server refuses however fresh
+// it looks: its start plus FutureSkew. Any message accepted by an earlier
+// run of the server was stamped no later than that run's clock plus
+// FutureSkew, which is before this one's start (unless the wall clock
+// was stepped back across the restart by more than the restart took).
+// Clients learn it from the probe replies and stamp after it.
+func (s *Server) Horizon() time.Time { return s.horizon }
 
 // Stats returns a snapshot of the counters.
 func (s *Server) Stats() ServerStats {
@@ -198,7 +262,7 @@ func (s *Server) Stats() ServerStats {
 	return ServerStats{
 		Accepted:     s.accepted.Load(),
 		Evicted:      s.evicted.Load(),
-		HalfOpen:     s.halfOpen.Load(),
+		HalfOpen:     int64(s.table.len()),
 		Incomplete:   r(rejectIncomplete),
 		BadMAC:       r(rejectMAC),
 		BadHandshake: r(rejectNoise),
@@ -269,18 +333,19 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 		backoff = 0
 		acceptedAt := time.Now()
 		s.accepted.Add(1)
-		release, ok := s.admit(raw)
-		if !ok {
-			// Load shedding: closing unread is fine here, every
-			// connection over the limit gets the same treatment.
-			s.evicted.Add(1)
+		connCtx, cancelConn := context.WithCancel(ctx)
+		e, n := s.table.admit(addrPort(raw.RemoteAddr()).Addr(), func() {
+			// Evicted to make room: closed now, not at the
+			// deadline. Every evicted connection gets the same.
+			cancelConn()
 			abort(raw)
-			continue
-		}
+		})
+		s.evicted.Add(uint64(n))
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.serveConn(ctx, raw, acceptedAt, release, handle)
+			defer cancelConn()
+			s.serveConn(connCtx, raw, acceptedAt, e, handle)
 		}()
 	}
 }
@@ -292,50 +357,6 @@ func transientAcceptErr(err error) bool {
 		}
 	}
 	return false
-}
-
-// admit takes a half-open slot, globally and for the source address.
-func (s *Server) admit(raw net.Conn) (release func(), ok bool) {
-	if s.halfOpen.Add(1) > int64(s.cfg.MaxHalfOpen) {
-		s.halfOpen.Add(-1)
-		return nil, false
-	}
-	key := sourceKey(raw.RemoteAddr())
-	s.ipMu.Lock()
-	if s.perIP[key] >= s.cfg.MaxHalfOpenPerIP {
-		s.ipMu.Unlock()
-		s.halfOpen.Add(-1)
-		return nil, false
-	}
-	s.perIP[key]++
-	s.ipMu.Unlock()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			s.ipMu.Lock()
-			if s.perIP[key]--; s.perIP[key] <= 0 {
-				delete(s.perIP, key)
-			}
-			s.ipMu.Unlock()
-			s.halfOpen.Add(-1)
-		})
-	}, true
-}
-
-// sourceKey is what MaxHalfOpenPerIP counts by: the IPv4 address, or the
-// IPv6 /64 (one host usually owns a whole /64). Non-IP addresses (tests)
-// share one key.
-func sourceKey(a net.Addr) netip.Prefix {
-	ta, ok := a.(*net.TCPAddr)
-	if !ok {
-		return netip.Prefix{}
-	}
-	ip := ta.AddrPort().Addr().Unmap()
-	if ip.Is4() {
-		return netip.PrefixFrom(ip, 32)
-	}
-	p, _ := ip.WithZone("").Prefix(64)
-	return p
 }
 
 func addrPort(a net.Addr) netip.AddrPort {
@@ -355,7 +376,7 @@ func abort(raw net.Conn) {
 	raw.Close()
 }
 
-func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, release func(), handle func(context.Context, *Flow)) {
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, handle func(context.Context, *Flow)) {
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
 
@@ -365,17 +386,26 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	var m1 [msg1Size]byte
 	var p *pendingFlow
 	why := rejectIncomplete
-	if _, err := io.ReadFull(raw, m1[:]); err == nil {
+	if _, err := io.ReadFull(raw, m1[:]); err == nil && s.table.check(e) {
 		p, why = s.checkMsg1(m1[:])
+		if p == nil {
+			s.table.uncheck(e)
+		}
 	}
 	if p == nil {
+		if ctx.Err() != nil {
+			// Evicted, or the server is stopping: counted as such,
+			// not as a reason.
+			s.table.release(e)
+			return
+		}
 		s.rejects[why].Add(1)
 		s.log.Debug("handshake rejected", "remote", raw.RemoteAddr().String(), "reason", why.String())
 		s.silence(ctx, raw, deadline)
-		release()
+		s.table.release(e)
 		return
 	}
-	release()
+	s.table.release(e)
 	raw.SetReadDeadline(time.Time{})
 
 	s.flows.Add(1)
@@ -400,9 +430,28 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	}
 	p.peer.total.Add(1)
 	p.peer.lastSeen.Store(time.Now().UnixNano())
-	if p.peer.flows.Add(1) > int64(s.cfg.MaxFlowsPerPeer) {
-		s.limited.Add(1)
-		s.log.Debug("flow over MaxFlowsPerPeer", "peer", p.key.String())
+	p.peer.flows.Add(1)
+	// The limits, in order: the peer's rate of new flows, the server's
+	// flows in all, the peer's flows. Each refusal is a Limited verdict
+	// inside the encrypted channel, so the client's app gets a reset at
+	// once; msg1 is already in its peer's replay cache, so replaying it
+	// later dials nothing either.
+	p.peer.mu.Lock()
+	ok := p.peer.bucket.take(s.Now().UnixNano())
+	p.peer.mu.Unlock()
+	var limit *atomic.Uint64
+	switch {
+	case !ok:
+		limit = &s.rateLimited
+	case s.active.Load() > int64(s.cfg.MaxFlows):
+		limit = &s.full
+	case p.peer.flows.Load() > int64(s.cfg.MaxFlowsPerPeer):
+		limit = &s.limited
+	}
+	if limit != nil {
+		limit.Add(1)
+		p.peer.limited.Add(1)
+		s.log.Debug("flow over a limit", "peer", p.key.String(), "rate_ok", ok, "active", s.active.Load(), "peer_flows", p.peer.flows.Load())
 		f.Refuse(Limited)
 		return
 	}
@@ -413,20 +462,13 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	}
 }
 
-// silence is what every failed handshake gets: no byte back, the
-// connection read and discarded until the fixed deadline, then a RST. A
-// prober learns neither how much was read nor which check failed.
+// silence is what every failed handshake gets: no byte back, nothing more
+// read (the server read exactly msg1's size, or less if less came, from
+// every connection alike), and a RST at the fixed deadline. A prober
+// learns neither how much was read nor which check failed. Nothing is
+// read meanwhile, so a connection here costs no buffer and no wakeup per
+// byte it trickles.
 func (s *Server) silence(ctx context.Context, raw net.Conn, deadline time.Time) {
-	bp := discardPool.Get().(*[]byte)
-	for {
-		// Bounded memory: one small buffer, whatever arrives. The
-		// read deadline (already set) ends the loop.
-		if _, err := raw.Read(*bp); err != nil {
-			break
-		}
-	}
-	discardPool.Put(bp)
-	// EOF or an error before the deadline: still wait for it.
 	if d := time.Until(deadline); d > 0 {
 		t := time.NewTimer(d)
 		select {
@@ -437,8 +479,6 @@ func (s *Server) silence(ctx context.Context, raw net.Conn, deadline time.Time) 
 	}
 	abort(raw)
 }
-
-var discardPool = sync.Pool{New: func() any { b := make([]byte, 4096); return &b }}
 
 type reject int
 
@@ -491,20 +531,17 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 	if err != nil {
 		return nil, rejectPayload
 	}
-	now := time.Now()
-	if s.now != nil {
-		now = s.now()
-	}
-	w := s.cfg.ReplayWindow
-	if ts.Before(s.start) || ts.Before(now.Add(-w)) || ts.After(now.Add(w)) {
+	now := s.Now()
+	if !ts.After(s.horizon) || ts.Before(now.Add(-s.cfg.ReplayWindow)) || ts.After(now.Add(s.cfg.FutureSkew)) {
 		return nil, rejectTime
 	}
-	// Past ts+w the timestamp check refuses the message by itself, so
-	// the cache need not remember it longer.
-	switch s.replay.add([KeySize]byte(m[:KeySize]), ts.Add(w).UnixNano(), now.UnixNano()) {
+	// Past ts+ReplayWindow the timestamp check refuses the message by
+	// itself, so its peer's cache need not remember it longer.
+	switch peer.replay.add([KeySize]byte(m[:KeySize]), ts.Add(s.cfg.ReplayWindow).UnixNano(), now.UnixNano()) {
 	case replaySeen:
 		return nil, rejectReplay
 	case replayFull:
+		peer.full.Add(1)
 		return nil, rejectReplayFull
 	}
 	return &pendingFlow{hs: hs, key: key, peer: peer, dst: dst}, 0

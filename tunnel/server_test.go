@@ -450,7 +450,7 @@ func TestDialCancel(t *testing.T) {
 func TestReplayOverNetwork(t *testing.T) {
 	const deadline = 400 * time.Millisecond
 	ln := listenMPTCP(t, false)
-	p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpenPerIP: 1000}, ClientConfig{Server: lnAddr(ln)})
+	p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpenPerAddr: 1000, MaxHalfOpen: 1000}, ClientConfig{Server: lnAddr(ln)})
 	var handled atomic.Int64
 	serve(t, p.srv, ln, func(_ context.Context, f *Flow) { handled.Add(1); f.Refuse(Refused) })
 	_, m1, err := p.cli.msg1(testDst)
@@ -493,7 +493,7 @@ func TestReplayOverNetwork(t *testing.T) {
 func TestReplayMany(t *testing.T) {
 	const replays = 10000
 	ln := newPipeListener()
-	p := newPair(t, ServerConfig{HandshakeDeadline: 10 * time.Second, MaxHalfOpen: 2 * replays, MaxHalfOpenPerIP: 2 * replays}, ClientConfig{})
+	p := newPair(t, ServerConfig{HandshakeDeadline: 10 * time.Second, MaxHalfOpen: 2 * replays, MaxHalfOpenPerAddr: 2 * replays}, ClientConfig{})
 	var handled atomic.Int64
 	serve(t, p.srv, ln, func(_ context.Context, f *Flow) { handled.Add(1); f.Refuse(Refused) })
 	_, m1, err := p.cli.msg1(testDst)
@@ -562,80 +562,152 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Fatalf("timed out waiting for %s", what)
 }
 
-// closedQuickly dials from src and reports whether the server closed the
-// connection at once, unread (shed), rather than holding it.
-func closedQuickly(t testing.TB, ln net.Listener, src string) bool {
+// holdOpen dials from src and returns the connection, silent.
+func holdOpen(t testing.TB, ln net.Listener, src string) net.Conn {
 	t.Helper()
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 	c, err := d.Dial("tcp", ln.Addr().String())
-	if errors.Is(err, syscall.ECONNRESET) {
-		// Shed so fast that the RST beat Go's check of the connect.
-		return true
-	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	_, err = c.Read(make([]byte, 1))
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// closedWithin reports whether the server closed c within d.
+func closedWithin(c net.Conn, d time.Duration) bool {
+	c.SetReadDeadline(time.Now().Add(d))
+	_, err := c.Read(make([]byte, 1))
 	return !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// TestHalfOpenCaps: over MaxHalfOpen, or MaxHalfOpenPerIP from one
-// address, a connection is closed at once; slots come back at the
-// deadline.
-func TestHalfOpenCaps(t *testing.T) {
-	const deadline = 1500 * time.Millisecond
+// TestHalfOpenEviction: a newcomer is never refused. Over MaxHalfOpen,
+// or over MaxHalfOpenPerAddr from one address, the oldest unauthenticated
+// connection (of all, or of that address) is closed at once instead, and
+// a real client still gets through a table full of silent connections.
+func TestHalfOpenEviction(t *testing.T) {
+	const deadline = 3 * time.Second
 	t.Run("global", func(t *testing.T) {
 		ln := listenMPTCP(t, false)
-		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpen: 2}, ClientConfig{})
+		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpen: 2, MaxHalfOpenPerAddr: 2, MaxHalfOpenPerSite: 2}, ClientConfig{Server: lnAddr(ln)})
 		serve(t, p.srv, ln, echoAccept)
-		for range 2 {
-			c, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-		}
+		first := holdOpen(t, ln, "127.0.0.1")
+		waitFor(t, "1 half-open", func() bool { return p.srv.Stats().HalfOpen == 1 })
+		second := holdOpen(t, ln, "127.0.0.2")
 		waitFor(t, "2 half-open", func() bool { return p.srv.Stats().HalfOpen == 2 })
-		if !closedQuickly(t, ln, "127.0.0.1") {
-			t.Fatal("third connection over MaxHalfOpen=2 was held")
+		third := holdOpen(t, ln, "127.0.0.3")
+		if !closedWithin(first, time.Second) {
+			t.Fatal("the oldest connection was not evicted when a third arrived at MaxHalfOpen=2")
 		}
-		if s := p.srv.Stats(); s.Evicted != 1 {
-			t.Errorf("Evicted = %d", s.Evicted)
+		if closedWithin(second, 200*time.Millisecond) || closedWithin(third, 200*time.Millisecond) {
+			t.Fatal("a younger connection was closed")
+		}
+		// A real client evicts the oldest too, and gets its flow.
+		c, err := p.cli.DialTCP(context.Background(), testDst)
+		if err != nil {
+			t.Fatalf("a real client with the table full of silent connections: %v", err)
+		}
+		c.Close()
+		if !closedWithin(second, time.Second) {
+			t.Fatal("the real client's connection did not evict the oldest")
+		}
+		if s := p.srv.Stats(); s.Evicted != 2 || s.Flows != 1 {
+			t.Errorf("Evicted = %d, Flows = %d; want 2, 1", s.Evicted, s.Flows)
 		}
 	})
-	t.Run("per IP", func(t *testing.T) {
+	t.Run("per address", func(t *testing.T) {
 		ln := listenMPTCP(t, false)
-		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpenPerIP: 1}, ClientConfig{})
+		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpenPerAddr: 1}, ClientConfig{})
 		serve(t, p.srv, ln, echoAccept)
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		first := holdOpen(t, ln, "127.0.0.1")
 		opened := time.Now()
 		waitFor(t, "1 half-open", func() bool { return p.srv.Stats().HalfOpen == 1 })
-		if !closedQuickly(t, ln, "127.0.0.1") {
-			t.Fatal("second connection from 127.0.0.1 was held")
+		other := holdOpen(t, ln, "127.0.0.2")
+		waitFor(t, "2 half-open", func() bool { return p.srv.Stats().HalfOpen == 2 })
+		second := holdOpen(t, ln, "127.0.0.1")
+		if !closedWithin(first, time.Second) {
+			t.Fatal("the older connection from 127.0.0.1 was not evicted")
 		}
-		if closedQuickly(t, ln, "127.0.0.2") {
-			t.Fatal("a connection from another address was shed")
+		if closedWithin(other, 200*time.Millisecond) {
+			t.Fatal("a connection from another address was evicted")
 		}
-		// After the first one's deadline its slot is free again.
-		c.SetReadDeadline(time.Now().Add(deadline + 2*time.Second))
-		io.Copy(io.Discard, c)
+		// The survivors are closed at their deadline, not before.
+		second.SetReadDeadline(time.Now().Add(deadline + 2*time.Second))
+		io.Copy(io.Discard, second)
 		if time.Since(opened) < deadline {
-			t.Fatal("first connection closed before its deadline")
+			t.Fatal("a surviving connection closed before its deadline")
 		}
 		waitFor(t, "slots released", func() bool { return p.srv.Stats().HalfOpen == 0 })
-		if closedQuickly(t, ln, "127.0.0.1") {
-			t.Fatal("slot not released after the deadline")
-		}
-		if s := p.srv.Stats(); s.Evicted != 1 {
-			t.Errorf("Evicted = %d", s.Evicted)
+		if s := p.srv.Stats(); s.Evicted != 1 || s.Incomplete != 2 {
+			t.Errorf("Evicted = %d, Incomplete = %d; want 1, 2", s.Evicted, s.Incomplete)
 		}
 	})
+}
+
+// TestHalfOpenShares: the table's bookkeeping, by address: IPv4 per
+// address, IPv6 per /64 and per /48, oldest first, and never an entry
+// whose msg1 is being checked.
+func TestHalfOpenShares(t *testing.T) {
+	type step struct {
+		src     string
+		checked bool  // mark the new entry as being checked
+		evicted []int // indices of earlier steps evicted by this one
+	}
+	tests := []struct {
+		name                  string
+		max, perAddr, perSite int
+		steps                 []step
+	}{
+		{"IPv4 per address", 10, 2, 10, []step{
+			{src: "192.0.2.1"}, {src: "192.0.2.1"}, {src: "192.0.2.2"},
+			{src: "192.0.2.1", evicted: []int{0}}, {src: "192.0.2.1", evicted: []int{1}},
+		}},
+		{"IPv6 per /64", 10, 2, 10, []step{
+			{src: "2001:db8:1:1::1"}, {src: "2001:db8:1:1::2"}, {src: "2001:db8:1:2::1"},
+			{src: "2001:db8:1:1:ffff::9", evicted: []int{0}},
+		}},
+		{"IPv6 per /48", 10, 5, 3, []step{
+			{src: "2001:db8:1:1::1"}, {src: "2001:db8:1:2::1"}, {src: "2001:db8:2::1"}, {src: "2001:db8:1:3::1"},
+			{src: "2001:db8:1:4::1", evicted: []int{0}}, {src: "2001:db8:2::2"},
+		}},
+		{"global, oldest first", 3, 3, 3, []step{
+			{src: "192.0.2.1"}, {src: "192.0.2.2"}, {src: "192.0.2.3"},
+			{src: "192.0.2.4", evicted: []int{0}}, {src: "192.0.2.5", evicted: []int{1}},
+		}},
+		{"an entry being checked is not evicted", 2, 2, 2, []step{
+			{src: "192.0.2.1", checked: true}, {src: "192.0.2.2"},
+			{src: "192.0.2.3", evicted: []int{1}}, {src: "192.0.2.4", evicted: []int{2}},
+		}},
+		{"IPv4-mapped is IPv4", 10, 1, 10, []step{
+			{src: "192.0.2.1"}, {src: "::ffff:192.0.2.1", evicted: []int{0}},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHalfOpen(tt.max, tt.perAddr, tt.perSite)
+			evicted := map[int]bool{} // by the evict callbacks
+			live := 0
+			for i, st := range tt.steps {
+				before := len(evicted)
+				e, n := h.admit(netip.MustParseAddr(st.src), func() { evicted[i] = true })
+				if st.checked && !h.check(e) {
+					t.Fatalf("step %d: check of a fresh entry failed", i)
+				}
+				if n != len(st.evicted) || len(evicted)-before != n {
+					t.Errorf("step %d (%s): %d evictions (%d callbacks), want %d", i, st.src, n, len(evicted)-before, len(st.evicted))
+				}
+				for _, j := range st.evicted {
+					if !evicted[j] {
+						t.Errorf("step %d (%s): entry %d not evicted; evicted so far: %v", i, st.src, j, evicted)
+					}
+				}
+				live += 1 - n
+				if h.len() != live {
+					t.Errorf("step %d: %d entries, want %d", i, h.len(), live)
+				}
+			}
+		})
+	}
 }
 
 // TestMaxFlowsPerPeer: over the limit the verdict is Limited (EAGAIN);

@@ -48,3 +48,15 @@ func isMPTCPSocket(sc syscall.Conn) bool { return false }
 func fastOpenSysctl() (int, error) { return 0, errNotLinux }
 
 func limitUnsent(net.Conn) error { return nil }
+
+type tryReader struct{}
+
+func newTryReader(*net.TCPConn) *tryReader { return nil }
+
+func (*tryReader) read([]byte) (int, bool, error) { return 0, false, errNotLinux }
+
+type lazyReader struct{}
+
+func newLazyReader(*net.TCPConn, int) *lazyReader { return nil }
+
+func (*lazyReader) read() (*[]byte, int, error) { return nil, 0, errNotLinux }

@@ -31,11 +31,11 @@ func TestKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 		if k[0]&7 != 0 || k[31]&128 != 0 || k[31]&64 == 0 {
-			t.Fatalf("key not clamped: %x", k)
+			t.Fatalf("key not clamped: %x", k[:])
 		}
-		s := k.String()
+		s := k.Base64Secret()
 		if len(s) != 44 || !strings.HasSuffix(s, "=") {
-			t.Fatalf("String() = %q, want 44 base64 characters as wg genkey", s)
+			t.Fatalf("Base64Secret() = %q, want 44 base64 characters as wg genkey", s)
 		}
 		k2, err := ParsePrivateKey("  " + s + "\n")
 		if err != nil || k2 != k {
@@ -71,7 +71,7 @@ func TestKeys(t *testing.T) {
 			t.Errorf("ParsePublicKey(%q) = %v, want an error mentioning %q", b.in, err, b.want)
 		}
 	}
-	if got := k.LogValue().String(); strings.Contains(got, k.String()) {
+	if got := k.LogValue().String(); strings.Contains(got, k.Base64Secret()) {
 		t.Fatal("LogValue shows the private key")
 	}
 }
@@ -179,9 +179,13 @@ func TestReplayCache(t *testing.T) {
 		{2, 50, 10, replayFresh, 2},
 		{3, 200, 20, replayFresh, 3},
 		{4, 200, 20, replayFull, 3},
-		{2, 60, 50, replayFresh, 3},   // 2 expired at 50 and was dropped
-		{1, 100, 99, replaySeen, 2},   // 2 (60) expired meanwhile
-		{1, 300, 100, replayFresh, 2}, // 1 expired at 100 and came back
+		// Expiry is the last instant the timestamp check still
+		// accepts the message: at 50 key 2 is kept, after it dropped.
+		{2, 60, 50, replaySeen, 3},
+		{2, 60, 51, replayFresh, 3},
+		{1, 100, 99, replaySeen, 2}, // 2 (60) expired meanwhile
+		{1, 100, 100, replaySeen, 2},
+		{1, 300, 101, replayFresh, 2}, // 1 (100) expired and came back
 	}
 	for i, s := range steps {
 		if got := c.add(k(s.key), s.expiry, s.now); got != s.want {
@@ -193,31 +197,43 @@ func TestReplayCache(t *testing.T) {
 	}
 }
 
-// TestCheckMsg1Timestamps: the window is ± ReplayWindow around the
-// server's clock, and nothing before the server's start passes.
+// TestCheckMsg1Timestamps: a stamp is accepted from ReplayWindow behind
+// the server's clock to FutureSkew ahead of it, and never at or before
+// the horizon (start + FutureSkew), which is what keeps a message
+// recorded before a restart from being accepted after it.
 func TestCheckMsg1Timestamps(t *testing.T) {
 	base := time.Now()
-	const w = 30 * time.Second
+	const w, f = 30 * time.Second, time.Second
 	tests := []struct {
 		name  string
-		skew  time.Duration // client clock minus server clock
-		start time.Duration // server start relative to the server's now
+		stamp time.Duration // msg1's timestamp minus the server's now
+		start time.Duration // server start relative to the server's now (horizon: start + f)
 		ok    bool
 	}{
 		{"in sync", 0, -time.Hour, true},
-		{"client 29s behind", -29 * time.Second, -time.Hour, true},
-		{"client 29s ahead", 29 * time.Second, -time.Hour, true},
-		{"client 31s behind", -31 * time.Second, -time.Hour, false},
-		{"client 31s ahead", 31 * time.Second, -time.Hour, false},
+		{"29s behind", -29 * time.Second, -time.Hour, true},
+		{"30s behind", -30 * time.Second, -time.Hour, true},
+		{"31s behind", -31 * time.Second, -time.Hour, false},
+		{"0.9s ahead", 900 * time.Millisecond, -time.Hour, true},
+		{"1s ahead", time.Second, -time.Hour, true},
+		{"1.1s ahead", 1100 * time.Millisecond, -time.Hour, false},
+		// A client with a clock 29 s fast connects only because it
+		// stamps in the server's clock (learned from the probes).
+		{"29s ahead", 29 * time.Second, -time.Hour, false},
+		// Recorded before a restart: stamped no later than the old
+		// run's clock plus FutureSkew, so at most start+FutureSkew.
 		{"recorded before a restart", -2 * time.Second, -time.Second, false},
-		{"just after start", 0, -time.Millisecond, true},
+		{"recorded before a restart, stamped ahead", 300 * time.Millisecond, -600 * time.Millisecond, false},
+		{"at the horizon", 400 * time.Millisecond, -600 * time.Millisecond, false},
+		{"just after start, own clock", 0, -time.Millisecond, false},
+		{"just after start, stamped past the horizon", f - time.Millisecond + time.Microsecond, -time.Millisecond, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := newPair(t, ServerConfig{ReplayWindow: w}, ClientConfig{})
+			p := newPair(t, ServerConfig{ReplayWindow: w, FutureSkew: f}, ClientConfig{})
 			p.srv.now = func() time.Time { return base }
-			p.srv.start = base.Add(tt.start)
-			p.cli.now = func() time.Time { return base.Add(tt.skew) }
+			p.srv.horizon = base.Add(tt.start + f)
+			p.cli.now = func() time.Time { return base.Add(tt.stamp) }
 			_, m1, err := p.cli.msg1(testDst)
 			if err != nil {
 				t.Fatal(err)

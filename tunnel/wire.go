@@ -27,12 +27,17 @@ const (
 	msg2Size        = KeySize + msg2PayloadSize + tagSize // 64
 
 	// Transport frames: 2-byte big-endian length, then that many bytes of
-	// ciphertext (plaintext + tag). Noise caps a message at 65535 bytes,
-	// which the 16-bit length cannot exceed anyway.
+	// ciphertext (plaintext + tag). A frame is at most 32 KiB on the wire
+	// (Noise would allow 64 KiB): that is about what a sender writes
+	// anyway (see writeFramePayload), and it halves what a frame that
+	// stops half-way can pin on the receiver (issue 8: SECURITY.md's
+	// bound of 64 KiB per malicious connection). Exactly 32 KiB, so that
+	// a frame's buffer fills one of Go's allocation size classes instead
+	// of spilling into the next (40 KiB).
 	frameHeaderSize = 2
-	maxCiphertext   = noise.MaxMsgLen         // 65535
-	maxPlaintext    = maxCiphertext - tagSize // 65519
-	maxFrameSize    = frameHeaderSize + maxCiphertext
+	maxFrameSize    = 32 << 10                       // 32768
+	maxCiphertext   = maxFrameSize - frameHeaderSize // 32766
+	maxPlaintext    = maxCiphertext - tagSize        // 32750
 
 	timestampSize = 12
 	protoTCP      = 6 // IANA protocol number; 17 (UDP) is reserved for later
