@@ -6,10 +6,13 @@
 //
 // The client and the concentrator each listen on a unix stream socket,
 // /run/mpvpn/<role>.sock by default (the caller picks the path). The
-// directory is created 0700 and the socket is chmod 0600, and every
-// connection's peer credentials (SO_PEERCRED) are checked as well, so only
-// root (or the daemon's own user) is answered, even in the instant between
-// bind and chmod or in a directory whose mode we did not choose.
+// directory is created 0700; one that exists must be a real directory of
+// root's (or the daemon's user's) that group and others cannot write to.
+// The socket is bound in a private directory, made 0600 there and only
+// then linked at its path, so it never has another mode there and no
+// symlink is followed. Every connection's peer credentials (SO_PEERCRED)
+// are checked as well, so only root (or the daemon's own user) is
+// answered even if the socket's mode is changed later.
 //
 // Protocol: the client writes one line, "status\n"; the server answers one
 // JSON document (a [Status]) and closes. A request longer than 64

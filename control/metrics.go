@@ -64,12 +64,33 @@ var (
 	descTx = prometheus.NewDesc("mpvpn_tx_bytes_total",
 		"Bytes sent on mpvpn's flows.", nil, nil)
 
+	descHandshakesAccepted = prometheus.NewDesc("mpvpn_handshakes_accepted_total",
+		"Connections the tunnel listener accepted (server).", nil, nil)
+	descHandshakesHalfOpen = prometheus.NewDesc("mpvpn_handshakes_half_open",
+		"Connections in the handshake now (server).", nil, nil)
+	descHandshakesEvicted = prometheus.NewDesc("mpvpn_handshakes_evicted_total",
+		"Half-open connections closed before their deadline to make room for newer ones: a flood, or limits too low (server).", nil, nil)
+	descHandshakesRejected = prometheus.NewDesc("mpvpn_handshakes_rejected_total",
+		"Connections closed without an answer, by reason (server).", []string{"reason"}, nil)
+	descFlowsLimited = prometheus.NewDesc("mpvpn_flows_limited_total",
+		"Authenticated flows answered Limited, by limit: the peer's flows, its rate, or the server's flows (server).", []string{"limit"}, nil)
+	descFlowVerdicts = prometheus.NewDesc("mpvpn_flow_verdicts_total",
+		"What became of the flows handed to the concentrator, by verdict (server).", []string{"verdict"}, nil)
+	descStackInFlight = prometheus.NewDesc("mpvpn_stack_syns_in_flight",
+		"SYNs the client's netstack is forwarding now.", nil, nil)
+	descStackSYNLimited = prometheus.NewDesc("mpvpn_stack_syn_limited_total",
+		"SYNs the client's netstack answered with a reset because too many were in flight.", nil, nil)
+
 	descPeerActive = prometheus.NewDesc("mpvpn_peer_flows_active",
 		"TCP flows of the peer open now.", []string{"peer"}, nil)
 	descPeerTotal = prometheus.NewDesc("mpvpn_peer_flows_total",
 		"TCP flows of the peer opened since start.", []string{"peer"}, nil)
 	descPeerLastSeen = prometheus.NewDesc("mpvpn_peer_last_seen_seconds",
 		"When the peer was last heard from, in Unix seconds (absent if never).", []string{"peer"}, nil)
+	descPeerLimited = prometheus.NewDesc("mpvpn_peer_flows_limited_total",
+		"TCP flows of the peer answered Limited (any limit).", []string{"peer"}, nil)
+	descPeerReplayFull = prometheus.NewDesc("mpvpn_peer_replay_full_total",
+		"Handshakes of the peer dropped because its replay cache was full.", []string{"peer"}, nil)
 )
 
 var allDescs = []*prometheus.Desc{
@@ -79,7 +100,10 @@ var allDescs = []*prometheus.Desc{
 	descUplinkFallbacks, descUplinkProbeUp, descUplinkProbeRTT,
 	descFlowsActive, descFlowsTotal, descFlowsFailed, descFlowsRejected,
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
-	descPeerActive, descPeerTotal, descPeerLastSeen,
+	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
+	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
+	descStackInFlight, descStackSYNLimited,
+	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
 // uplinkStates are the states mpvpn_uplink_state always has a series for,
@@ -158,6 +182,29 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descRx, float64(f.RxBytes))
 	counter(descTx, float64(f.TxBytes))
 
+	// Every reason, limit and verdict has a series from the start, zero
+	// until it happens, so that rate() and increase() see the first one.
+	if h := s.Handshakes; h != nil {
+		counter(descHandshakesAccepted, float64(h.Accepted))
+		gauge(descHandshakesHalfOpen, float64(h.HalfOpen))
+		counter(descHandshakesEvicted, float64(h.Evicted))
+		for _, c := range h.Rejected.Counts() {
+			counter(descHandshakesRejected, float64(c.Value), c.Name)
+		}
+		for _, c := range h.Limited.Counts() {
+			counter(descFlowsLimited, float64(c.Value), c.Name)
+		}
+	}
+	if v := s.Verdicts; v != nil {
+		for _, c := range v.Counts() {
+			counter(descFlowVerdicts, float64(c.Value), c.Name)
+		}
+	}
+	if st := s.Stack; st != nil {
+		gauge(descStackInFlight, float64(st.InFlight))
+		counter(descStackSYNLimited, float64(st.SYNLimited))
+	}
+
 	clear(seen)
 	for _, p := range s.Peers {
 		if seen[p.Key] {
@@ -166,6 +213,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		seen[p.Key] = true
 		gauge(descPeerActive, float64(p.ActiveFlows), p.Key)
 		counter(descPeerTotal, float64(p.TotalFlows), p.Key)
+		counter(descPeerLimited, float64(p.Limited), p.Key)
+		counter(descPeerReplayFull, float64(p.ReplayFull), p.Key)
 		if !p.LastSeen.IsZero() {
 			gauge(descPeerLastSeen, unixSeconds(p.LastSeen), p.Key)
 		}

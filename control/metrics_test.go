@@ -6,6 +6,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -87,20 +88,77 @@ func TestServeMetrics(t *testing.T) {
 				`mpvpn_flows_fallback_total`:                          3,
 				`mpvpn_rx_bytes_total`:                                3<<30 + 1536,
 				`mpvpn_tx_bytes_total`:                                5<<20 + 100,
+				`mpvpn_stack_syns_in_flight`:                          6,
+				`mpvpn_stack_syn_limited_total`:                       51,
 			},
 		},
 		{
 			name: "server",
 			s:    serverStatus(),
 			want: map[string]float64{
-				`mpvpn_info{role="server",version=""}`:       1,
-				`mpvpn_flows_active`:                         2,
-				`mpvpn_flows_total`:                          9,
-				`mpvpn_peer_flows_active{peer="peerA"}`:      2,
-				`mpvpn_peer_flows_active{peer="peerB"}`:      0,
-				`mpvpn_peer_flows_total{peer="peerA"}`:       7,
-				`mpvpn_peer_flows_total{peer="peerB"}`:       2,
-				`mpvpn_peer_last_seen_seconds{peer="peerA"}`: float64(t0.Add(time.Hour).Unix()),
+				`mpvpn_info{role="server",version=""}`:         1,
+				`mpvpn_flows_active`:                           2,
+				`mpvpn_flows_total`:                            9,
+				`mpvpn_peer_flows_active{peer="peerA"}`:        2,
+				`mpvpn_peer_flows_active{peer="peerB"}`:        0,
+				`mpvpn_peer_flows_total{peer="peerA"}`:         7,
+				`mpvpn_peer_flows_total{peer="peerB"}`:         2,
+				`mpvpn_peer_last_seen_seconds{peer="peerA"}`:   float64(t0.Add(time.Hour).Unix()),
+				`mpvpn_peer_flows_limited_total{peer="peerA"}`: 41,
+				`mpvpn_peer_flows_limited_total{peer="peerB"}`: 0,
+				`mpvpn_peer_replay_full_total{peer="peerA"}`:   42,
+				`mpvpn_peer_replay_full_total{peer="peerB"}`:   0,
+
+				`mpvpn_handshakes_accepted_total`:                         1234,
+				`mpvpn_handshakes_half_open`:                              3,
+				`mpvpn_handshakes_evicted_total`:                          5,
+				`mpvpn_handshakes_rejected_total{reason="incomplete"}`:    11,
+				`mpvpn_handshakes_rejected_total{reason="bad_mac"}`:       12,
+				`mpvpn_handshakes_rejected_total{reason="bad_handshake"}`: 13,
+				`mpvpn_handshakes_rejected_total{reason="unknown_peer"}`:  14,
+				`mpvpn_handshakes_rejected_total{reason="bad_payload"}`:   15,
+				`mpvpn_handshakes_rejected_total{reason="bad_time"}`:      16,
+				`mpvpn_handshakes_rejected_total{reason="replayed"}`:      17,
+				`mpvpn_handshakes_rejected_total{reason="replay_full"}`:   18,
+				`mpvpn_flows_limited_total{limit="peer"}`:                 21,
+				`mpvpn_flows_limited_total{limit="rate"}`:                 22,
+				`mpvpn_flows_limited_total{limit="server"}`:               23,
+				`mpvpn_flow_verdicts_total{verdict="connected"}`:          31,
+				`mpvpn_flow_verdicts_total{verdict="refused"}`:            32,
+				`mpvpn_flow_verdicts_total{verdict="unreachable"}`:        33,
+				`mpvpn_flow_verdicts_total{verdict="timed_out"}`:          34,
+				`mpvpn_flow_verdicts_total{verdict="not_allowed"}`:        35,
+			},
+		},
+		{
+			// Nothing has happened yet: every reason, limit and verdict
+			// is there at 0, so that rate() sees the first one.
+			name: "server, quiet",
+			s: func() Status {
+				s := serverStatus()
+				s.Handshakes, s.Verdicts = &Handshakes{}, &Verdicts{}
+				return s
+			}(),
+			want: map[string]float64{
+				`mpvpn_handshakes_accepted_total`:                         0,
+				`mpvpn_handshakes_half_open`:                              0,
+				`mpvpn_handshakes_evicted_total`:                          0,
+				`mpvpn_handshakes_rejected_total{reason="incomplete"}`:    0,
+				`mpvpn_handshakes_rejected_total{reason="bad_mac"}`:       0,
+				`mpvpn_handshakes_rejected_total{reason="bad_handshake"}`: 0,
+				`mpvpn_handshakes_rejected_total{reason="unknown_peer"}`:  0,
+				`mpvpn_handshakes_rejected_total{reason="bad_payload"}`:   0,
+				`mpvpn_handshakes_rejected_total{reason="bad_time"}`:      0,
+				`mpvpn_handshakes_rejected_total{reason="replayed"}`:      0,
+				`mpvpn_handshakes_rejected_total{reason="replay_full"}`:   0,
+				`mpvpn_flows_limited_total{limit="peer"}`:                 0,
+				`mpvpn_flows_limited_total{limit="rate"}`:                 0,
+				`mpvpn_flows_limited_total{limit="server"}`:               0,
+				`mpvpn_flow_verdicts_total{verdict="connected"}`:          0,
+				`mpvpn_flow_verdicts_total{verdict="refused"}`:            0,
+				`mpvpn_flow_verdicts_total{verdict="unreachable"}`:        0,
+				`mpvpn_flow_verdicts_total{verdict="timed_out"}`:          0,
+				`mpvpn_flow_verdicts_total{verdict="not_allowed"}`:        0,
 			},
 		},
 	}
@@ -131,12 +189,26 @@ func TestServeMetrics(t *testing.T) {
 					t.Errorf("%s = %v, want %v", k, g, v)
 				}
 			}
+			serverOnly := []string{"mpvpn_peer_", "mpvpn_handshakes_", "mpvpn_flows_limited_", "mpvpn_flow_verdicts_"}
+			clientOnly := []string{"mpvpn_uplink_", "mpvpn_stack_"}
+			hasPrefix := func(k string, prefixes []string) bool {
+				return slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(k, p) })
+			}
 			for k := range got {
-				if tt.s.Role == "server" && strings.HasPrefix(k, "mpvpn_uplink_") {
+				if tt.s.Role == "server" && hasPrefix(k, clientOnly) {
 					t.Errorf("server exposes %s", k)
 				}
-				if tt.s.Role == "client" && strings.HasPrefix(k, "mpvpn_peer_") {
+				if tt.s.Role == "client" && hasPrefix(k, serverOnly) {
 					t.Errorf("client exposes %s", k)
+				}
+			}
+			// A reason, limit or verdict the test does not list is one
+			// added without a test.
+			for k := range got {
+				if hasPrefix(k, []string{"mpvpn_handshakes_rejected_total", "mpvpn_flows_limited_total", "mpvpn_flow_verdicts_total"}) {
+					if _, ok := tt.want[k]; !ok {
+						t.Errorf("unexpected series %s", k)
+					}
 				}
 			}
 			if _, ok := tt.want[`mpvpn_peer_last_seen_seconds{peer="peerB"}`]; !ok {
@@ -155,13 +227,14 @@ func TestServeMetrics(t *testing.T) {
 }
 
 func TestCollectorLint(t *testing.T) {
-	c := NewCollector(clientStatus)
-	problems, err := testutil.CollectAndLint(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range problems {
-		t.Errorf("lint: %s: %s", p.Metric, p.Text)
+	for _, get := range []func() Status{clientStatus, serverStatus} {
+		problems, err := testutil.CollectAndLint(NewCollector(get))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range problems {
+			t.Errorf("lint: %s: %s", p.Metric, p.Text)
+		}
 	}
 	s := clientStatus()
 	s.Uplinks = append(s.Uplinks, s.Uplinks[0]) // listed twice: reported once

@@ -8,9 +8,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// peerAllowed accepts a connection from root or from our own user only:
-// the file mode alone leaves the instant between bind and chmod, and a
-// directory we did not create.
+// peerAllowed accepts a connection from root or from our own user only,
+// whatever the socket file's mode: Listen makes it 0600 before it has its
+// name, but a later chmod by an administrator should not open it to all.
 func peerAllowed(c *net.UnixConn) error {
 	raw, err := c.SyscallConn()
 	if err != nil {

@@ -9,7 +9,8 @@ import (
 )
 
 // Render writes s for a human: a header with the role, the far end, the
-// uptime and the flow counters, then a row per uplink (client) or per peer
+// uptime, the flow counters and (server) the handshakes and verdicts or
+// (client) the netstack, then a row per uplink (client) or per peer
 // (server). With prev, the status read interval earlier, rates that s does
 // not report itself are worked out from the byte counters; with prev nil
 // they are shown as s gives them.
@@ -43,6 +44,17 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 			humanRate(deltaRate(f.TxBytes, prev.Flows.TxBytes, interval)))
 	}
 	b.WriteString("\n")
+	if h := s.Handshakes; h != nil {
+		fmt.Fprintf(&b, "handshakes: %d accepted, %d half-open, %d evicted; rejected: %s; limited: %s\n",
+			h.Accepted, h.HalfOpen, h.Evicted, nonzero(h.Rejected.Counts()), nonzero(h.Limited.Counts()))
+	}
+	if v := s.Verdicts; v != nil {
+		fmt.Fprintf(&b, "verdicts: %d connected, %d refused, %d unreachable, %d timed out, %d not allowed\n",
+			v.Connected, v.Refused, v.Unreachable, v.TimedOut, v.NotAllowed)
+	}
+	if st := s.Stack; st != nil {
+		fmt.Fprintf(&b, "stack: %d SYNs in flight, %d refused over the in-flight cap\n", st.InFlight, st.SYNLimited)
+	}
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return err
 	}
@@ -78,19 +90,35 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 			return err
 		}
 		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "PEER\tACTIVE\tTOTAL\tLAST-SEEN")
+		fmt.Fprintln(tw, "PEER\tACTIVE\tTOTAL\tLIMITED\tREPLAY-FULL\tLAST-SEEN")
 		for _, p := range s.Peers {
 			seen := "never"
 			if !p.LastSeen.IsZero() {
 				seen = since(now, p.LastSeen) + " ago"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", p.Key, p.ActiveFlows, p.TotalFlows, seen)
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\n", p.Key, p.ActiveFlows, p.TotalFlows, p.Limited, p.ReplayFull, seen)
 		}
 		if err := tw.Flush(); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// nonzero shows the counters that are not zero, "bad_mac 12, replayed 3",
+// or "none": under attack one or two reasons stand out, and a row of
+// zeros would hide them.
+func nonzero(cs []Count) string {
+	var parts []string
+	for _, c := range cs {
+		if c.Value != 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", c.Name, c.Value))
+		}
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
 }
 
 func prevUplink(prev *Status, name string) *Uplink {

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -31,8 +32,9 @@ func TestRender(t *testing.T) {
 				"23 ms", "ok 22 ms",
 				"wwan0", "down (backup): probe lost", "1.5 KiB", "100 B", "lost",
 				"eth1", "withdrawn: no carrier",
+				"stack: 6 SYNs in flight, 51 refused over the in-flight cap\n",
 			},
-			wantNot: []string{"PEER"},
+			wantNot: []string{"PEER", "handshakes:", "verdicts:"},
 		},
 		{
 			name: "client with previous",
@@ -45,15 +47,48 @@ func TestRender(t *testing.T) {
 			},
 		},
 		{
-			name:    "server",
-			s:       serverStatus(),
-			want:    []string{"mpvpn server", "listening on 0.0.0.0:443", "PEER", "peerA", "peerB", "never", "1d1h ago", "2 active"},
-			wantNot: []string{"UPLINK"},
+			name: "server",
+			s:    serverStatus(),
+			want: []string{
+				"mpvpn server", "listening on 0.0.0.0:443", "PEER", "peerA", "peerB", "never", "1d1h ago", "2 active",
+				"handshakes: 1234 accepted, 3 half-open, 5 evicted; rejected: ",
+				// Every reason, with its own value, in a fixed order.
+				"rejected: incomplete 11, bad_mac 12, bad_handshake 13, unknown_peer 14, " +
+					"bad_payload 15, bad_time 16, replayed 17, replay_full 18; ",
+				"; limited: peer 21, rate 22, server 23\n",
+				"verdicts: 31 connected, 32 refused, 33 unreachable, 34 timed out, 35 not allowed\n",
+				"LIMITED", "REPLAY-FULL",
+			},
+			wantNot: []string{"UPLINK", "stack:"},
 		},
 		{
-			name: "empty",
-			s:    Status{},
-			want: []string{"mpvpn -", "0 active"},
+			name: "server, a few reasons",
+			s: func() Status {
+				s := serverStatus()
+				s.Handshakes = &Handshakes{Accepted: 40, Rejected: Rejected{BadMAC: 12, Replayed: 3}, Limited: Limited{Rate: 2}}
+				return s
+			}(),
+			want:    []string{"handshakes: 40 accepted, 0 half-open, 0 evicted; rejected: bad_mac 12, replayed 3; limited: rate 2\n"},
+			wantNot: []string{"incomplete", "bad_time", "peer 0"},
+		},
+		{
+			name: "server, quiet",
+			s: func() Status {
+				s := serverStatus()
+				s.Handshakes = &Handshakes{}
+				s.Verdicts = &Verdicts{}
+				return s
+			}(),
+			want: []string{
+				"handshakes: 0 accepted, 0 half-open, 0 evicted; rejected: none; limited: none\n",
+				"verdicts: 0 connected, 0 refused, 0 unreachable, 0 timed out, 0 not allowed\n",
+			},
+		},
+		{
+			name:    "empty",
+			s:       Status{},
+			want:    []string{"mpvpn -", "0 active"},
+			wantNot: []string{"handshakes:", "verdicts:", "stack:"},
 		},
 	}
 	for _, tt := range tests {
@@ -74,6 +109,33 @@ func TestRender(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Each peer's row has its own limited and replay-full counts, in their
+// columns.
+func TestRenderPeerRows(t *testing.T) {
+	var b strings.Builder
+	if err := renderAt(&b, serverStatus(), nil, 0, t0.Add(2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string][]string{}
+	for _, line := range strings.Split(b.String(), "\n") {
+		if f := strings.Fields(line); len(f) > 0 {
+			rows[f[0]] = f
+		}
+	}
+	for _, tt := range []struct {
+		key  string
+		want []string
+	}{
+		{"PEER", []string{"PEER", "ACTIVE", "TOTAL", "LIMITED", "REPLAY-FULL", "LAST-SEEN"}},
+		{"peerA", []string{"peerA", "2", "7", "41", "42", "1h0m", "ago"}},
+		{"peerB", []string{"peerB", "0", "2", "0", "0", "never"}},
+	} {
+		if got := rows[tt.key]; !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("row %s = %q, want %q\n%s", tt.key, got, tt.want, b.String())
+		}
 	}
 }
 

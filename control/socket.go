@@ -34,6 +34,9 @@ const (
 	probeTimeout = 500 * time.Millisecond
 	// fetchTimeout applies when Fetch's context has no deadline.
 	fetchTimeout = 5 * time.Second
+	// maxSocketPath is the longest path bind takes: Linux's sun_path is
+	// 108 bytes, its terminating NUL included.
+	maxSocketPath = 107
 )
 
 // RequestStatus is the one request the socket understands.
@@ -50,38 +53,114 @@ type Listener struct {
 }
 
 // Listen binds the status socket at path, creating its directory (mode
-// 0700) if missing and making the socket mode 0600. If a socket file is
-// already there and something answers on it, Listen fails: another mpvpn
-// is running. If nothing answers, the file is left over and is replaced.
-// Any other file at path is an error, not something to delete.
+// 0700) if missing, with the socket mode 0600. The directory must be a
+// real directory (not a symlink), owned by root or by us, and writable by
+// nobody else: otherwise whoever can write to it could swap the socket
+// for their own, or plant a symlink where we create it. If a socket file
+// is already at path and something answers on it, Listen fails: another
+// mpvpn is running. If nothing answers, the file is left over and is
+// replaced. Any other file at path is an error, not something to delete.
 func Listen(path string) (*Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	if len(path) > maxSocketPath {
+		// bindPrivate would bind, but nobody could connect.
+		return nil, fmt.Errorf("control socket path %s is too long: a unix socket path has at most %d bytes", path, maxSocketPath)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	if err := checkDir(dir); err != nil {
+		return nil, err
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err
 	}
-	// bind fails with EADDRINUSE if the file appeared since removeStale,
-	// so two mpvpns starting together cannot both own the path.
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	return bindPrivate(path)
+}
+
+// checkDir refuses a directory that someone other than root and us could
+// change: a symlink (its target is someone's choice), another user's, or
+// one that group or others may write to. Sticky /tmp is refused too: its
+// other users cannot remove our socket, but they can take its name first.
+func checkDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("control socket directory: %w", err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("control socket directory %s is a symlink; give a path in a real directory (e.g. /run/mpvpn)", dir)
+	case !fi.IsDir():
+		return fmt.Errorf("control socket directory %s is not a directory", dir)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("control socket directory %s has mode %04o: it must not be writable by group or others (chmod go-w %s, or use another directory)", dir, fi.Mode().Perm(), dir)
+	}
+	if uid, ok := fileOwner(fi); ok && !uidAllowed(uid, os.Geteuid()) {
+		return fmt.Errorf("control socket directory %s belongs to uid %d, not to root or to us (uid %d)", dir, uid, os.Geteuid())
+	}
+	return nil
+}
+
+// bindPrivate binds the socket in a private directory of its own, makes it
+// 0600 there, and links it into place.
+//
+// Why not the alternatives (checked 2026-12-01, issue 8): binding at path
+// and then chmod, as before, follows a symlink swapped in after bind and
+// changes its target's mode. fchmod on the socket's fd changes the
+// socket's own inode, not the file bind made. fchmodat with
+// AT_SYMLINK_NOFOLLOW is fchmodat2, Linux 6.6; before it x/sys answers
+// EOPNOTSUPP, and Debian 12 (6.1) and Ubuntu 22.04 (5.15) are older. A
+// umask around bind is process-wide: a file or directory another
+// goroutine creates meanwhile would get it too, and no mutex of ours
+// stops other packages. In a 0700 directory of our
+// own no one but root can reach the socket while its mode is still
+// 0777&^umask, so its chmod is safe; link(2) then gives it its name, with
+// its mode already 0600. link never follows a symlink at the new name and
+// fails if the name is taken, so, as bind did, it keeps two mpvpns
+// starting together from both owning the path.
+func bindPrivate(path string) (*Listener, error) {
+	tmpDir, err := os.MkdirTemp(filepath.Dir(path), ".mpvpn-")
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
-	// We remove the file ourselves, and only if it is still ours.
+	// Only the socket is ever in tmpDir; on every return it is removed,
+	// along with the name the socket had there.
+	defer os.RemoveAll(tmpDir)
+	tmp := filepath.Join(tmpDir, "s")
+	if len(tmp) > maxSocketPath {
+		return nil, fmt.Errorf("control socket path %s is too long: binding needs a temporary name of %d bytes in its directory, and a unix socket path has at most %d", path, len(tmp), maxSocketPath)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	// We remove the file ourselves, by its public name and only if it is
+	// still ours; the temporary name goes with tmpDir.
 	ln.SetUnlinkOnClose(false)
-	// Until this chmod the mode is 0777 &^ umask; peerAllowed covers that
-	// instant.
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	fi, err := os.Lstat(path)
+	fi, err := bindFinish(tmp, path)
 	if err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, err
 	}
 	return &Listener{path: path, ln: ln, fi: fi}, nil
+}
+
+// bindFinish makes the socket file at tmp 0600 and links it at path.
+func bindFinish(tmp, path string) (os.FileInfo, error) {
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	fi, err := os.Lstat(tmp)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("control socket %s appeared while binding: another mpvpn is starting", path)
+		}
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return fi, nil
 }
 
 // removeStale removes a socket file at path that nothing answers on.

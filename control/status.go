@@ -18,6 +18,107 @@ type Status struct {
 	// client's path manager added or removed since start (a flapping
 	// uplink must not turn into a storm of them). Client only.
 	NetlinkChanges uint64 `json:"netlink_changes,omitempty"`
+
+	// Handshakes and Verdicts are the server's: why connections did not
+	// become flows, and what became of the flows. Stack is the client's
+	// netstack. Each is absent on the other side, so a script can tell
+	// "not this role" from "zero".
+	Handshakes *Handshakes `json:"handshakes,omitempty"`
+	Verdicts   *Verdicts   `json:"verdicts,omitempty"`
+	Stack      *Stack      `json:"stack,omitempty"`
+}
+
+// Handshakes counts the connections the concentrator's tunnel listener
+// accepted and what stopped those that did not become flows. An operator
+// under attack reads the reasons here: a scan shows as bad_mac, a replay
+// attack as replayed, a flood as evicted and half_open.
+type Handshakes struct {
+	Accepted uint64 `json:"accepted"`  // connections accepted
+	HalfOpen int64  `json:"half_open"` // connections in the handshake now
+	Evicted  uint64 `json:"evicted"`   // half-open ones closed early to make room
+	// Rejected are the connections closed in silence, by reason.
+	Rejected Rejected `json:"rejected"`
+	// Limited are the authenticated flows answered Limited, by limit.
+	Limited Limited `json:"limited"`
+}
+
+// Rejected counts the connections the server closed without answering, by
+// reason. Every reason is always present (no omitempty), so that a script
+// or a rate() finds a 0 rather than nothing.
+type Rejected struct {
+	Incomplete   uint64 `json:"incomplete"`    // no complete first message before the deadline
+	BadMAC       uint64 `json:"bad_mac"`       // garbage, a scan, or a client with a wrong server key
+	BadHandshake uint64 `json:"bad_handshake"` // Noise decryption failed
+	UnknownPeer  uint64 `json:"unknown_peer"`  // a valid handshake from a key not configured
+	BadPayload   uint64 `json:"bad_payload"`   // authenticated, but the request is malformed
+	BadTime      uint64 `json:"bad_time"`      // timestamp outside the window
+	Replayed     uint64 `json:"replayed"`      // a first message seen before
+	ReplayFull   uint64 `json:"replay_full"`   // the peer's replay cache is full
+}
+
+// Count is one named counter of a group, in the group's fixed order.
+type Count struct {
+	Name  string
+	Value uint64
+}
+
+// Counts lists every reason, in a fixed order, with the names of the JSON
+// and of the metrics' reason label.
+func (r Rejected) Counts() []Count {
+	return []Count{
+		{"incomplete", r.Incomplete},
+		{"bad_mac", r.BadMAC},
+		{"bad_handshake", r.BadHandshake},
+		{"unknown_peer", r.UnknownPeer},
+		{"bad_payload", r.BadPayload},
+		{"bad_time", r.BadTime},
+		{"replayed", r.Replayed},
+		{"replay_full", r.ReplayFull},
+	}
+}
+
+// Limited counts the flows refused by a limit after the handshake: the
+// client's app gets a reset at once.
+type Limited struct {
+	Peer   uint64 `json:"peer"`   // the peer had its maximum of flows open
+	Rate   uint64 `json:"rate"`   // the peer opened flows faster than its rate
+	Server uint64 `json:"server"` // the server had its maximum of flows open
+}
+
+// Counts lists every limit, in a fixed order, with the names of the JSON
+// and of the metrics' limit label.
+func (l Limited) Counts() []Count {
+	return []Count{{"peer", l.Peer}, {"rate", l.Rate}, {"server", l.Server}}
+}
+
+// Verdicts counts what became of the flows the concentrator was handed.
+type Verdicts struct {
+	Connected   uint64 `json:"connected"`
+	Refused     uint64 `json:"refused"` // the destination refused
+	Unreachable uint64 `json:"unreachable"`
+	TimedOut    uint64 `json:"timed_out"`
+	NotAllowed  uint64 `json:"not_allowed"` // refused by policy; no dial was made
+}
+
+// Counts lists every verdict, in a fixed order, with the names of the JSON
+// and of the metrics' verdict label.
+func (v Verdicts) Counts() []Count {
+	return []Count{
+		{"connected", v.Connected},
+		{"refused", v.Refused},
+		{"unreachable", v.Unreachable},
+		{"timed_out", v.TimedOut},
+		{"not_allowed", v.NotAllowed},
+	}
+}
+
+// Stack is the client's netstack, where the apps' SYNs arrive.
+type Stack struct {
+	InFlight int `json:"in_flight"` // SYNs being forwarded now
+	// SYNLimited counts SYNs answered with a reset because the cap on
+	// SYNs in flight was reached: an app (or malware) opening connections
+	// faster than the concentrator answers.
+	SYNLimited uint64 `json:"syn_limited"`
 }
 
 // Uplink states.
@@ -53,7 +154,7 @@ type Flows struct {
 	Active    int64  `json:"active"`
 	Total     uint64 `json:"total"` // opened since start
 	Failed    uint64 `json:"failed"`
-	Rejected  uint64 `json:"rejected"`
+	Rejected  uint64 `json:"rejected"` // refused by a limit or, on the server, by policy
 	Fallbacks uint64 `json:"fallbacks"`
 	RxBytes   uint64 `json:"rx_bytes"`
 	TxBytes   uint64 `json:"tx_bytes"`
@@ -65,4 +166,8 @@ type Peer struct {
 	ActiveFlows int64     `json:"active_flows"`
 	TotalFlows  uint64    `json:"total_flows"`
 	LastSeen    time.Time `json:"last_seen,omitzero"` // omitempty never omits a struct; omitzero does
+	// Limited counts the peer's flows answered Limited (any limit);
+	// ReplayFull its handshakes dropped because its replay cache was full.
+	Limited    uint64 `json:"limited"`
+	ReplayFull uint64 `json:"replay_full"`
 }

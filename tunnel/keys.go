@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 )
@@ -13,9 +14,10 @@ import (
 // KeySize is the length of a Curve25519 key.
 const KeySize = 32
 
-// PrivateKey is a Curve25519 private key. Its text form is the standard
-// base64 of the 32 bytes (44 characters), the format of `wg genkey`, so
-// keys move freely between mpvpn and WireGuard tools.
+// PrivateKey is a Curve25519 private key. Its text form (Base64Secret) is
+// the standard base64 of the 32 bytes (44 characters), the format of `wg
+// genkey`, so keys move freely between mpvpn and WireGuard tools; printed
+// in any other way it shows as "(private key)".
 type PrivateKey [KeySize]byte
 
 // PublicKey is a Curve25519 public key, in text the format of `wg pubkey`.
@@ -46,13 +48,36 @@ func (k PrivateKey) Public() PublicKey {
 	return p
 }
 
-// String returns the key in base64, as `wg genkey` prints it. It is the
-// secret itself: do not log it (LogValue redacts it for slog).
-func (k PrivateKey) String() string { return base64.StdEncoding.EncodeToString(k[:]) }
+// Base64Secret returns the key in base64, as `wg genkey` prints it: the
+// secret itself, for a key file and nothing else. Its name says so at the
+// call site, and a grep for it finds every place the secret leaves the
+// process as text.
+func (k PrivateKey) Base64Secret() string { return base64.StdEncoding.EncodeToString(k[:]) }
+
+// redactedKey is what a private key prints as, wherever it is printed.
+const redactedKey = "(private key)"
+
+// String returns "(private key)", never the key: a key passed to fmt, an
+// error message or a log line by mistake must not reveal it. Base64Secret
+// is the text form.
+func (k PrivateKey) String() string { return redactedKey }
+
+// GoString is String for %#v, which would otherwise print the bytes.
+func (k PrivateKey) GoString() string { return "tunnel.PrivateKey" + redactedKey }
+
+// Format redacts under every verb: fmt calls String for %v, %s, %q, %x
+// and %X only, so %d or %o would print the bytes.
+func (k PrivateKey) Format(f fmt.State, verb rune) {
+	if verb == 'v' && f.Flag('#') {
+		io.WriteString(f, k.GoString())
+		return
+	}
+	io.WriteString(f, k.String())
+}
 
 // LogValue keeps a private key out of structured logs even when someone
 // passes the key itself as an attribute.
-func (k PrivateKey) LogValue() slog.Value { return slog.StringValue("(private key)") }
+func (k PrivateKey) LogValue() slog.Value { return slog.StringValue(redactedKey) }
 
 // String returns the key in base64, as `wg pubkey` prints it.
 func (k PublicKey) String() string { return base64.StdEncoding.EncodeToString(k[:]) }

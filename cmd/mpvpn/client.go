@@ -310,7 +310,7 @@ func runClient(c *cli.Context) (err error) {
 	}
 	undo = append(undo, rt.Close)
 
-	stats := &clientStats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: time.Now(), srv: cfg.server}
+	stats := &clientStats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: time.Now(), srv: cfg.server, netstack: st.Stats}
 	sampleCtx, stopSampling := context.WithCancel(context.Background())
 	sampleDone := make(chan struct{})
 	go func() { defer close(sampleDone); stats.run(sampleCtx, time.Second) }()

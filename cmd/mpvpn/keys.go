@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"io/fs"
+	"log/slog"
 	"os"
 	"strings"
 
@@ -23,7 +25,7 @@ func keygenCommand() *cli.Command {
 			if err != nil {
 				return fmt.Errorf("generate key: %w", err)
 			}
-			_, err = fmt.Fprintln(c.App.Writer, k.String())
+			_, err = fmt.Fprintln(c.App.Writer, k.Base64Secret())
 			return err
 		},
 	}
@@ -49,20 +51,73 @@ func pubkeyCommand() *cli.Command {
 	}
 }
 
-// readKeyFile reads a private key file written by `mpvpn keygen`.
+// readKeyFile reads a private key file written by `mpvpn keygen`. Its
+// callers have no logger to give it yet, so a warning goes to standard
+// error, formatted as the daemons' log lines are.
 func readKeyFile(path string) (tunnel.PrivateKey, error) {
+	return readKeyFileLog(path, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+}
+
+// maxKeyFile bounds what is read of a key file: a key is one line.
+const maxKeyFile = 4096
+
+// readKeyFileLog reads a private key file and warns on log, once, if its
+// mode lets group or others read or write it. A warning, not a refusal, as
+// `wg` does: a key already exposed is better replaced than refused, and a
+// refusal at startup would take the tunnel down on hosts that work today.
+func readKeyFileLog(path string, log *slog.Logger) (tunnel.PrivateKey, error) {
 	if path == "" {
 		return tunnel.PrivateKey{}, fmt.Errorf("--key is required (a file written by `mpvpn keygen`)")
 	}
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return tunnel.PrivateKey{}, fmt.Errorf("--key: %w", err)
+	}
+	defer f.Close()
+	// The mode of the file opened, not of the path: a symlink is judged
+	// by its target, and a file swapped since cannot escape the check.
+	fi, err := f.Stat()
+	if err != nil {
+		return tunnel.PrivateKey{}, fmt.Errorf("--key %s: %w", path, err)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxKeyFile))
+	if err != nil {
+		return tunnel.PrivateKey{}, fmt.Errorf("--key %s: %w", path, err)
 	}
 	k, err := tunnel.ParsePrivateKey(strings.TrimSpace(string(b)))
 	if err != nil {
 		return tunnel.PrivateKey{}, fmt.Errorf("--key %s: %w", path, err)
 	}
+	if w := keyModeWarning(fi.Mode()); w != "" {
+		log.Warn("private key file is "+w+": whoever reads it can pose as this host, whoever writes it can swap the key; run chmod 600 "+path,
+			"file", path, "mode", fmt.Sprintf("%04o", fi.Mode().Perm()))
+	}
 	return k, nil
+}
+
+// keyModeWarning says who besides the owner may use a key file of mode m,
+// or "" if nobody may.
+func keyModeWarning(m fs.FileMode) string {
+	var who []string
+	if m&0o070 != 0 {
+		who = append(who, "group")
+	}
+	if m&0o007 != 0 {
+		who = append(who, "world")
+	}
+	if len(who) == 0 {
+		return ""
+	}
+	what := "accessible"
+	switch {
+	case m&0o044 != 0 && m&0o022 != 0:
+		what = "readable and writable"
+	case m&0o044 != 0:
+		what = "readable"
+	case m&0o022 != 0:
+		what = "writable"
+	}
+	return strings.Join(who, " and ") + " " + what
 }
 
 func parsePublicKeys(flag string, ss []string) ([]tunnel.PublicKey, error) {

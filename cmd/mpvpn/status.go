@@ -16,6 +16,7 @@ import (
 	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/pathmgr"
 	"github.com/mpvpn/mpvpn/probe"
+	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
@@ -91,6 +92,9 @@ type clientStats struct {
 	meter *uplinkstats.Meter
 	start time.Time
 	srv   netip.AddrPort
+	// netstack is the netstack's counters ((*stack.Stack).Stats): a func
+	// so that the mapping can be tested without a TUN.
+	netstack func() stack.Stats
 }
 
 func (s *clientStats) run(ctx context.Context, every time.Duration) {
@@ -139,6 +143,9 @@ func (s *clientStats) status() control.Status {
 			Fallbacks: ts.Fallbacks,
 		},
 	}
+	if s.netstack != nil {
+		st.Stack = stackStatus(s.netstack())
+	}
 	for _, u := range s.pm.Status() {
 		cu := control.Uplink{
 			Name:        u.Name,
@@ -171,26 +178,69 @@ func (s *clientStats) status() control.Status {
 	return st
 }
 
+// stackStatus is the client's netstack as `mpvpn status` shows it.
+func stackStatus(ss stack.Stats) *control.Stack {
+	return &control.Stack{InFlight: ss.InFlight, SYNLimited: ss.Limited}
+}
+
 // serverStatus is the concentrator's side of `mpvpn status`.
 func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
-	cs := srv.Stats()
+	return serverStatusOf(srv.Stats(), srv.Peers(), srv.Addr().String(), start)
+}
+
+// serverStatusOf maps the concentrator's counters to the status: every
+// counter of tunnel.ServerStats is shown, but Flows and Active, which the
+// concentrator's own counters of the same flows give.
+func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen string, start time.Time) control.Status {
+	ts := cs.Tunnel
 	st := control.Status{
 		Role:    "server",
 		Version: version,
 		Started: start,
-		Listen:  srv.Addr().String(),
+		Listen:  listen,
 		Flows: control.Flows{
-			Active:    cs.Active,
-			Total:     cs.Flows,
-			Failed:    cs.Refused + cs.Unreachable + cs.TimedOut,
-			Rejected:  cs.NotAllowed + cs.Tunnel.Limited,
-			Fallbacks: cs.Tunnel.Fallbacks,
+			Active: cs.Active,
+			Total:  cs.Flows,
+			Failed: cs.Refused + cs.Unreachable + cs.TimedOut,
+			// Each limit is a refusal, as policy is.
+			Rejected:  cs.NotAllowed + ts.Limited + ts.RateLimited + ts.Full,
+			Fallbacks: ts.Fallbacks,
 			RxBytes:   cs.BytesUp,
 			TxBytes:   cs.BytesDown,
 		},
+		Handshakes: &control.Handshakes{
+			Accepted: ts.Accepted,
+			HalfOpen: ts.HalfOpen,
+			Evicted:  ts.Evicted,
+			Rejected: control.Rejected{
+				Incomplete:   ts.Incomplete,
+				BadMAC:       ts.BadMAC,
+				BadHandshake: ts.BadHandshake,
+				UnknownPeer:  ts.UnknownPeer,
+				BadPayload:   ts.BadPayload,
+				BadTime:      ts.BadTime,
+				Replayed:     ts.Replayed,
+				ReplayFull:   ts.ReplayFull,
+			},
+			Limited: control.Limited{Peer: ts.Limited, Rate: ts.RateLimited, Server: ts.Full},
+		},
+		Verdicts: &control.Verdicts{
+			Connected:   cs.Connected,
+			Refused:     cs.Refused,
+			Unreachable: cs.Unreachable,
+			TimedOut:    cs.TimedOut,
+			NotAllowed:  cs.NotAllowed,
+		},
 	}
-	for _, p := range srv.Peers() {
-		st.Peers = append(st.Peers, control.Peer{Key: p.Key.String(), ActiveFlows: p.Active, TotalFlows: p.Total, LastSeen: p.LastSeen})
+	for _, p := range peers {
+		st.Peers = append(st.Peers, control.Peer{
+			Key:         p.Key.String(),
+			ActiveFlows: p.Active,
+			TotalFlows:  p.Total,
+			LastSeen:    p.LastSeen,
+			Limited:     p.Limited,
+			ReplayFull:  p.ReplayFull,
+		})
 	}
 	return st
 }
