@@ -175,6 +175,16 @@ func (p *PM) Close() error {
 	return nil
 }
 
+// genlHeader is struct genlmsghdr: command, version and two reserved
+// bytes. Not nl.Genlmsg, whose Serialize (v1.3.1) reads SizeofGenlmsg (4)
+// bytes from its 2-byte struct, i.e. past the end of the object: the race
+// detector reports it as a race with whatever was allocated next to it,
+// and without -race the reserved field carries whatever that was.
+type genlHeader struct{ cmd, version uint8 }
+
+func (h genlHeader) Len() int          { return nl.SizeofGenlmsg }
+func (h genlHeader) Serialize() []byte { return []byte{h.cmd, h.version, 0, 0} }
+
 // exec sends one command with the given attributes and returns the
 // payloads (after the genl header) of the replies.
 func (p *PM) exec(cmd uint8, flags int, attrs ...*nl.RtAttr) ([][]byte, error) {
@@ -185,7 +195,7 @@ func (p *PM) exec(cmd uint8, flags int, attrs ...*nl.RtAttr) ([][]byte, error) {
 	}
 	req := nl.NewNetlinkRequest(int(p.family), flags)
 	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_GENERIC: p.sock}
-	req.AddData(&nl.Genlmsg{Command: cmd, Version: pmVersion})
+	req.AddData(genlHeader{cmd: cmd, version: pmVersion})
 	for _, a := range attrs {
 		req.AddData(a)
 	}

@@ -1,6 +1,7 @@
 package pathmgr
 
 import (
+	"bytes"
 	"errors"
 	"os/exec"
 	"strconv"
@@ -246,4 +247,12 @@ func TestRaiseLimits(t *testing.T) {
 			t.Error("RaiseLimits(9, 0) succeeded")
 		}
 	})
+}
+
+// The generic netlink header is four bytes, the last two reserved and zero.
+func TestGenlHeader(t *testing.T) {
+	h := genlHeader{cmd: pmCmdAddAddr, version: pmVersion}
+	if got, want := h.Serialize(), []byte{pmCmdAddAddr, pmVersion, 0, 0}; !bytes.Equal(got, want) || h.Len() != len(want) {
+		t.Errorf("Serialize() = %v, Len() = %d; want %v", got, h.Len(), want)
+	}
 }

@@ -23,11 +23,22 @@ import (
 // namespace, and sysctls are written from a thread that joins it. Run keeps
 // the uplinks in step with the host (links, addresses, routes) and with
 // SetReachable (the liveness probe's verdicts).
+//
+// # Who waits for whom
+//
+// Every new flow asks PreferredSource, and a router's routing table can be
+// large enough that dumping it takes a while, so no reader waits on
+// netlink: Status, Uplinks and PreferredSource read an immutable view that
+// the writers publish after every change, and SetReachable only flips an
+// atomic flag and wakes Run. Run reads the host (the dumps) on a socket of
+// its own without holding mu; it takes mu only to decide what the reading
+// means and to make the changes, and publishes a new view before letting
+// go. Close takes mu too, so it never tears down under Run's changes.
 type Manager struct {
 	cfg Config
 	log *slog.Logger
 	ns  netns.NsHandle  // where everything lives; closed by Close
-	nlh *netlink.Handle // rtnetlink, bound to ns
+	nlh *netlink.Handle // rtnetlink, bound to ns: Start's reading of the host, and every change
 	pm  *PM             // mptcp_pm, bound to ns
 
 	// changes counts netlink writes (routes, rules, endpoints): a flapping
@@ -36,11 +47,58 @@ type Manager struct {
 	// kick asks Run to look at an uplink again now (by position).
 	kick chan int
 
-	mu      sync.Mutex
-	closed  bool
+	// uplinks is fixed by Start: neither the slice nor an uplink's Name
+	// and pos change afterwards, so SetReachable finds an uplink without a
+	// lock. The rest of each uplinkState is mu's, apart from unreachable.
 	uplinks []*uplinkState
-	limits  *limitsChange
-	now     func() time.Time
+	// view is what readers see; see publish.
+	view atomic.Pointer[view]
+
+	// mu serialises the writers: Run's decisions and the netlink changes
+	// that carry them out, and Close. Nothing holds it across a netlink
+	// dump, and no reader takes it.
+	mu     sync.Mutex
+	closed bool
+	limits *limitsChange
+	now    func() time.Time
+
+	hooks hooks
+}
+
+// hooks let tests stop Run at a chosen point, to show who waits for it.
+// Set them between Start and Run; nil in production.
+type hooks struct {
+	observing func() // in Run's reading of the host, after the dumps, without mu
+	applying  func() // in Run's decisions, with mu held, before any change
+}
+
+// view is every uplink's state as last published. It is never modified
+// once published, so readers share it without a lock.
+type view struct {
+	status []Status // in configuration order
+	// preferred is preferredSource(status), worked out once per change
+	// rather than once per flow.
+	preferred netip.Addr
+}
+
+// publish makes the uplinks' current state the one readers see. Writers
+// call it with mu held (Start before the Manager is shared) after every
+// change, so a reader never sees a state that is not also mu's.
+func (m *Manager) publish() {
+	st := make([]Status, len(m.uplinks))
+	for i, u := range m.uplinks {
+		st[i] = u.status()
+	}
+	m.view.Store(&view{status: st, preferred: preferredSource(st)})
+}
+
+// current is the view to read: the last published one, or an empty one
+// for a Manager that Start did not make.
+func (m *Manager) current() *view {
+	if v := m.view.Load(); v != nil {
+		return v
+	}
+	return &view{}
 }
 
 // uplinkState is one uplink and everything installed for it, so that it
@@ -52,7 +110,9 @@ type uplinkState struct {
 	reason      string
 	since       time.Time
 	transitions uint64
-	unreachable bool // the liveness probe says nothing gets through
+	// unreachable: the liveness probe says nothing gets through. Atomic,
+	// because SetReachable sets it from the prober's goroutine without mu.
+	unreachable atomic.Bool
 	damp        damper
 
 	conn4, conn6 []netlink.Route // connected routes copied from main
@@ -105,9 +165,13 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 
 	// Look before touching: every uplink must be usable.
-	obs := make([]observation, len(cfg.Uplinks))
+	names := make([]string, len(cfg.Uplinks))
 	for i, uc := range cfg.Uplinks {
-		o, err := m.observe(uc.Name)
+		names[i] = uc.Name
+	}
+	obs, errs := m.observeAll(m.nlh, names)
+	for i, uc := range cfg.Uplinks {
+		o, err := obs[i], errs[i]
 		if err == nil && !o.usable() && o.err != errNoCarrier {
 			err = o.err
 		}
@@ -115,7 +179,6 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 			m.release()
 			return nil, fmt.Errorf("pathmgr: uplink %s: %w", uc.Name, err)
 		}
-		obs[i] = o
 		m.uplinks = append(m.uplinks, &uplinkState{
 			Uplink: Uplink{Name: uc.Name, Index: o.index, Table: cfg.TableBase + i, RulePrio: cfg.RulePrio + i, Backup: uc.Backup},
 			pos:    i,
@@ -150,38 +213,33 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 		return nil, errors.Join(fmt.Errorf("pathmgr: %w", err), m.Close())
 	}
 	m.limits = lc
+	m.publish()
 	return m, nil
 }
 
 // Uplinks returns the uplinks as installed, in configuration order (an
-// uplink that is down has no addresses).
+// uplink that is down has no addresses). It reads the last published view:
+// no lock, no netlink.
 func (m *Manager) Uplinks() []Uplink {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make([]Uplink, 0, len(m.uplinks))
-	for _, u := range m.uplinks {
-		out = append(out, u.Uplink)
+	st := m.current().status
+	out := make([]Uplink, len(st))
+	for i, s := range st {
+		out[i] = s.Uplink
 	}
 	return out
 }
 
-// Status returns every uplink's state, in configuration order.
-func (m *Manager) Status() []Status {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make([]Status, 0, len(m.uplinks))
-	for _, u := range m.uplinks {
-		out = append(out, u.status())
-	}
-	return out
-}
+// Status returns every uplink's state, in configuration order. It reads
+// the last published view: no lock, no netlink.
+func (m *Manager) Status() []Status { return slices.Clone(m.current().status) }
 
 // PreferredSource is the address a new connection to the concentrator
 // should be bound to, so that its first subflow leaves through an uplink
 // that works (the main table's default route may point at one that is
 // withdrawn): the first uplink that is up and not a backup, else a backup
-// that is up. Invalid when none is up.
-func (m *Manager) PreferredSource() netip.Addr { return preferredSource(m.Status()) }
+// that is up. Invalid when none is up. Every new flow asks, so it is one
+// atomic load: no lock, no netlink.
+func (m *Manager) PreferredSource() netip.Addr { return m.current().preferred }
 
 // Changes is the number of routes, rules and endpoints added or removed
 // since Start.
@@ -189,20 +247,15 @@ func (m *Manager) Changes() uint64 { return m.changes.Load() }
 
 // SetReachable records the liveness probe's verdict on an uplink: false
 // withdraws it (its endpoint goes, its table and rule stay), true lets it
-// carry data again. Run applies it at once.
+// carry data again. Run applies it at once. It never blocks: the prober
+// must not wait behind Run's netlink work.
 func (m *Manager) SetReachable(name string, ok bool) {
-	m.mu.Lock()
-	pos := -1
 	for _, u := range m.uplinks {
-		if u.Name == name && u.unreachable == ok {
-			u.unreachable = !ok
-			pos = u.pos
+		if u.Name != name || !u.unreachable.CompareAndSwap(ok, !ok) {
+			continue
 		}
-	}
-	m.mu.Unlock()
-	if pos >= 0 {
 		select {
-		case m.kick <- pos:
+		case m.kick <- u.pos:
 		default: // Run's periodic pass picks it up
 		}
 	}
@@ -226,6 +279,7 @@ func (m *Manager) Close() error {
 		u := m.uplinks[i]
 		errs = append(errs, m.delEndpoint(u), m.unplumb(u))
 	}
+	m.publish()
 	m.release()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("pathmgr: close: %w", err)
@@ -260,12 +314,77 @@ var (
 	errNoCarrier   = errors.New("no carrier")
 )
 
-// observe reads an uplink from the host without changing anything. The
-// error is for failures to ask; what makes the uplink unusable is in
-// observation.err.
-func (m *Manager) observe(name string) (observation, error) {
+// hostTables is what observe reads from the host besides the links: the
+// main table's routes and every interface's addresses, by family. One dump
+// of each serves every uplink, because the kernel answers a filtered dump
+// with the whole table and netlink filters it here: asking per uplink
+// would read a router's full table several times per uplink.
+type hostTables struct {
+	routes map[int][]netlink.Route // main table only
+	addrs  map[int][]netlink.Addr
+}
+
+// dumpAttempts bounds how often a dump is read again when the kernel
+// reports that the table changed while it was being read (NLM_F_DUMP_INTR,
+// common on a router whose table is busy). After that the pass fails, and
+// the next event or resync reads again.
+const dumpAttempts = 3
+
+func retryInterrupted[T any](dump func() ([]T, error)) ([]T, error) {
+	for i := 1; ; i++ {
+		r, err := dump()
+		if err == nil || !errors.Is(err, netlink.ErrDumpInterrupted) || i == dumpAttempts {
+			return r, err
+		}
+	}
+}
+
+// dumpHost reads the host's tables through h.
+func dumpHost(h *netlink.Handle) (hostTables, error) {
+	t := hostTables{routes: map[int][]netlink.Route{}, addrs: map[int][]netlink.Addr{}}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := retryInterrupted(func() ([]netlink.Route, error) {
+			return h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return t, fmt.Errorf("list routes: %w", err)
+		}
+		addrs, err := retryInterrupted(func() ([]netlink.Addr, error) { return h.AddrList(nil, family) })
+		if err != nil {
+			return t, fmt.Errorf("list addresses: %w", err)
+		}
+		t.routes[family], t.addrs[family] = routes, addrs
+	}
+	return t, nil
+}
+
+// observeAll reads the named uplinks from the host through h without
+// changing anything, and without taking mu: Run calls it on a socket of
+// its own while readers and SetReachable go on. errs[i] is a failure to
+// ask about names[i]; what makes an uplink unusable is in its
+// observation's err.
+func (m *Manager) observeAll(h *netlink.Handle, names []string) (obs []observation, errs []error) {
+	obs, errs = make([]observation, len(names)), make([]error, len(names))
+	t, err := dumpHost(h)
+	if err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return obs, errs
+	}
+	if m.hooks.observing != nil {
+		m.hooks.observing()
+	}
+	for i, name := range names {
+		obs[i], errs[i] = observe(h, t, name)
+	}
+	return obs, errs
+}
+
+// observe reads one uplink: its link through h, the rest from t.
+func observe(h *netlink.Handle, t hostTables, name string) (observation, error) {
 	var o observation
-	link, err := m.nlh.LinkByName(name)
+	link, err := h.LinkByName(name)
 	if err != nil {
 		var nf netlink.LinkNotFoundError
 		if errors.As(err, &nf) {
@@ -281,14 +400,8 @@ func (m *Manager) observe(name string) (observation, error) {
 	}
 
 	// IPv4 is a must: the concentrator is reached over it.
-	gw, src, onlink, ok, err := m.defaultVia(o.index, netlink.FAMILY_V4)
-	if err != nil {
-		return o, err
-	}
-	addr, conn, err := m.pickAddr(link, netlink.FAMILY_V4, src)
-	if err != nil {
-		return o, err
-	}
+	gw, src, onlink, ok := defaultVia(t.routes[netlink.FAMILY_V4], o.index)
+	addr, conn := pickAddr(t, o.index, netlink.FAMILY_V4, src)
 	switch {
 	case !addr.IsValid():
 		o.err = fmt.Errorf("no IPv4 address on %s (MPTCP subflows and source routing need one)", name)
@@ -301,14 +414,8 @@ func (m *Manager) observe(name string) (observation, error) {
 
 	// IPv6 is optional: source routing only, when the uplink has both a
 	// global address and a default route.
-	gw6, src6, onlink6, ok6, err := m.defaultVia(o.index, netlink.FAMILY_V6)
-	if err != nil {
-		return o, err
-	}
-	addr6, conn6, err := m.pickAddr(link, netlink.FAMILY_V6, src6)
-	if err != nil {
-		return o, err
-	}
+	gw6, src6, onlink6, ok6 := defaultVia(t.routes[netlink.FAMILY_V6], o.index)
+	addr6, conn6 := pickAddr(t, o.index, netlink.FAMILY_V6, src6)
 	if addr6.IsValid() && ok6 {
 		o.addr6, o.gw6, o.onlink6, o.conn6 = addr6, gw6, onlink6, conn6
 	}
@@ -358,8 +465,8 @@ func (m *Manager) applyAt(u *uplinkState, o observation, now time.Time) (retry t
 		state, reason = StateDown, o.err.Error()
 		// The probe's verdict was about the uplink as it was; when it
 		// is back it is probed afresh (and assumed to work until then).
-		u.unreachable = false
-	case u.unreachable:
+		u.unreachable.Store(false)
+	case u.unreachable.Load():
 		state, reason = StateWithdrawn, "the concentrator does not answer over it"
 	}
 	if state != StateUp && wasUp {
@@ -405,17 +512,13 @@ func (m *Manager) applyAt(u *uplinkState, o observation, now time.Time) (retry t
 	return retry, errors.Join(errs...)
 }
 
-// defaultVia finds the best (lowest metric) default route in main that
-// leaves through ifindex idx, as a DHCP client or RA leaves one per
-// interface. ok is false when there is none; gw is invalid for a
+// defaultVia finds the best (lowest metric) default route among main's
+// routes that leaves through ifindex idx, as a DHCP client or RA leaves one
+// per interface. ok is false when there is none; gw is invalid for a
 // point-to-point default without a next hop.
-func (m *Manager) defaultVia(idx, family int) (gw, src netip.Addr, onlink, ok bool, err error) {
-	routes, err := m.nlh.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return netip.Addr{}, netip.Addr{}, false, false, fmt.Errorf("list routes: %w", err)
-	}
+func defaultVia(main []netlink.Route, idx int) (gw, src netip.Addr, onlink, ok bool) {
 	best := -1
-	for _, r := range routes {
+	for _, r := range main {
 		if !isDefault(r.Dst) || r.Type != unix.RTN_UNICAST {
 			continue
 		}
@@ -441,7 +544,7 @@ func (m *Manager) defaultVia(idx, family int) (gw, src netip.Addr, onlink, ok bo
 		onlink = hopFlags&unix.RTNH_F_ONLINK != 0
 		ok = true
 	}
-	return gw, src, onlink, ok, nil
+	return gw, src, onlink, ok
 }
 
 func isDefault(dst *net.IPNet) bool {
@@ -452,19 +555,19 @@ func isDefault(dst *net.IPNet) bool {
 	return ones == 0
 }
 
-// pickAddr chooses the uplink's source address of a family: the default
-// route's preferred source if it is on the link, else the first usable
-// global address (primary, not tentative, deprecated or temporary). It also
-// returns the link's connected routes in main, which the uplink's table
-// copies so that traffic from the address to its own subnet stays on link.
-func (m *Manager) pickAddr(link netlink.Link, family int, prefsrc netip.Addr) (netip.Addr, []netlink.Route, error) {
-	addrs, err := m.nlh.AddrList(link, family)
-	if err != nil {
-		return netip.Addr{}, nil, fmt.Errorf("list addresses: %w", err)
-	}
+// pickAddr chooses the source address of a family for the link with index
+// idx: the default route's preferred source if it is on the link, else the
+// first usable global address (primary, not tentative, deprecated or
+// temporary). It also returns the link's connected routes in main, which
+// the uplink's table copies so that traffic from the address to its own
+// subnet stays on link.
+func pickAddr(t hostTables, idx, family int, prefsrc netip.Addr) (netip.Addr, []netlink.Route) {
 	const unusable = unix.IFA_F_TENTATIVE | unix.IFA_F_DADFAILED | unix.IFA_F_DEPRECATED | unix.IFA_F_SECONDARY
 	var chosen, fallback netip.Addr
-	for _, a := range addrs {
+	for _, a := range t.addrs[family] {
+		if a.LinkIndex != idx {
+			continue
+		}
 		ip, ok := netip.AddrFromSlice(a.IP)
 		if !ok || a.Scope != unix.RT_SCOPE_UNIVERSE {
 			continue
@@ -493,20 +596,16 @@ func (m *Manager) pickAddr(link netlink.Link, family int, prefsrc netip.Addr) (n
 		chosen = fallback
 	}
 	if !chosen.IsValid() {
-		return netip.Addr{}, nil, nil
-	}
-	routes, err := m.nlh.RouteListFiltered(family, &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return netip.Addr{}, nil, fmt.Errorf("list routes: %w", err)
+		return netip.Addr{}, nil
 	}
 	var conn []netlink.Route
-	for _, r := range routes {
-		if r.Protocol != unix.RTPROT_KERNEL || r.Gw != nil || isDefault(r.Dst) || r.Type != unix.RTN_UNICAST {
+	for _, r := range t.routes[family] {
+		if r.LinkIndex != idx || r.Protocol != unix.RTPROT_KERNEL || r.Gw != nil || isDefault(r.Dst) || r.Type != unix.RTN_UNICAST {
 			continue
 		}
 		conn = append(conn, r)
 	}
-	return chosen, conn, nil
+	return chosen, conn
 }
 
 // removeStale deletes what an earlier, crashed run may have left: routes in

@@ -2,6 +2,7 @@ package pathmgr
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -35,7 +36,16 @@ const (
 // off retransmission); a new address moves the table, rule and endpoint.
 // Run returns nil when ctx is done, and an error only if the watch cannot
 // be started at all.
+//
+// Run reads the host on a netlink socket of its own and without holding
+// the Manager's lock (see Manager), so its dumps never hold up a reader,
+// SetReachable or Close, and never queue behind its own changes.
 func (m *Manager) Run(ctx context.Context) error {
+	h, err := m.openObserver()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
 	w, err := m.subscribe()
 	if err != nil {
 		return err
@@ -85,15 +95,15 @@ func (m *Manager) Run(ctx context.Context) error {
 			markAll()
 			schedule(0)
 		case lu := <-w.links:
-			for i, u := range m.snapshotIdx() {
-				if u.index == int(lu.Index) || u.name == lu.Attrs().Name {
+			for i, u := range m.current().status {
+				if u.Index == int(lu.Index) || u.Name == lu.Attrs().Name {
 					dirty[i] = true
 					schedule(settle)
 				}
 			}
 		case au := <-w.addrs:
-			for i, u := range m.snapshotIdx() {
-				if u.index == au.LinkIndex {
+			for i, u := range m.current().status {
+				if u.Index == au.LinkIndex {
 					dirty[i] = true
 					schedule(settle)
 				}
@@ -102,8 +112,8 @@ func (m *Manager) Run(ctx context.Context) error {
 			if ru.Table != unix.RT_TABLE_MAIN {
 				continue // mpvpn's own tables, and others that say nothing about uplinks
 			}
-			for i, u := range m.snapshotIdx() {
-				if routeUses(ru.Route, u.index) {
+			for i, u := range m.current().status {
+				if routeUses(ru.Route, u.Index) {
 					dirty[i] = true
 					schedule(settle)
 				}
@@ -120,7 +130,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			schedule(0)
 		case <-settleT.C:
 			pending = false
-			if wait := m.reconcile(dirty); wait > 0 {
+			if wait := m.reconcile(h, dirty); wait > 0 {
 				retryT.Reset(wait)
 			}
 			clear(dirty)
@@ -128,19 +138,19 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 }
 
-type uplinkID struct {
-	index int
-	name  string
-}
-
-func (m *Manager) snapshotIdx() []uplinkID {
+// openObserver opens the socket Run reads the host through. Under mu only
+// so that Close cannot close the namespace handle while it is used here.
+func (m *Manager) openObserver() (*netlink.Handle, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	ids := make([]uplinkID, len(m.uplinks))
-	for i, u := range m.uplinks {
-		ids[i] = uplinkID{u.Index, u.Name}
+	if m.closed {
+		return nil, errors.New("pathmgr: Run after Close")
 	}
-	return ids
+	h, err := netlink.NewHandleAt(m.ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("pathmgr: rtnetlink: %w", err)
+	}
+	return h, nil
 }
 
 func routeUses(r netlink.Route, idx int) bool {
@@ -155,29 +165,46 @@ func routeUses(r netlink.Route, idx int) bool {
 	return false
 }
 
-// reconcile looks at the dirty uplinks again and applies what it sees. It
-// returns the shortest wait a damped uplink asked for (0: none).
-func (m *Manager) reconcile(dirty []bool) time.Duration {
+// reconcile looks at the dirty uplinks again through h and applies what it
+// sees. It returns the shortest wait a damped uplink asked for (0: none).
+//
+// It reads first, without mu: the dumps are the slow part, and on a router
+// with a large table they would otherwise hold up Close and every change.
+// What it read may be a few milliseconds old when it is applied; a change
+// of the host in between raises an event (or the resync sees it) and the
+// uplink is looked at again.
+func (m *Manager) reconcile(h *netlink.Handle, dirty []bool) time.Duration {
+	var pos []int
+	var names []string
+	for i, d := range dirty {
+		if d {
+			pos = append(pos, i)
+			names = append(names, m.uplinks[i].Name)
+		}
+	}
+	if len(pos) == 0 {
+		return 0
+	}
+	obs, errs := m.observeAll(h, names)
+
 	var notify []Status
 	var wait time.Duration
-	for i, d := range dirty {
-		if !d {
-			continue
-		}
-		m.mu.Lock()
-		if m.closed {
-			m.mu.Unlock()
-			return 0
-		}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return 0
+	}
+	if m.hooks.applying != nil {
+		m.hooks.applying()
+	}
+	for j, i := range pos {
 		u := m.uplinks[i]
-		before := u.status()
-		o, err := m.observe(u.Name)
-		if err != nil {
-			m.log.Warn("cannot read uplink", "uplink", u.Name, "err", err)
-			m.mu.Unlock()
+		if errs[j] != nil {
+			m.log.Warn("cannot read uplink", "uplink", u.Name, "err", errs[j])
 			continue
 		}
-		retry, err := m.applyAt(u, o, m.now())
+		before := u.status()
+		retry, err := m.applyAt(u, obs[j], m.now())
 		if err != nil {
 			m.log.Warn("uplink change incomplete", "uplink", u.Name, "err", err)
 		}
@@ -185,11 +212,17 @@ func (m *Manager) reconcile(dirty []bool) time.Duration {
 			wait = retry
 		}
 		after := u.status()
-		m.mu.Unlock()
+		if after == before {
+			continue
+		}
+		// Publish each uplink as soon as it is done, so a withdrawn
+		// uplink stops being preferred before the next one's changes.
+		m.publish()
 		if after.State != before.State || after.Addr != before.Addr || after.Addr6 != before.Addr6 {
 			notify = append(notify, after)
 		}
 	}
+	m.mu.Unlock()
 	if m.cfg.OnChange != nil {
 		for _, s := range notify {
 			m.cfg.OnChange(s)
@@ -218,6 +251,13 @@ func (m *Manager) subscribe() (*watch, error) {
 	}
 	failCh := make(chan struct{}, 1)
 	errCB := func(err error) {
+		select {
+		case <-w.done:
+			// stop closed the sockets, and each subscription reports
+			// its next receive failing: not a lost watch.
+			return
+		default:
+		}
 		m.log.Warn("netlink watch", "err", err)
 		select {
 		case failCh <- struct{}{}:

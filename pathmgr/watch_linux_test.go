@@ -17,6 +17,13 @@ import (
 // both when the test ends. Changes go to the returned channel.
 func running(t *testing.T, cfg Config) (*Manager, <-chan Status) {
 	t.Helper()
+	return runningWith(t, cfg, nil)
+}
+
+// runningWith is running with setup (if not nil) called between Start and
+// Run, e.g. to set hooks.
+func runningWith(t *testing.T, cfg Config, setup func(*Manager)) (*Manager, <-chan Status) {
+	t.Helper()
 	ch := make(chan Status, 256)
 	cfg.OnChange = func(s Status) {
 		select {
@@ -25,6 +32,9 @@ func running(t *testing.T, cfg Config) (*Manager, <-chan Status) {
 		}
 	}
 	m := start(t, cfg)
+	if setup != nil {
+		setup(m)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
