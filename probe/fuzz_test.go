@@ -15,12 +15,12 @@ func FuzzResponder(f *testing.F) {
 	tr := newTestResponder(f, ResponderConfig{ClientRate: 1e9, ClientBurst: 1e9, GlobalRate: 1e9})
 	now := tr.clock.t
 	valid := tr.client.request(now, 1)
-	var scratch [macSize]byte
 	f.Add(valid)
 	f.Add(tr.client.request(now.Add(-time.Minute), 2))
-	f.Add(putReply(make([]byte, ReplySize), tr.client.mac, request{counter: 3, ts: now.UnixNano()}, now.UnixNano(), &scratch))
+	f.Add(tr.client.reply(3, now.UnixNano(), 0))
+	f.Add(putRequest(make([]byte, RequestSize), tr.client.rep, request{id: clientID(&tr.client.keys.k, epochOf(now.UnixNano())), ts: now.UnixNano(), counter: 4}))
 	f.Add(valid[:RequestSize-1])
-	f.Add([]byte{typeRequest})
+	f.Add(make([]byte, 41)) // a v1 request's size
 	f.Add([]byte{})
 	var out [ReplySize]byte
 	f.Fuzz(func(t *testing.T, pkt []byte) {
@@ -34,8 +34,12 @@ func FuzzResponder(f *testing.F) {
 		if len(b) > len(pkt) {
 			t.Fatalf("reply of %d bytes to %d", len(b), len(pkt))
 		}
-		if _, ok := parseReply(b, tr.client.mac); !ok {
+		rep, ok := parseReply(b, tr.client.rep)
+		if !ok {
 			t.Fatalf("reply %x does not authenticate", b)
+		}
+		if req, _ := openRequest(pkt, tr.client.req); rep.counter != req.counter || rep.server != now.UnixNano() {
+			t.Fatalf("reply %+v does not answer %+v", rep, req)
 		}
 	})
 }
@@ -46,18 +50,18 @@ func FuzzResponder(f *testing.F) {
 func FuzzProberReply(f *testing.F) {
 	server, client := mustKey(f), mustKey(f)
 	c := newTestClient(f, client, server.Public())
-	var scratch [macSize]byte
-	f.Add(putReply(make([]byte, ReplySize), c.mac, request{counter: 1, ts: 2}, 3, &scratch))
+	f.Add(c.reply(1, 3, 0))
+	f.Add(c.reply(1, 3, 2))
 	f.Add(c.request(time.Unix(1_800_000_000, 0), 4))
-	f.Add([]byte{typeReply})
+	f.Add(putReply(make([]byte, ReplySize), c.req, reply{counter: 5, server: 6})) // sealed with the request keys
+	f.Add([]byte{0x02})
 	f.Add(make([]byte, ReplySize))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		rep, ok := parseReply(b, c.mac)
+		rep, ok := parseReply(b, c.rep)
 		if !ok {
 			return
 		}
-		var s [macSize]byte
-		again := putReply(make([]byte, ReplySize), c.mac, request{counter: rep.counter, ts: rep.ts}, rep.server, &s)
+		again := c.reply(rep.counter, rep.server, rep.horizon)
 		if !bytes.Equal(again, b) {
 			t.Fatalf("accepted %x, which re-encodes as %x", b, again)
 		}

@@ -1,8 +1,6 @@
 package probe
 
 import (
-	"encoding/binary"
-	"hash"
 	"testing"
 	"time"
 
@@ -24,10 +22,12 @@ func mustKey(t testing.TB) tunnel.PrivateKey {
 	return k
 }
 
-// testClient builds requests as a Prober would, for the handler tests.
+// testClient builds requests as a Prober would, and opens replies, for
+// the handler tests. req and rep are both directions' keys: a test may use
+// either end's.
 type testClient struct {
-	keys keys
-	mac  hash.Hash
+	keys     keys
+	req, rep *siv
 }
 
 func newTestClient(t testing.TB, priv tunnel.PrivateKey, server tunnel.PublicKey) *testClient {
@@ -36,12 +36,17 @@ func newTestClient(t testing.TB, priv tunnel.PrivateKey, server tunnel.PublicKey
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &testClient{keys: ks, mac: newMAC(&ks)}
+	return &testClient{keys: ks, req: newRequestSIV(&ks), rep: newReplySIV(&ks)}
 }
 
 func (c *testClient) request(ts time.Time, counter uint64) []byte {
 	wall := ts.UnixNano()
-	return putRequest(make([]byte, RequestSize), c.mac, clientID(&c.keys.k, epochOf(wall)), wall, counter)
+	return putRequest(make([]byte, RequestSize), c.req, request{id: clientID(&c.keys.k, epochOf(wall)), ts: wall, counter: counter})
+}
+
+// reply is what the server would answer to counter.
+func (c *testClient) reply(counter uint64, server, horizon int64) []byte {
+	return putReply(make([]byte, ReplySize), c.rep, reply{counter: counter, server: server, horizon: horizon})
 }
 
 // fixedClock is a settable clock for a Responder.
@@ -83,12 +88,13 @@ func (tr *testResponder) handle(pkt []byte) []byte {
 // validRequest reports whether b is a request that c authenticates, as an
 // independent check of the responder.
 func (c *testClient) validRequest(b []byte) bool {
-	req, ok := parseRequest(b)
+	if _, ok := requestID(b); !ok {
+		return false
+	}
+	req, ok := openRequest(b, c.req)
 	if !ok || req.id != clientID(&c.keys.k, epochOf(req.ts)) {
 		return false
 	}
-	want := putRequest(make([]byte, RequestSize), c.mac, req.id, req.ts, req.counter)
+	want := putRequest(make([]byte, RequestSize), c.req, req)
 	return string(want) == string(b)
 }
-
-func be64(b []byte) uint64 { return binary.BigEndian.Uint64(b) }

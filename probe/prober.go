@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -20,8 +19,8 @@ import (
 
 // Defaults of a ProberConfig.
 const (
-	// DefaultInterval is the probe cadence per path: ten 41-byte
-	// datagrams a second (and as many 41-byte replies), about 5.5 kbit/s
+	// DefaultInterval is the probe cadence per path: ten 40-byte
+	// datagrams a second (and as many 40-byte replies), about 5.5 kbit/s
 	// each way with headers, for a verdict within a third of a second.
 	DefaultInterval = 100 * time.Millisecond
 	// DefaultDeadAfter is three intervals: a path is not declared dead
@@ -115,6 +114,9 @@ type Prober struct {
 	// counter is shared by all paths, so each request has its own.
 	counter    atomic.Uint64
 	skewWarned atomic.Bool
+	// clock is what the replies of all paths tell of the server's
+	// clock, for ServerNow.
+	clock serverClock
 
 	ctl    sync.Mutex // serialises SetPath, RemovePath and Close
 	mu     sync.Mutex // guards the fields below and every path's status
@@ -175,6 +177,7 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 		keys:   ks,
 		server: netip.AddrPortFrom(cfg.Server.Addr().Unmap(), cfg.Server.Port()),
 		paths:  make(map[string]*path),
+		clock:  serverClock{base: time.Now()},
 	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
@@ -272,7 +275,7 @@ const ringSize = 128
 
 type sentReq struct {
 	counter  uint64
-	wall     int64     // the timestamp sent
+	wall     int64     // the timestamp sent, for the skew warning
 	at       time.Time // with its monotonic reading, for the RTT
 	answered bool
 }
@@ -281,6 +284,8 @@ type sentReq struct {
 type pathRun struct {
 	p     *Prober
 	pa    *path
+	req   *siv // seals this path's requests
+	rep   *siv // opens the replies
 	conn  *net.UDPConn
 	stop  func() bool // the AfterFunc that closes conn on cancel
 	ring  [ringSize]sentReq
@@ -296,8 +301,8 @@ type pathRun struct {
 
 func (p *Prober) run(pa *path) {
 	defer close(pa.done)
-	r := &pathRun{p: p, pa: pa}
-	mac := newMAC(&p.keys)
+	// Each path has its own hashes: they hold state while in use.
+	r := &pathRun{p: p, pa: pa, req: newRequestSIV(&p.keys), rep: newReplySIV(&p.keys)}
 	defer r.closeConn()
 	var (
 		out [RequestSize]byte
@@ -308,7 +313,7 @@ func (p *Prober) run(pa *path) {
 	for pa.ctx.Err() == nil {
 		now := time.Now()
 		if !now.Before(nextSend) {
-			r.send(mac, out[:], now)
+			r.send(out[:], now)
 			nextSend = nextSend.Add(p.cfg.Interval)
 			if nextSend.Before(now) {
 				nextSend = now.Add(p.cfg.Interval) // we were late (suspend, slow OnChange): do not catch up
@@ -356,7 +361,7 @@ func (p *Prober) run(pa *path) {
 		if from.Addr().Unmap() != p.server.Addr() || from.Port() != p.server.Port() {
 			continue
 		}
-		if rep, ok := parseReply(in[:n], mac); ok {
+		if rep, ok := parseReply(in[:n], r.rep); ok {
 			r.received(rep)
 		}
 	}
@@ -367,7 +372,7 @@ func (r *pathRun) deadAfter() time.Duration {
 	return max(r.p.cfg.DeadAfter, r.srtt+4*r.rttvar)
 }
 
-func (r *pathRun) send(mac hash.Hash, buf []byte, now time.Time) {
+func (r *pathRun) send(buf []byte, now time.Time) {
 	if r.conn == nil {
 		if err := r.open(); err != nil {
 			r.fail(err)
@@ -379,7 +384,7 @@ func (r *pathRun) send(mac hash.Hash, buf []byte, now time.Time) {
 		r.epoch, r.id = e, clientID(&r.p.keys.k, e)
 	}
 	counter := r.p.counter.Add(1)
-	pkt := putRequest(buf, mac, r.id, wall, counter)
+	pkt := putRequest(buf, r.req, request{id: r.id, ts: wall, counter: counter})
 	if _, err := r.conn.WriteToUDPAddrPort(pkt, r.p.server); err != nil {
 		// ENETUNREACH, EADDRNOTAVAIL once the address is gone…: a
 		// probe without a reply. A fresh socket next time, in case
@@ -434,9 +439,11 @@ func (r *pathRun) fail(err error) {
 }
 
 func (r *pathRun) received(rep reply) {
+	// The counter alone identifies the request: it is unique, and the
+	// reply is authenticated, so it was the server that echoed it.
 	var s *sentReq
 	for i := range r.ring {
-		if e := &r.ring[i]; e.counter == rep.counter && e.wall == rep.ts && !e.at.IsZero() {
+		if e := &r.ring[i]; e.counter == rep.counter && !e.at.IsZero() {
 			s = e
 			break
 		}
@@ -446,6 +453,10 @@ func (r *pathRun) received(rep reply) {
 	}
 	s.answered = true
 	now := time.Now()
+	// Only a reply to a request of the last few seconds, once: a
+	// replayed old reply could not then bring back a concentrator's
+	// past, its clock or its horizon.
+	r.p.clock.add(rep.server, rep.horizon, now)
 	rtt := now.Sub(s.at)
 	if r.srtt == 0 {
 		r.srtt, r.rttvar = rtt, rtt/2

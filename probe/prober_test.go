@@ -24,8 +24,16 @@ type testNet struct {
 
 func startResponder(t *testing.T, network, addr string) *testNet {
 	t.Helper()
+	return startResponderWith(t, network, addr, ResponderConfig{})
+}
+
+// startResponderWith is startResponder with cfg's clock, horizon and
+// bounds; the keys are the test's.
+func startResponderWith(t *testing.T, network, addr string, cfg ResponderConfig) *testNet {
+	t.Helper()
 	tn := &testNet{serverKey: mustKey(t), clientKey: mustKey(t)}
-	r, err := NewResponder(ResponderConfig{Key: tn.serverKey, Peers: []tunnel.PublicKey{tn.clientKey.Public()}})
+	cfg.Key, cfg.Peers = tn.serverKey, []tunnel.PublicKey{tn.clientKey.Public()}
+	r, err := NewResponder(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

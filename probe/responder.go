@@ -2,10 +2,8 @@ package probe
 
 import (
 	"context"
-	"crypto/subtle"
 	"errors"
 	"fmt"
-	"hash"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -18,8 +16,9 @@ import (
 
 // Default rate bounds of a Responder.
 const (
-	// DefaultClientRate answers ten uplinks probing at the default
-	// 50 ms interval; DefaultClientBurst absorbs half a second of jitter.
+	// DefaultClientRate answers ten uplinks probing every 50 ms (half
+	// the default interval); DefaultClientBurst absorbs half a second of
+	// jitter.
 	DefaultClientRate  = 200
 	DefaultClientBurst = 100
 	// DefaultGlobalRate is 5000 such clients with one uplink, or 1700
@@ -36,8 +35,17 @@ type ResponderConfig struct {
 	Peers []tunnel.PublicKey
 	// Logger gets the few things worth logging (nil: discard).
 	Logger *slog.Logger
-	// Now is the clock (nil: time.Now), for tests.
+	// Now is the clock (nil: time.Now). Replies carry it, and clients
+	// stamp their tunnel handshakes with what they learn of it, so the
+	// concentrator passes the tunnel server's own clock; tests pass a
+	// fake one.
 	Now func() time.Time
+	// Horizon returns the replay horizon, the time before which the
+	// tunnel refuses every handshake stamp (nil, or a zero time: none,
+	// sent as 0). Replies carry it so that a client learns of a
+	// concentrator restart from its first probe. It is called once per
+	// reply, so it must be cheap and must not call the Responder.
+	Horizon func() time.Time
 
 	// ClientRate and ClientBurst bound replies per client and second
 	// (0: DefaultClientRate, DefaultClientBurst). GlobalRate bounds all
@@ -49,13 +57,14 @@ type ResponderConfig struct {
 
 // ResponderStats counts what a Responder did with the datagrams it read.
 // Every request is counted exactly once: as a reply or under one drop
-// reason.
+// reason, the first check it failed; the checks run in the order
+// Malformed, UnknownID, BadMAC, Stale, Replayed, ClientLimit, GlobalLimit.
 type ResponderStats struct {
 	Requests    uint64 // datagrams read
 	Replies     uint64 // replies sent (or attempted: see WriteErrors)
-	Malformed   uint64 // wrong size or type
-	Stale       uint64 // timestamp more than MaxSkew from the clock
-	UnknownID   uint64 // no peer has this id in this epoch
+	Malformed   uint64 // wrong size
+	Stale       uint64 // timestamp more than MaxSkew from the clock, or not of its id's epoch
+	UnknownID   uint64 // no peer has this id in the epochs around the clock's
 	BadMAC      uint64 // authentication failed
 	Replayed    uint64 // counter seen before or behind the window
 	ClientLimit uint64 // the client's reply rate was exhausted
@@ -67,29 +76,30 @@ type ResponderStats struct {
 // concurrent use; Serve may run on several sockets at once (IPv4 and IPv6,
 // say), sharing replay windows and rate bounds.
 type Responder struct {
-	log   *slog.Logger
-	now   func() time.Time
-	peers []*peer
+	log     *slog.Logger
+	now     func() time.Time
+	horizon func() time.Time // nil: none
+	peers   []*peer
 
 	ids      atomic.Pointer[idTable]
 	idsMu    sync.Mutex // serialises rebuilds of ids
 	globalMu sync.Mutex
 	global   bucket
 
-	requests, replies, malformed, stale, unknownID, badMAC,
+	requests, replies, malformed, unknownID, badMAC, stale,
 	replayed, clientLimit, globalLimit, writeErrors atomic.Uint64
 }
 
-// peer is one client. Everything mutable is behind mu; verifying a MAC
-// takes it too, because the keyed hash and its output buffer are reused so
-// that a request costs no allocation.
+// peer is one client. Everything mutable is behind mu; opening a request
+// and sealing a reply take it too, because the keyed hashes and their
+// buffers are reused so that a request costs no allocation.
 type peer struct {
 	pub  tunnel.PublicKey
 	keys keys
 
 	mu     sync.Mutex
-	mac    hash.Hash
-	sum    [macSize]byte
+	req    *siv // opens this client's requests
+	rep    *siv // seals the replies to it
 	win    window
 	bucket bucket
 }
@@ -125,9 +135,10 @@ func NewResponder(cfg ResponderConfig) (*Responder, error) {
 		cfg.GlobalRate = DefaultGlobalRate
 	}
 	r := &Responder{
-		log:    cfg.Logger,
-		now:    cfg.Now,
-		global: newBucket(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
+		log:     cfg.Logger,
+		now:     cfg.Now,
+		horizon: cfg.Horizon,
+		global:  newBucket(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -147,7 +158,7 @@ func NewResponder(cfg ResponderConfig) (*Responder, error) {
 			return nil, fmt.Errorf("probe: peer: %w", err)
 		}
 		p := &peer{pub: pub, keys: ks, bucket: newBucket(cfg.ClientRate, cfg.ClientBurst)}
-		p.mac = newMAC(&p.keys)
+		p.req, p.rep = newRequestSIV(&p.keys), newReplySIV(&p.keys)
 		r.peers = append(r.peers, p)
 	}
 	r.idsFor(epochOf(r.now().UnixNano()))
@@ -186,29 +197,39 @@ func (r *Responder) idsFor(e uint64) *idTable {
 // handle answers one datagram: it returns the reply written into out (nil
 // for no reply). out must hold ReplySize bytes. It allocates nothing
 // except for the id table rebuild once an epoch.
+//
+// The checks run cheapest first. The id is the only field in clear, so
+// the timestamp can only be checked once the request is decrypted, which
+// is also when it is authenticated; the replay window and the rate
+// bounds are touched only after that, so forged datagrams cannot move
+// them.
 func (r *Responder) handle(pkt, out []byte) []byte {
 	r.requests.Add(1)
-	req, ok := parseRequest(pkt)
+	id, ok := requestID(pkt)
 	if !ok {
 		r.malformed.Add(1)
 		return nil
 	}
 	now := r.now().UnixNano()
-	if d := req.ts - now; d > int64(MaxSkew) || d < -int64(MaxSkew) {
-		r.stale.Add(1)
-		return nil
-	}
-	e, ok := r.idsFor(epochOf(now)).m[req.id]
-	if !ok || e.epoch != epochOf(req.ts) {
+	e, ok := r.idsFor(epochOf(now)).m[id]
+	if !ok {
 		r.unknownID.Add(1)
 		return nil
 	}
 	p := e.p
 	p.mu.Lock()
-	sumMAC(p.mac, pkt[:macOffset], &p.sum)
-	if subtle.ConstantTimeCompare(p.sum[:], pkt[macOffset:]) != 1 {
+	req, ok := openRequest(pkt, p.req)
+	if !ok {
 		p.mu.Unlock()
 		r.badMAC.Add(1)
+		return nil
+	}
+	// Only a holder of the client key can make the id and the
+	// timestamp's epoch disagree; refuse it all the same, so that an
+	// id never stands for another epoch than its own.
+	if d := req.ts - now; d > int64(MaxSkew) || d < -int64(MaxSkew) || epochOf(req.ts) != e.epoch {
+		p.mu.Unlock()
+		r.stale.Add(1)
 		return nil
 	}
 	if !p.win.accept(req.counter) {
@@ -229,10 +250,22 @@ func (r *Responder) handle(pkt, out []byte) []byte {
 		r.globalLimit.Add(1)
 		return nil
 	}
-	b := putReply(out, p.mac, req, now, &p.sum)
+	b := putReply(out, p.rep, reply{counter: req.counter, server: now, horizon: r.horizonNow()})
 	p.mu.Unlock()
 	r.replies.Add(1)
 	return b
+}
+
+// horizonNow is the replay horizon a reply carries: 0 for none.
+func (r *Responder) horizonNow() int64 {
+	if r.horizon == nil {
+		return 0
+	}
+	h := r.horizon()
+	if h.IsZero() {
+		return 0
+	}
+	return h.UnixNano()
 }
 
 // Serve answers requests read from pc until ctx is done, and then returns

@@ -16,11 +16,16 @@ func TestResponderHandle(t *testing.T) {
 	valid := c.request(now, 1000)
 	flipped := c.request(now, 1001)
 	flipped[RequestSize-1] ^= 1
-	wrongEpoch := c.request(now, 1002)
-	copy(wrongEpoch[1:9], c.request(now.Add(-300*time.Second), 1002)[1:9]) // last-but-one epoch's id: not valid now
-	wrongEpoch = putRequest(wrongEpoch, c.mac, be64(wrongEpoch[1:]), now.UnixNano(), 1002)
-	var scratch [macSize]byte
-	reflected := putReply(make([]byte, ReplySize), c.mac, request{counter: 1003, ts: now.UnixNano()}, now.UnixNano(), &scratch)
+	e := epochOf(now.UnixNano())
+	// Authentic, but with the id of an epoch the server does not
+	// answer now (e-2), or of one it does (e-1) but that is not the
+	// timestamp's.
+	idOf := func(epoch uint64, counter uint64) []byte {
+		return putRequest(make([]byte, RequestSize), c.req, request{id: clientID(&c.keys.k, epoch), ts: now.UnixNano(), counter: counter})
+	}
+	reflected := c.reply(1003, now.UnixNano(), 0)
+	// A reply's keys, but a request's id: refused by its tag.
+	replyKeys := putRequest(make([]byte, RequestSize), c.rep, request{id: clientID(&c.keys.k, e), ts: now.UnixNano(), counter: 1005})
 
 	tests := []struct {
 		name  string
@@ -34,16 +39,20 @@ func TestResponderHandle(t *testing.T) {
 		{"late counter", c.request(now, 999), true, func(s ResponderStats) uint64 { return s.Replies }},
 		{"bad MAC", flipped, false, func(s ResponderStats) uint64 { return s.BadMAC }},
 		{"stranger", stranger.request(now, 5000), false, func(s ResponderStats) uint64 { return s.UnknownID }},
-		{"id of another epoch", wrongEpoch, false, func(s ResponderStats) uint64 { return s.UnknownID }},
+		{"id of an epoch not answered now", idOf(e-2, 1002), false, func(s ResponderStats) uint64 { return s.UnknownID }},
+		{"id of another epoch than the timestamp's", idOf(e-1, 1006), false, func(s ResponderStats) uint64 { return s.Stale }},
+		{"id of the timestamp's epoch", idOf(e, 1007), true, func(s ResponderStats) uint64 { return s.Replies }},
 		{"31s old", c.request(now.Add(-31*time.Second), 2000), false, func(s ResponderStats) uint64 { return s.Stale }},
 		{"31s ahead", c.request(now.Add(31*time.Second), 2001), false, func(s ResponderStats) uint64 { return s.Stale }},
 		{"29s old", c.request(now.Add(-29*time.Second), 2002), true, func(s ResponderStats) uint64 { return s.Replies }},
 		{"29s ahead", c.request(now.Add(29*time.Second), 2003), true, func(s ResponderStats) uint64 { return s.Replies }},
-		{"reply reflected", reflected, false, func(s ResponderStats) uint64 { return s.Malformed }},
+		{"reply reflected", reflected, false, func(s ResponderStats) uint64 { return s.UnknownID }},
+		{"sealed with the reply keys", replyKeys, false, func(s ResponderStats) uint64 { return s.BadMAC }},
 		{"truncated", valid[:RequestSize-1], false, func(s ResponderStats) uint64 { return s.Malformed }},
 		{"padded", append(c.request(now, 3000), 0), false, func(s ResponderStats) uint64 { return s.Malformed }},
 		{"empty", nil, false, func(s ResponderStats) uint64 { return s.Malformed }},
-		{"zeros", make([]byte, RequestSize), false, func(s ResponderStats) uint64 { return s.Malformed }},
+		{"zeros", make([]byte, RequestSize), false, func(s ResponderStats) uint64 { return s.UnknownID }},
+		{"v1 size", make([]byte, 41), false, func(s ResponderStats) uint64 { return s.Malformed }},
 	}
 	for _, tt := range tests {
 		before := tt.stat(tr.r.Stats())
@@ -61,15 +70,64 @@ func TestResponderHandle(t *testing.T) {
 		if len(got) > len(tt.pkt) {
 			t.Errorf("%s: reply of %d bytes to a request of %d", tt.name, len(got), len(tt.pkt))
 		}
-		rep, ok := parseReply(got, c.mac)
-		req, _ := parseRequest(tt.pkt)
-		if !ok || rep.counter != req.counter || rep.ts != req.ts || rep.server != now.UnixNano() {
+		rep, ok := parseReply(got, c.rep)
+		req, _ := openRequest(tt.pkt, c.req)
+		if !ok || rep != (reply{counter: req.counter, server: now.UnixNano()}) {
 			t.Errorf("%s: reply %+v (ok %v) does not answer %+v", tt.name, rep, ok, req)
 		}
 	}
 	s := tr.r.Stats()
 	if sum := s.Replies + s.Malformed + s.Stale + s.UnknownID + s.BadMAC + s.Replayed + s.ClientLimit + s.GlobalLimit; sum != s.Requests {
 		t.Errorf("stats %+v: outcomes add up to %d, not the %d requests", s, sum, s.Requests)
+	}
+}
+
+// A request with any bit flipped is refused, as unknown if the bit is in
+// the id, as unauthentic if not, and moves nothing: the request itself is
+// answered afterwards.
+func TestResponderTamper(t *testing.T) {
+	tr := newTestResponder(t, ResponderConfig{ClientRate: 1e9, ClientBurst: 1e9, GlobalRate: 1e9})
+	req := tr.client.request(tr.clock.t, 1000)
+	for bit := range 8 * RequestSize {
+		b := append([]byte(nil), req...)
+		b[bit/8] ^= 1 << (bit % 8)
+		before := tr.r.Stats()
+		if tr.handle(b) != nil {
+			t.Fatalf("bit %d flipped: answered", bit)
+		}
+		after := tr.r.Stats()
+		got, want := after.BadMAC-before.BadMAC, uint64(1)
+		if bit < 8*idSize {
+			got = after.UnknownID - before.UnknownID
+		}
+		if got != want {
+			t.Errorf("bit %d flipped: stats went %+v → %+v", bit, before, after)
+		}
+	}
+	if tr.handle(req) == nil {
+		t.Fatal("the untampered request is refused after the tampered ones")
+	}
+}
+
+// A reply carries the horizon, or 0 when there is none.
+func TestResponderHorizon(t *testing.T) {
+	h := time.Unix(1_799_999_000, 42)
+	tests := []struct {
+		name    string
+		horizon func() time.Time
+		want    int64
+	}{
+		{"none", nil, 0},
+		{"zero", func() time.Time { return time.Time{} }, 0},
+		{"set", func() time.Time { return h }, h.UnixNano()},
+	}
+	for _, tt := range tests {
+		tr := newTestResponder(t, ResponderConfig{Horizon: tt.horizon})
+		b := tr.handle(tr.client.request(tr.clock.t, 1))
+		rep, ok := parseReply(b, tr.client.rep)
+		if !ok || rep.horizon != tt.want || rep.server != tr.clock.t.UnixNano() || rep.counter != 1 {
+			t.Errorf("%s: reply %+v (ok %v), want horizon %d", tt.name, rep, ok, tt.want)
+		}
 	}
 }
 
@@ -147,7 +205,8 @@ func TestNewResponderErrors(t *testing.T) {
 }
 
 func TestResponderHandleAllocs(t *testing.T) {
-	tr := newTestResponder(t, ResponderConfig{ClientRate: 1e9, ClientBurst: 1e9, GlobalRate: 1e9})
+	horizon := time.Unix(1_799_999_000, 0)
+	tr := newTestResponder(t, ResponderConfig{ClientRate: 1e9, ClientBurst: 1e9, GlobalRate: 1e9, Horizon: func() time.Time { return horizon }})
 	now := tr.clock.t
 	pkts := map[string][]byte{
 		"accepted":   nil,
