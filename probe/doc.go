@@ -87,7 +87,7 @@
 //
 // Like the tunnel, the responder is silent to anyone who does not
 // authenticate: a request that is not 40 bytes, has an unknown id, a bad
-// tag, a timestamp more than ±30 s from the server's clock or outside its
+// tag, a timestamp more than ±60 s (MaxSkew) from the server's clock or outside its
 // id's epoch, or a counter it has already seen gets no reply, costs no
 // allocation, and creates no state. The checks run cheapest first: only
 // the id is in clear, so the timestamp is checked once the request is
@@ -114,7 +114,7 @@
 // requests per second it never catches up with the clock). It is
 // encrypted, so its trajectory tells an observer nothing. If the client
 // restarts after its clock was stepped back, its new counters can be below
-// the server's window for as long as the step (at most 30 s, beyond which
+// the server's window for as long as the step (at most 60 s, beyond which
 // the timestamp check refuses it anyway). Two processes sharing one client
 // key lock each other out: one key per client.
 package probe

@@ -472,7 +472,7 @@ func (r *pathRun) received(rep reply) {
 	r.streak++
 	r.err = ""
 	if off := time.Duration(rep.server - (s.wall + int64(rtt/2))); (off > 10*time.Second || off < -10*time.Second) && !r.p.skewWarned.Swap(true) {
-		r.p.log.Warn("probe: this clock and the concentrator's differ; beyond ±30s it stops answering and every path looks dead", "offset", off.Round(time.Millisecond))
+		r.p.log.Warn("probe: this clock and the concentrator's differ; beyond ±60s it stops answering and every path looks dead", "offset", off.Round(time.Millisecond))
 	}
 	r.p.mu.Lock()
 	st := &r.pa.st

@@ -42,10 +42,10 @@ func TestResponderHandle(t *testing.T) {
 		{"id of an epoch not answered now", idOf(e-2, 1002), false, func(s ResponderStats) uint64 { return s.UnknownID }},
 		{"id of another epoch than the timestamp's", idOf(e-1, 1006), false, func(s ResponderStats) uint64 { return s.Stale }},
 		{"id of the timestamp's epoch", idOf(e, 1007), true, func(s ResponderStats) uint64 { return s.Replies }},
-		{"31s old", c.request(now.Add(-31*time.Second), 2000), false, func(s ResponderStats) uint64 { return s.Stale }},
-		{"31s ahead", c.request(now.Add(31*time.Second), 2001), false, func(s ResponderStats) uint64 { return s.Stale }},
-		{"29s old", c.request(now.Add(-29*time.Second), 2002), true, func(s ResponderStats) uint64 { return s.Replies }},
-		{"29s ahead", c.request(now.Add(29*time.Second), 2003), true, func(s ResponderStats) uint64 { return s.Replies }},
+		{"61s old", c.request(now.Add(-61*time.Second), 2000), false, func(s ResponderStats) uint64 { return s.Stale }},
+		{"61s ahead", c.request(now.Add(61*time.Second), 2001), false, func(s ResponderStats) uint64 { return s.Stale }},
+		{"59s old", c.request(now.Add(-59*time.Second), 2002), true, func(s ResponderStats) uint64 { return s.Replies }},
+		{"59s ahead", c.request(now.Add(59*time.Second), 2003), true, func(s ResponderStats) uint64 { return s.Replies }},
 		{"reply reflected", reflected, false, func(s ResponderStats) uint64 { return s.UnknownID }},
 		{"sealed with the reply keys", replyKeys, false, func(s ResponderStats) uint64 { return s.BadMAC }},
 		{"truncated", valid[:RequestSize-1], false, func(s ResponderStats) uint64 { return s.Malformed }},
@@ -213,7 +213,7 @@ func TestResponderHandleAllocs(t *testing.T) {
 		"replayed":   tr.client.request(now, 1),
 		"bad MAC":    tr.client.request(now, 2),
 		"unknown id": newTestClient(t, mustKey(t), tr.r.peers[0].pub).request(now, 3),
-		"stale":      tr.client.request(now.Add(time.Minute), 4),
+		"stale":      tr.client.request(now.Add(MaxSkew+time.Second), 4),
 		"malformed":  make([]byte, 10),
 	}
 	pkts["bad MAC"][30] ^= 1

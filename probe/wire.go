@@ -36,8 +36,12 @@ const (
 
 	// MaxSkew is how far a request's timestamp may be from the server's
 	// clock. It bounds how long a captured request stays replayable
-	// once a server restart has emptied the replay windows.
-	MaxSkew = 30 * time.Second
+	// once a server restart has emptied the replay windows (a replayed
+	// request gets one reply of its own size, rate-bounded: no
+	// amplification). It is twice the ±30 s of clock error a client must
+	// survive (issue 8), because the replies are how such a client
+	// learns the concentrator's clock and stamps its handshakes in it.
+	MaxSkew = 60 * time.Second
 
 	// epochShift turns a Unix-nanosecond timestamp into the epoch the
 	// id is derived from: 2^38 ns ≈ 275 s. It must be far longer than
