@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/mpvpn/mpvpn/internal/relay"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
@@ -26,7 +28,10 @@ type Config struct {
 	Key          tunnel.PrivateKey
 	Peers        []tunnel.PublicKey
 	AllowPrivate bool
-	FastOpen     bool
+	// Deny lists destination prefixes refused always, even with
+	// AllowPrivate (Policy.Deny).
+	Deny     []netip.Prefix
+	FastOpen bool
 	// DialTimeout bounds the connect to the destination. It must stay
 	// below the client's handshake timeout so the client hears "timed
 	// out" from us rather than giving up on its own.
@@ -61,6 +66,7 @@ type Server struct {
 	ln     net.Listener
 	tun    *tunnel.Server
 	policy *Policy
+	own    *ownAddrs
 	dialer net.Dialer
 
 	active                                               atomic.Int64
@@ -87,6 +93,11 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.HandshakeDeadline < 0 {
 		return nil, fmt.Errorf("handshake deadline %v: must be positive", cfg.HandshakeDeadline)
 	}
+	for _, p := range cfg.Deny {
+		if !p.IsValid() || p.Masked() != p {
+			return nil, fmt.Errorf("deny %s: want a prefix without host bits", p)
+		}
+	}
 	ts, err := tunnel.NewServer(tunnel.ServerConfig{
 		Key:               cfg.Key,
 		Peers:             cfg.Peers,
@@ -97,8 +108,14 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Before the listener: no flow can arrive before the set is known.
+	own, err := startOwnAddrs(cfg.Logger, netns.None(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("watch this host's own addresses: %w", err)
+	}
 	ln, err := tunnel.Listen(ctx, cfg.Listen, cfg.FastOpen)
 	if err != nil {
+		own.Close()
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
 	s := &Server{
@@ -106,10 +123,12 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 		log: cfg.Logger,
 		ln:  ln,
 		tun: ts,
+		own: own,
 		policy: &Policy{
 			AllowPrivate: cfg.AllowPrivate,
 			Listen:       lap,
-			IsLocal:      isLocalAddr,
+			Deny:         cfg.Deny,
+			Own:          own.Snapshot,
 		},
 	}
 	s.dialer = net.Dialer{
@@ -123,9 +142,12 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// Close closes the listener, for a caller that gives up before Serve;
-// Serve also closes it when its context ends.
-func (s *Server) Close() error { return s.ln.Close() }
+// Close closes the listener and stops watching the host's addresses, for
+// a caller that gives up before Serve; Serve does both when it returns.
+func (s *Server) Close() error {
+	s.own.Close()
+	return s.ln.Close()
+}
 
 // Addr is the listener's address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
@@ -135,6 +157,9 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 func (s *Server) Serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The flows have ended when tun.Serve returns, so no check needs the
+	// set after this.
+	defer s.own.Close()
 	go func() { <-ctx.Done(); s.ln.Close() }()
 	err := s.tun.Serve(ctx, s.ln, s.handle)
 	if ctx.Err() != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -27,6 +28,7 @@ func serverCommand() *cli.Command {
 			&cli.PathFlag{Name: "key", Usage: "the server's private key `FILE` (from `mpvpn keygen`)"},
 			&cli.StringSliceFlag{Name: "peer", Usage: "a client's public `KEY` allowed to connect (repeatable)"},
 			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
+			&cli.StringSliceFlag{Name: "deny", Usage: "always refuse destinations in this `CIDR`, even with --allow-private, also in IPv4-mapped, NAT64 and 6to4 forms (repeatable): for addresses of this host that are not on its interfaces, such as the public address a 1:1 NAT gives it (EC2, GCP)"},
 			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 			&cli.IntFlag{Name: "max-flows-per-client", Value: 4096, Usage: "most flows one client key may have open at once; more are refused"},
@@ -68,11 +70,23 @@ func runServer(c *cli.Context) error {
 	if d := c.Duration("handshake-timeout"); d <= 0 {
 		return usageError("--handshake-timeout %v: must be positive", d)
 	}
+	var deny []netip.Prefix
+	for _, d := range c.StringSlice("deny") {
+		p, err := netip.ParsePrefix(d)
+		if err != nil {
+			return usageError("--deny %q: want a CIDR such as 198.51.100.10/32", d)
+		}
+		if p.Masked() != p {
+			return usageError("--deny %q has host bits set; did you mean %s?", d, p.Masked())
+		}
+		deny = append(deny, p)
+	}
 	srv, err := concentrator.Listen(c.Context, concentrator.Config{
 		Listen:            c.String("listen"),
 		Key:               key,
 		Peers:             peers,
 		AllowPrivate:      c.Bool("allow-private"),
+		Deny:              deny,
 		FastOpen:          c.Bool("fast-open"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		HandshakeDeadline: c.Duration("handshake-timeout"),

@@ -658,6 +658,14 @@ func TestDestinationPolicy(t *testing.T) {
 		"[fd00:ec2::254]:80", "[::ffff:127.0.0.1]:80", "[::ffff:169.254.169.254]:80",
 		"[64:ff9b::a9fe:a9fe]:80", "[64:ff9b::7f00:1]:80", "[2002:7f00:1::]:80", "[::127.0.0.1]:80",
 		"[fc00::1]:80", "[fe80::1]:80", "[ff02::1]:80",
+		// Cloud metadata in public and link-local space, IETF protocol
+		// assignments, benchmarking, site-local, the 6to4 relay anycast.
+		"168.63.129.16:80", "169.254.0.23:80", "192.0.0.1:80", "192.0.0.170:80",
+		"198.18.0.1:80", "[fec0::1]:80", "192.88.99.1:80",
+		// IPv4-translated, local-use NAT64 (the /64 reading is 10.0.0.1),
+		// Teredo, NAT64 of the own address, IPv6 outside 2000::/3.
+		"[::ffff:0:7f00:1]:80", "[::ffff:0:a9fe:a9fe]:80", "[64:ff9b:1:101:a:0:101:101]:80",
+		"[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80", "[64:ff9b::cb00:7101]:80", "[100::1]:80",
 	}
 	checkDenied(t, e, cl, syns, denied)
 	if n := syns.get(t, "syn_all"); n != 0 {
@@ -740,6 +748,12 @@ func TestDestinationPolicy(t *testing.T) {
 			"169.254.169.254:80", "169.254.170.2:80", "[fd00:ec2::254]:80", "100.100.100.200:80",
 			"[::ffff:169.254.169.254]:80", "[64:ff9b::a9fe:a9fe]:80",
 			"224.0.0.1:80", "255.255.255.255:80",
+			// The listener through the IPv4 an IPv6 address embeds.
+			"[64:ff9b::7f00:1]:7100", "[::ffff:0:7f00:1]:7100", "[2002:7f00:1::]:7100",
+			"[64:ff9b::cb00:7101]:7100", "[64:ff9b::c612:301]:7100",
+			// Metadata and ranges that --allow-private does not lift.
+			"168.63.129.16:80", "169.254.0.23:80", "[::ffff:0:a9fe:a9fe]:80",
+			"192.0.0.1:80", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80", "[100::1]:80",
 		})
 
 		// And through the app path.
@@ -754,6 +768,46 @@ func TestDestinationPolicy(t *testing.T) {
 		// 3 in-process dials and the curl above.
 		if n := syns.get(t, "syn_all"); n != 4 {
 			t.Errorf("the concentrator sent %d SYNs, want 4 (the allowed flows only)", n)
+		}
+	})
+
+	// --deny refuses a prefix even with --allow-private, in its IPv4 and
+	// embedded forms, with no SYN, while the rest of the network stays
+	// reachable. The public destination stands in for what an operator
+	// would deny: the address a 1:1 NAT gives the host.
+	t.Run("deny", func(t *testing.T) {
+		e := newEnv(t, options{
+			topo:       topo.Options{NoEmu: true},
+			noClient:   true,
+			serverArgs: []string{"--allow-private", "--deny", netip.PrefixFrom(topo.DestAddr, 32).String()},
+		})
+		syns := newSYNCounters(t, e)
+		clientKey, serverPub := e.keys(t)
+		cl := newTunnelClient(t, concListen, clientKey, serverPub, 10*time.Second)
+
+		checkDenied(t, e, cl, syns, []string{
+			"198.51.100.10:80", "198.51.100.10:443", "[::ffff:198.51.100.10]:80",
+			"[::ffff:0:c633:640a]:80", "[64:ff9b::c633:640a]:80", "[2002:c633:640a::1]:80",
+		})
+		if n := syns.get(t, "syn_all"); n != 0 {
+			t.Fatalf("the concentrator sent %d SYNs for denied destinations, want 0", n)
+		}
+
+		// Positive control: a neighbour of the denied address is reached.
+		other := netip.MustParseAddrPort("198.51.100.11:8080")
+		e.tp.Exec(e.tp.Inet, "ip", "addr", "add", other.Addr().String()+"/32", "dev", "lo")
+		serveHTTP(t, e.tp.Listen(e.tp.Inet, "tcp", other.String()), "not denied\n")
+		conn, err := dialTunnel(e.tp, e.tp.Client, cl, other)
+		if err != nil {
+			t.Fatalf("%s: %v", other, err)
+		}
+		resp, err := httpGet(conn, other.String(), "/")
+		conn.Close()
+		if err != nil || !strings.HasSuffix(resp, "\r\n\r\nnot denied\n") {
+			t.Errorf("%s: GET returned %q, %v", other, resp, err)
+		}
+		if n := syns.get(t, "syn_inet"); n != 1 {
+			t.Errorf("%s: %d SYNs counted, want 1", other, n)
 		}
 	})
 }
