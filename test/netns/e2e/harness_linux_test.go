@@ -25,7 +25,7 @@ import (
 
 // bin holds the binaries under test, built once by TestMain.
 var bin struct {
-	mpvpn, flowcheck string
+	mpvpn, flowcheck, hsflood, newflows string
 }
 
 func TestMain(m *testing.M) {
@@ -36,7 +36,14 @@ func TestMain(m *testing.M) {
 	}
 	bin.mpvpn = filepath.Join(dir, "mpvpn")
 	bin.flowcheck = filepath.Join(dir, "flowcheck")
-	for out, pkg := range map[string]string{bin.mpvpn: "github.com/mpvpn/mpvpn/cmd/mpvpn", bin.flowcheck: "github.com/mpvpn/mpvpn/test/netns/cmd/flowcheck"} {
+	bin.hsflood = filepath.Join(dir, "hsflood")
+	bin.newflows = filepath.Join(dir, "newflows")
+	for out, pkg := range map[string]string{
+		bin.mpvpn:     "github.com/mpvpn/mpvpn/cmd/mpvpn",
+		bin.flowcheck: "github.com/mpvpn/mpvpn/test/netns/cmd/flowcheck",
+		bin.hsflood:   "github.com/mpvpn/mpvpn/test/netns/cmd/hsflood",
+		bin.newflows:  "github.com/mpvpn/mpvpn/test/netns/cmd/newflows",
+	} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
@@ -81,6 +88,7 @@ type env struct {
 	serverPub string
 	clientPub string
 	server    *topo.Proc
+	srvArgs   []string // how server was started, for a restart
 	client    *topo.Proc
 	www       string // directory served on DestAddr:80
 	http      *topo.Proc
@@ -129,13 +137,29 @@ func newEnv(t *testing.T, o options) *env {
 	// other's (or a real mpvpn's) in /run/mpvpn.
 	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug",
 		"--control", e.serverSocket()}, o.serverArgs...)
+	e.srvArgs = args
 	e.server = e.tp.Start(e.tp.Conc, "server", args...)
 	e.server.WaitListen("0.0.0.0:7100")
+	e.waitHorizon()
 	if !o.noClient {
 		e.uplinks = o.uplinks
 		e.startClient(t, clientKey, o.clientArgs...)
 	}
 	return e
+}
+
+// serverHorizon is how long after its start the concentrator refuses
+// every handshake stamp, its own clock included (tunnel.ServerConfig
+// FutureSkew), so that nothing recorded before a restart is accepted after
+// it. The mpvpn client learns the horizon from its probe replies; the
+// tests' in-process tunnel clients stamp with this host's clock, so they
+// must not dial before it has passed.
+const serverHorizon = time.Second
+
+// waitHorizon returns once the horizon of the server that has just
+// started listening has passed (it was set before the listener opened).
+func (e *env) waitHorizon() {
+	time.Sleep(serverHorizon + 50*time.Millisecond)
 }
 
 func (e *env) keygen(t *testing.T, path string) {
