@@ -6,7 +6,7 @@
 # Env:
 #   T=10           seconds per iperf3 run
 #   REPS=1         repetitions of every iperf3/throughput case (the table shows medians)
-#   ONLY="agg unshaped setup memory outage"   sections to run (any subset);
+#   ONLY="agg unshaped setup flood memory outage"   sections to run (any subset);
 #                  outage runs scripts/bench_outage.sh (issue 4's table; RUNS, OUTAGE_FOR there)
 #   SKIP_PEERS=1   do not run the peer anchors (peers.sh) in the unshaped section
 #   PEERS=path     peers.sh (default: scripts/peers.sh if present, else /work/shared/bench/peers.sh);
@@ -33,6 +33,11 @@
 #   setup     time_connect / time_starttransfer of a small HTTP reply, median of
 #             CURLS, direct TCP vs mpvpn (server default = no Fast Open) vs mpvpn
 #             with `mpvpn server --fast-open`            ms | in RTTs (ping over wan0)
+#   flood     the real client's new flows (newflows: connect → first byte of a
+#             small HTTP reply through the TUN), without and during a handshake
+#             flood (hsflood: 64 source addresses, silent and garbage
+#             connections, more in all than the concentrator's half-open table)
+#             success % | p50 / p90 first byte in ms | the concentrator's evictions, RSS
 #   memory    VmRSS of mpvpn client and server idle, with each FLOWS count of idle
 #             flows open                                  MiB | KiB per flow over idle
 # A measurement that failed shows FAIL and why in the note column.
@@ -54,7 +59,7 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup memory outage"}
+ONLY=${ONLY:-"agg unshaped setup flood memory outage"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FLOWS=${FLOWS:-"1000 10000"}
@@ -238,8 +243,10 @@ log "building mpvpn, mpvpn-topo, bench-idleflows into $BIN"
 go build -o "$BIN/mpvpn" ./cmd/mpvpn || die "go build ./cmd/mpvpn"
 go build -o "$BIN/mpvpn-topo" ./test/netns/cmd/mpvpn-topo || die "go build mpvpn-topo"
 go build -o "$BIN/bench-idleflows" ./test/netns/cmd/bench-idleflows || die "go build bench-idleflows"
+go build -o "$BIN/hsflood" ./test/netns/cmd/hsflood || die "go build hsflood"
+go build -o "$BIN/newflows" ./test/netns/cmd/newflows || die "go build newflows"
 MPVPN=$BIN/mpvpn
-"$MPVPN" keygen >"$WORK/server.key" && "$MPVPN" keygen >"$WORK/client.key" || die "mpvpn keygen"
+(umask 077 && "$MPVPN" keygen >"$WORK/server.key" && "$MPVPN" keygen >"$WORK/client.key") || die "mpvpn keygen"
 chmod 600 "$WORK"/*.key
 SERVER_PUB=$("$MPVPN" pubkey <"$WORK/server.key")
 CLIENT_PUB=$("$MPVPN" pubkey <"$WORK/client.key")
@@ -303,6 +310,7 @@ shaped() {
 	log "client MPTCP endpoints: $(tr '\n' ';' <"$WORK/endpoints.txt")"
 
 	want agg && aggregation
+	want flood && flood
 	want setup && setup_latency
 	stop_pid "$CLIENT_PID"
 	stop_pid "$SERVER_PID"
@@ -403,6 +411,64 @@ setup_latency() {
 	else
 		row setup "mpvpn, server --fast-open" "FAIL" "-" "server did not start"
 	fi
+}
+
+# flood: issue 8's row. The real client opens FLOOD_FLOWS new flows through
+# its TUN (two at a time) without a flood, then during one: hsflood in the
+# internet namespace, from 64 addresses of the destination network put on
+# its loopback, keeps 80 connections per address open (silent or sending
+# 144 bytes of garbage, the size of a real first message) and replaces
+# every one the concentrator closes, at up to 3000 new connections a
+# second: 5120 held at once if it could, more than the whole half-open
+# table (4096).
+FLOOD_FLOWS=${FLOOD_FLOWS:-200}
+flood() {
+	local first=198.51.100.100 i batch=$WORK/flood-addrs
+	: >"$batch"
+	for i in $(seq 0 63); do echo "address add 198.51.100.$((100 + i))/32 dev lo" >>"$batch"; done
+	ip netns exec "$NS_INET" ip -batch "$batch" || { row flood "handshake flood" "FAIL" "-" "could not add the flood's addresses"; return; }
+	newflows_row() { # LABEL NOTE → a row from one newflows run
+		local j=$WORK/newflows-$1.json
+		ip netns exec "$NS_CLI" "$BIN/newflows" -url "http://$DEST_ADDR/hello" -n "$FLOOD_FLOWS" -parallel 2 -timeout 15s >"$j" 2>"$j.err"
+		local ok tried p50 p90 errs
+		ok=$(jq -r .ok "$j" 2>/dev/null); tried=$(jq -r .tried "$j" 2>/dev/null)
+		p50=$(jq -r .first_byte.p50_ms "$j" 2>/dev/null); p90=$(jq -r .first_byte.p90_ms "$j" 2>/dev/null)
+		errs=$(jq -r '(.errors // [])[0] // ""' "$j" 2>/dev/null | tr '|' ' ' | head -c 100)
+		if ! isnum "${ok:-x}" || ! isnum "${tried:-x}" || [ "$tried" = 0 ]; then
+			row flood "real client's new flows, $1" "FAIL" "-" "newflows: $(head -c 100 "$j.err" | tr '|\n' '  ')"
+			return
+		fi
+		log "flood: $1: $ok/$tried flows, first byte p50 $p50 ms, p90 $p90 ms"
+		row flood "**real client's new flows, $1**" "**$(calc "100*$ok/$tried") % ($ok/$tried)**" "first byte p50 $p50 ms, p90 $p90 ms" "$2${errs:+; first error: $errs}"
+	}
+	newflows_row "no flood" "connect → first byte of a small HTTP reply through the TUN, 2 at a time; RTT 20 ms over wan0"
+	local sock=$WORK/server-$SERVER_N.sock s0 ev0
+	ev0=$("$MPVPN" status --json --socket "$sock" 2>/dev/null | jq -r '.handshakes.evicted // 0')
+	s0=$(rss_kib "$SERVER_PID")
+	bg hsflood "$NS_INET" "$BIN/hsflood" -target "$CONC_ADDR:7100" -src "$first" -sources 64 -conns 80 -mode mixed -rate 3000 -duration 120s
+	local fp=$BGPID half=0 h
+	for _ in $(seq 150); do
+		h=$("$MPVPN" status --json --socket "$sock" 2>/dev/null | jq -r '.handshakes.half_open // 0')
+		isnum "${h:-x}" && [ "$h" -ge 1800 ] && break
+		sleep 0.2
+	done
+	half=$h
+	local rss_max=0 r
+	( while kill -0 "$fp" 2>/dev/null; do rss_kib "$SERVER_PID"; sleep 0.5; done ) >"$WORK/flood-rss" &
+	local sampler=$!
+	newflows_row "during a handshake flood" "target ≥ 95 %; hsflood: 64 addresses × 80 silent or garbage connections, ≤ 3000 new/s; $half half-open when measuring began"
+	local ev1 st
+	st=$("$MPVPN" status --json --socket "$sock" 2>/dev/null)
+	ev1=$(echo "$st" | jq -r '.handshakes.evicted // 0')
+	kill -INT "$fp" 2>/dev/null
+	for _ in $(seq 100); do kill -0 "$fp" 2>/dev/null || break; sleep 0.1; done
+	wait "$sampler" 2>/dev/null
+	rss_max=$(sort -n "$WORK/flood-rss" | tail -1)
+	local fl opened closed held
+	fl=$(grep '^{' "$WORK/hsflood.log" | tail -1)
+	opened=$(echo "$fl" | jq -r .opened 2>/dev/null); closed=$(echo "$fl" | jq -r .closed_by_server 2>/dev/null)
+	held=$(echo "$fl" | jq -r ".held_median_ms | round" 2>/dev/null)
+	row flood "concentrator during the flood" "$(calc "${rss_max:-0}/1024") MiB RSS" "idle $(calc "$s0/1024") MiB" 		"$((ev1 - ev0)) half-open connections evicted; the flood opened ${opened:-?}, the server closed ${closed:-?} (held ${held:-?} ms median)"
 }
 
 # ------------------------------------------------------------------ 2 + 4: unshaped topology
@@ -558,7 +624,7 @@ memory() {
 
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
-if want agg || want setup; then shaped; fi
+if want agg || want setup || want flood; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
 if want outage; then
 	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"

@@ -143,8 +143,7 @@ printf '%s\n' "$topo_env" | sed 's/^/  /'
 
 step "keys, servers"
 umask 077
-"$MPVPN" keygen >"$TMP/server.key"
-"$MPVPN" keygen >"$TMP/client.key"
+(umask 077 && "$MPVPN" keygen >"$TMP/server.key" && "$MPVPN" keygen >"$TMP/client.key")
 SERVER_PUB=$("$MPVPN" pubkey <"$TMP/server.key")
 CLIENT_PUB=$("$MPVPN" pubkey <"$TMP/client.key")
 umask 022

@@ -26,11 +26,13 @@ if [ -n "$bad" ]; then echo "not gofmt'ed: $bad"; exit 1; fi
 step "go vet"
 go vet ./...
 
-step "unit tests"
+step "unit tests (-race)"
 # The netns integration tests get their own serial pass below: they build
 # whole topologies and would fight over 2 cores if run in parallel.
 units=$(go list ./... | grep -v '/test/netns')
-go test -count=1 -timeout 10m $units
+# With the race detector: the relays, the path manager's snapshots and the
+# half-open table are all shared between goroutines.
+go test -race -count=1 -timeout 15m $units
 
 if [ "${SHORT:-}" != 1 ]; then
 	step "fuzz targets (${FUZZTIME} each)"
