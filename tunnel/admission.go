@@ -29,6 +29,15 @@ import (
 // garbage and one still waiting for its bytes are both unauthenticated and
 // evicted by age alone, so eviction tells a prober how full the table is,
 // never what the server thought of its bytes.
+//
+// One exception to "oldest first": a connection whose whole first message
+// is already in its socket's receive queue has done its part and is only
+// waiting for the server to get to it. It is passed over (up to
+// readyScan of them per eviction), so that a burst of legitimate flows
+// that arrives faster than the server reads them (a page load, 200 flows
+// at once from behind one address) does not evict itself. A share may
+// then run over its limit until the server catches up, but never the
+// table over twice its size: past that the oldest goes, ready or not.
 type halfOpen struct {
 	mu      sync.Mutex
 	max     int
@@ -51,6 +60,10 @@ type hoEntry struct {
 	keys  [hoLists]netip.Prefix // hoAddr, hoSite; invalid: not on that list
 	// evict closes the connection early; called without the table's lock.
 	evict func()
+	// ready reports whether the whole first message is waiting in the
+	// connection's receive queue (nil: never); called with the lock held,
+	// so it must be quick (one ioctl).
+	ready func() bool
 	// checking: msg1 is complete and being verified. Such an entry is
 	// not evicted, so a legitimate client is never cut off between its
 	// last byte and its verdict; it counts until released.
@@ -94,12 +107,24 @@ func (l *hoList) remove(e *hoEntry) {
 	l.n--
 }
 
-// oldest returns the oldest entry that may be evicted, or nil.
-func (l *hoList) oldest() *hoEntry {
+// readyScan bounds how many ready entries one eviction passes over.
+const readyScan = 8
+
+// victim returns the oldest entry that may be evicted, or nil: not one
+// being checked, nor (unless force) one whose first message is ready.
+func (l *hoList) victim(force bool) *hoEntry {
+	skipped := 0
 	for e := l.head; e != nil; e = e.links[l.which].next {
-		if !e.checking {
-			return e
+		if e.checking {
+			continue
 		}
+		if !force && e.ready != nil && e.ready() {
+			if skipped++; skipped >= readyScan {
+				return nil
+			}
+			continue
+		}
+		return e
 	}
 	return nil
 }
@@ -134,8 +159,8 @@ func shareKeys(a netip.Addr) (addr, site netip.Prefix) {
 // first: the oldest of its address's share if that is full, of its /48's
 // if that is full, of the whole table if that is full. It returns how
 // many were evicted; their evict functions have been called.
-func (h *halfOpen) admit(src netip.Addr, evict func()) (*hoEntry, int) {
-	e := &hoEntry{evict: evict}
+func (h *halfOpen) admit(src netip.Addr, evict func(), ready func() bool) (*hoEntry, int) {
+	e := &hoEntry{evict: evict, ready: ready}
 	e.keys[hoAddr], e.keys[hoSite] = shareKeys(src)
 	var victims []*hoEntry
 	h.mu.Lock()
@@ -152,9 +177,11 @@ func (h *halfOpen) admit(src netip.Addr, evict func()) (*hoEntry, int) {
 			}
 		}
 		for l.n >= limit {
-			v := l.oldest()
+			v := l.victim(i == hoAll && l.n >= 2*limit)
 			if v == nil {
-				break // all of them are being checked: over by a few, briefly
+				// Everything evictable is being checked or ready: over
+				// its share until the server catches up.
+				break
 			}
 			h.removeLocked(v)
 			victims = append(victims, v)

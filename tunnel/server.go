@@ -339,7 +339,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 			// deadline. Every evicted connection gets the same.
 			cancelConn()
 			abort(raw)
-		})
+		}, msg1Queued(raw))
 		s.evicted.Add(uint64(n))
 		wg.Add(1)
 		go func() {

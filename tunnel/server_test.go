@@ -650,9 +650,11 @@ func TestHalfOpenEviction(t *testing.T) {
 func TestHalfOpenShares(t *testing.T) {
 	type step struct {
 		src     string
-		checked bool  // mark the new entry as being checked
-		evicted []int // indices of earlier steps evicted by this one
+		checked bool        // mark the new entry as being checked
+		ready   func() bool // its first message is queued
+		evicted []int       // indices of earlier steps evicted by this one
 	}
+	yes := func() bool { return true }
 	tests := []struct {
 		name                  string
 		max, perAddr, perSite int
@@ -681,6 +683,16 @@ func TestHalfOpenShares(t *testing.T) {
 		{"IPv4-mapped is IPv4", 10, 1, 10, []step{
 			{src: "192.0.2.1"}, {src: "::ffff:192.0.2.1", evicted: []int{0}},
 		}},
+		{"a ready entry is passed over", 10, 2, 10, []step{
+			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.1"},
+			{src: "192.0.2.1", evicted: []int{1}}, {src: "192.0.2.1", ready: yes, evicted: []int{2}},
+			// Only ready ones left: over the share, for now.
+			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.1"},
+		}},
+		{"never over twice the table", 2, 2, 2, []step{
+			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.2", ready: yes}, {src: "192.0.2.3", ready: yes},
+			{src: "192.0.2.4", ready: yes}, {src: "192.0.2.5", ready: yes, evicted: []int{0}},
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -689,7 +701,7 @@ func TestHalfOpenShares(t *testing.T) {
 			live := 0
 			for i, st := range tt.steps {
 				before := len(evicted)
-				e, n := h.admit(netip.MustParseAddr(st.src), func() { evicted[i] = true })
+				e, n := h.admit(netip.MustParseAddr(st.src), func() { evicted[i] = true }, st.ready)
 				if st.checked && !h.check(e) {
 					t.Fatalf("step %d: check of a fresh entry failed", i)
 				}

@@ -134,3 +134,22 @@ func limitUnsent(c net.Conn) error {
 	}
 	return serr
 }
+
+// msg1Queued returns a function that reports whether a whole msg1 is
+// waiting in c's receive queue (SIOCINQ, which MPTCP sockets answer too:
+// checked on Linux 6.18, 2026-12), or nil if c has no file descriptor.
+func msg1Queued(c net.Conn) func() bool {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return func() bool {
+		n := 0
+		rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+		return n >= msg1Size
+	}
+}

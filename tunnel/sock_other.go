@@ -60,3 +60,5 @@ type lazyReader struct{}
 func newLazyReader(*net.TCPConn, int) *lazyReader { return nil }
 
 func (*lazyReader) read() (*[]byte, int, error) { return nil, 0, errNotLinux }
+
+func msg1Queued(net.Conn) func() bool { return nil }
