@@ -21,9 +21,14 @@ import (
 // source's share) within that fraction of a round trip.
 //
 // Shares: an IPv4 address, or an IPv6 /64 (one host usually owns a whole
-// /64), may hold perAddr slots; an IPv6 /48 (one site) perSite. With the
-// defaults (4096 in all, 32 per address, 256 per /48) it takes 128
-// addresses, or 16 /48s, to fill the table at all.
+// /64), may hold perAddr slots; an IPv6 /48 (one site) perSite. They are
+// enforced only under load, once the table is half full, as WireGuard asks
+// for cookies only under load: until then a burst from one address (a
+// page load, or many clients behind one CGNAT address) takes what it
+// needs. Under load, with the defaults (4096 in all, 32 per address, 256
+// per /48), a flood holds at most 32 slots per address, so it takes 128
+// addresses, or 16 /48s, to fill the table at all; beyond that the oldest
+// of all goes.
 //
 // Which check a connection failed plays no part: a connection that sent
 // garbage and one still waiting for its bytes are both unauthenticated and
@@ -164,10 +169,11 @@ func (h *halfOpen) admit(src netip.Addr, evict func(), ready func() bool) (*hoEn
 	e.keys[hoAddr], e.keys[hoSite] = shareKeys(src)
 	var victims []*hoEntry
 	h.mu.Lock()
+	underLoad := 2*h.all.n >= h.max
 	for i, limit := range [hoLists]int{hoAll: h.max, hoAddr: h.perAddr, hoSite: h.perSite} {
 		l := &h.all
 		if i != hoAll {
-			if !e.keys[i].IsValid() {
+			if !e.keys[i].IsValid() || !underLoad {
 				continue
 			}
 			l = h.groups[e.keys[i]]

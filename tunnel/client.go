@@ -227,6 +227,15 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 	d.Control = func(_, _ string, rc syscall.RawConn) error {
 		return controlDial(rc, c.cfg.Mark, c.cfg.FastOpen, &at)
 	}
+	// msg1 first (its DH work), so that it follows the TCP handshake at
+	// once: until it arrives the concentrator holds the connection as
+	// unauthenticated, and under load it evicts such connections, oldest
+	// first. Its timestamp is then older by the connect's duration, well
+	// within the concentrator's ReplayWindow.
+	hs, msg1, err := c.msg1(dst)
+	if err != nil {
+		return nil, err
+	}
 	// With TCP_FASTOPEN_CONNECT and a cached cookie, this returns before
 	// any packet is sent; connect errors then show on Write or Read.
 	raw, err := d.DialContext(ctx, "tcp", c.server)
@@ -246,12 +255,6 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 	}
 
 	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(aLongTimeAgo) })
-	hs, msg1, err := c.msg1(dst)
-	if err != nil {
-		stop()
-		tc.Close()
-		return nil, err
-	}
 	var m2 [msg2Size]byte
 	if _, err = tc.Write(msg1); err == nil {
 		_, err = io.ReadFull(tc, m2[:])

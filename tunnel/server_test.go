@@ -617,7 +617,8 @@ func TestHalfOpenEviction(t *testing.T) {
 	})
 	t.Run("per address", func(t *testing.T) {
 		ln := listenMPTCP(t, false)
-		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpenPerAddr: 1}, ClientConfig{})
+		// Under load at two of four: the share of one per address counts.
+		p := newPair(t, ServerConfig{HandshakeDeadline: deadline, MaxHalfOpen: 4, MaxHalfOpenPerAddr: 1, MaxHalfOpenPerSite: 1}, ClientConfig{})
 		serve(t, p.srv, ln, echoAccept)
 		first := holdOpen(t, ln, "127.0.0.1")
 		opened := time.Now()
@@ -660,15 +661,15 @@ func TestHalfOpenShares(t *testing.T) {
 		max, perAddr, perSite int
 		steps                 []step
 	}{
-		{"IPv4 per address", 10, 2, 10, []step{
+		{"IPv4 per address", 4, 2, 4, []step{
 			{src: "192.0.2.1"}, {src: "192.0.2.1"}, {src: "192.0.2.2"},
 			{src: "192.0.2.1", evicted: []int{0}}, {src: "192.0.2.1", evicted: []int{1}},
 		}},
-		{"IPv6 per /64", 10, 2, 10, []step{
+		{"IPv6 per /64", 4, 2, 4, []step{
 			{src: "2001:db8:1:1::1"}, {src: "2001:db8:1:1::2"}, {src: "2001:db8:1:2::1"},
 			{src: "2001:db8:1:1:ffff::9", evicted: []int{0}},
 		}},
-		{"IPv6 per /48", 10, 5, 3, []step{
+		{"IPv6 per /48", 6, 5, 3, []step{
 			{src: "2001:db8:1:1::1"}, {src: "2001:db8:1:2::1"}, {src: "2001:db8:2::1"}, {src: "2001:db8:1:3::1"},
 			{src: "2001:db8:1:4::1", evicted: []int{0}}, {src: "2001:db8:2::2"},
 		}},
@@ -680,14 +681,19 @@ func TestHalfOpenShares(t *testing.T) {
 			{src: "192.0.2.1", checked: true}, {src: "192.0.2.2"},
 			{src: "192.0.2.3", evicted: []int{1}}, {src: "192.0.2.4", evicted: []int{2}},
 		}},
-		{"IPv4-mapped is IPv4", 10, 1, 10, []step{
+		{"IPv4-mapped is IPv4", 2, 1, 2, []step{
 			{src: "192.0.2.1"}, {src: "::ffff:192.0.2.1", evicted: []int{0}},
 		}},
-		{"a ready entry is passed over", 10, 2, 10, []step{
+		{"a ready entry is passed over", 4, 2, 4, []step{
 			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.1"},
 			{src: "192.0.2.1", evicted: []int{1}}, {src: "192.0.2.1", ready: yes, evicted: []int{2}},
 			// Only ready ones left: over the share, for now.
 			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.1"},
+		}},
+		{"shares only under load", 10, 1, 10, []step{
+			{src: "192.0.2.1"}, {src: "192.0.2.1"}, {src: "192.0.2.1"}, {src: "192.0.2.1"}, {src: "192.0.2.1"},
+			// Half full: now the share counts, and it is 5 over.
+			{src: "192.0.2.1", evicted: []int{0, 1, 2, 3, 4}},
 		}},
 		{"never over twice the table", 2, 2, 2, []step{
 			{src: "192.0.2.1", ready: yes}, {src: "192.0.2.2", ready: yes}, {src: "192.0.2.3", ready: yes},
