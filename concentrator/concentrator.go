@@ -42,7 +42,17 @@ type Config struct {
 	// MaxFlowsPerPeer caps one client key's open flows
 	// (tunnel.ServerConfig.MaxFlowsPerPeer); 0 takes its default.
 	MaxFlowsPerPeer int
-	Logger          *slog.Logger
+	// Limits of the tunnel server (tunnel.ServerConfig, same names); 0
+	// takes its default.
+	MaxFlows                               int
+	PeerHandshakeRate, PeerHandshakeBurst  int
+	MaxHalfOpen                            int
+	MaxHalfOpenPerAddr, MaxHalfOpenPerSite int
+	// FrameTimeout bounds how long a flow may wait in the middle of a
+	// frame from its client (tunnel.Conn.SetFrameTimeout); 0 takes
+	// tunnel.DefaultFrameTimeout.
+	FrameTimeout time.Duration
+	Logger       *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -99,11 +109,17 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 	ts, err := tunnel.NewServer(tunnel.ServerConfig{
-		Key:               cfg.Key,
-		Peers:             cfg.Peers,
-		HandshakeDeadline: cfg.HandshakeDeadline,
-		MaxFlowsPerPeer:   cfg.MaxFlowsPerPeer,
-		Logger:            cfg.Logger,
+		Key:                cfg.Key,
+		Peers:              cfg.Peers,
+		HandshakeDeadline:  cfg.HandshakeDeadline,
+		MaxFlowsPerPeer:    cfg.MaxFlowsPerPeer,
+		MaxFlows:           cfg.MaxFlows,
+		PeerHandshakeRate:  cfg.PeerHandshakeRate,
+		PeerHandshakeBurst: cfg.PeerHandshakeBurst,
+		MaxHalfOpen:        cfg.MaxHalfOpen,
+		MaxHalfOpenPerAddr: cfg.MaxHalfOpenPerAddr,
+		MaxHalfOpenPerSite: cfg.MaxHalfOpenPerSite,
+		Logger:             cfg.Logger,
 	})
 	if err != nil {
 		return nil, err
@@ -151,6 +167,13 @@ func (s *Server) Close() error {
 
 // Addr is the listener's address.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Now is the tunnel server's clock, and Horizon the latest handshake
+// stamp it refuses however fresh: the probe responder sends both to the
+// clients, which stamp their handshakes in this clock, after the horizon
+// (tunnel.Server.Now, Horizon).
+func (s *Server) Now() time.Time     { return s.tun.Now() }
+func (s *Server) Horizon() time.Time { return s.tun.Horizon() }
 
 // Serve handles flows until ctx is cancelled or the listener fails, then
 // waits for the flows in progress to end.
@@ -200,6 +223,7 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 		log.Debug("accept failed", "err", err)
 		return
 	}
+	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
 	defer s.active.Add(-1)

@@ -74,7 +74,7 @@ type clientConfig struct {
 	allDown   time.Duration
 }
 
-func parseClient(c *cli.Context) (*clientConfig, error) {
+func parseClient(c *cli.Context, log *slog.Logger) (*clientConfig, error) {
 	var cfg clientConfig
 	var err error
 	if c.String("server") == "" {
@@ -89,7 +89,7 @@ func parseClient(c *cli.Context) (*clientConfig, error) {
 	if cfg.serverKey, err = tunnel.ParsePublicKey(strings.TrimSpace(c.String("server-key"))); err != nil {
 		return nil, fmt.Errorf("--server-key: %w", err)
 	}
-	if cfg.key, err = readKeyFile(c.Path("key")); err != nil {
+	if cfg.key, err = readKeyFileLog(c.Path("key"), log); err != nil {
 		return nil, err
 	}
 	for _, u := range c.StringSlice("uplink") {
@@ -142,7 +142,7 @@ func runClient(c *cli.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	cfg, err := parseClient(c)
+	cfg, err := parseClient(c, log)
 	if err != nil {
 		return err
 	}
@@ -268,6 +268,7 @@ func runClient(c *cli.Context) (err error) {
 		Mark:      cfg.mark,
 		FastOpen:  cfg.fastOpen,
 		Source:    pm.PreferredSource,
+		Now:       concentratorClock(pr, time.Now()),
 		Logger:    log,
 	})
 	if err != nil {

@@ -51,13 +51,6 @@ func pubkeyCommand() *cli.Command {
 	}
 }
 
-// readKeyFile reads a private key file written by `mpvpn keygen`. Its
-// callers have no logger to give it yet, so a warning goes to standard
-// error, formatted as the daemons' log lines are.
-func readKeyFile(path string) (tunnel.PrivateKey, error) {
-	return readKeyFileLog(path, slog.New(slog.NewTextHandler(os.Stderr, nil)))
-}
-
 // maxKeyFile bounds what is read of a key file: a key is one line.
 const maxKeyFile = 4096
 

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -163,7 +164,7 @@ func TestConfigFile(t *testing.T) {
 			return err
 		}
 		var err error
-		got, err = parseClient(c)
+		got, err = parseClient(c, slog.New(slog.DiscardHandler))
 		return err
 	}
 	app := &cli.App{Commands: []*cli.Command{cmd}, Writer: &bytes.Buffer{}, ErrWriter: &bytes.Buffer{}}

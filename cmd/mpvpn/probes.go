@@ -5,15 +5,20 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"time"
 
+	"github.com/mpvpn/mpvpn/concentrator"
 	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
 // serveProbes answers the clients' liveness probes on the UDP port of the
-// same number as the tunnel listener at addr, until ctx is done or stop is
-// called (stop waits for the responder to end).
-func serveProbes(ctx context.Context, addr net.Addr, key tunnel.PrivateKey, peers []tunnel.PublicKey, log *slog.Logger) (stop func(), err error) {
+// same number as the tunnel listener of srv, until ctx is done or stop is
+// called (stop waits for the responder to end). The replies carry the
+// tunnel server's clock and horizon, in which the clients stamp their
+// handshakes.
+func serveProbes(ctx context.Context, srv *concentrator.Server, key tunnel.PrivateKey, peers []tunnel.PublicKey, log *slog.Logger) (stop func(), err error) {
+	addr := srv.Addr()
 	ta, ok := addr.(*net.TCPAddr)
 	if !ok {
 		return nil, fmt.Errorf("liveness probes: listener address %v is not TCP", addr)
@@ -22,7 +27,7 @@ func serveProbes(ctx context.Context, addr net.Addr, key tunnel.PrivateKey, peer
 	if err != nil {
 		return nil, fmt.Errorf("liveness probes on udp %s: %w", ta, err)
 	}
-	r, err := probe.NewResponder(probe.ResponderConfig{Key: key, Peers: peers, Logger: log})
+	r, err := probe.NewResponder(probe.ResponderConfig{Key: key, Peers: peers, Logger: log, Now: srv.Now, Horizon: srv.Horizon})
 	if err != nil {
 		pc.Close()
 		return nil, err
@@ -41,3 +46,29 @@ func serveProbes(ctx context.Context, addr net.Addr, key tunnel.PrivateKey, peer
 		pc.Close()
 	}, nil
 }
+
+// concentratorClock is the clock a client stamps its handshakes with: the
+// concentrator's, as the prober learns it from authenticated replies
+// (never ahead of it, and past its horizon after a restart), or this
+// host's own when no reply has come. In the first firstReplyWait after
+// the client started, a flow waits for that first reply (one round trip)
+// rather than stamp with a clock that may be off: the concentrator is
+// silent to a stamp it refuses, and the app would see a reset after the
+// handshake timeout instead.
+func concentratorClock(pr interface{ ServerNow() (time.Time, bool) }, started time.Time) func() time.Time {
+	return func() time.Time {
+		for {
+			if t, ok := pr.ServerNow(); ok {
+				return t
+			}
+			if time.Since(started) >= firstReplyWait {
+				return time.Now()
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// firstReplyWait: how long after start new flows wait for the first probe
+// reply, when none has come yet.
+const firstReplyWait = 2 * time.Second

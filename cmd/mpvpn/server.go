@@ -33,6 +33,13 @@ func serverCommand() *cli.Command {
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 			&cli.IntFlag{Name: "max-flows-per-client", Value: 4096, Usage: "most flows one client key may have open at once; more are refused"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
+			&cli.IntFlag{Name: "max-flows", Value: 16384, Usage: "most flows open at once over all clients; more are refused"},
+			&cli.IntFlag{Name: "handshake-rate", Value: 1000, Usage: "new flows per second one client key may open (a burst of --handshake-burst above it); more are refused, and other clients are not affected"},
+			&cli.IntFlag{Name: "handshake-burst", Value: 2000, Usage: "how many new flows one client key may open at once above --handshake-rate"},
+			&cli.IntFlag{Name: "max-half-open", Value: 4096, Usage: "most connections not yet authenticated, in all; when full, the oldest is closed to make room"},
+			&cli.IntFlag{Name: "max-half-open-per-addr", Value: 32, Usage: "most connections not yet authenticated from one IPv4 address or IPv6 /64; over it, that source's oldest is closed"},
+			&cli.IntFlag{Name: "max-half-open-per-48", Value: 256, Usage: "most connections not yet authenticated from one IPv6 /48; over it, that /48's oldest is closed"},
+			&cli.DurationFlag{Name: "frame-timeout", Value: 90 * time.Second, Usage: "close a flow whose client began a frame and did not finish it within this long (longer than the clients' --all-down-timeout)"},
 		}, append(controlFlags(defaultServerSocket), logFlags...)...),
 		Action: runServer,
 	}
@@ -53,7 +60,7 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	key, err := readKeyFile(c.Path("key"))
+	key, err := readKeyFileLog(c.Path("key"), log)
 	if err != nil {
 		return err
 	}
@@ -70,6 +77,18 @@ func runServer(c *cli.Context) error {
 	if d := c.Duration("handshake-timeout"); d <= 0 {
 		return usageError("--handshake-timeout %v: must be positive", d)
 	}
+	for _, name := range []string{"max-flows", "handshake-rate", "handshake-burst", "max-half-open", "max-half-open-per-addr", "max-half-open-per-48"} {
+		if n := c.Int(name); n <= 0 {
+			return usageError("--%s %d: must be positive", name, n)
+		}
+	}
+	if c.Int("max-half-open-per-addr") > c.Int("max-half-open") || c.Int("max-half-open-per-48") > c.Int("max-half-open") {
+		return usageError("--max-half-open-per-addr (%d) and --max-half-open-per-48 (%d) must not exceed --max-half-open (%d)",
+			c.Int("max-half-open-per-addr"), c.Int("max-half-open-per-48"), c.Int("max-half-open"))
+	}
+	if d := c.Duration("frame-timeout"); d <= 0 {
+		return usageError("--frame-timeout %v: must be positive", d)
+	}
 	var deny []netip.Prefix
 	for _, d := range c.StringSlice("deny") {
 		p, err := netip.ParsePrefix(d)
@@ -82,16 +101,23 @@ func runServer(c *cli.Context) error {
 		deny = append(deny, p)
 	}
 	srv, err := concentrator.Listen(c.Context, concentrator.Config{
-		Listen:            c.String("listen"),
-		Key:               key,
-		Peers:             peers,
-		AllowPrivate:      c.Bool("allow-private"),
-		Deny:              deny,
-		FastOpen:          c.Bool("fast-open"),
-		DialTimeout:       c.Duration("dial-timeout"),
-		HandshakeDeadline: c.Duration("handshake-timeout"),
-		MaxFlowsPerPeer:   c.Int("max-flows-per-client"),
-		Logger:            log,
+		Listen:             c.String("listen"),
+		Key:                key,
+		Peers:              peers,
+		AllowPrivate:       c.Bool("allow-private"),
+		Deny:               deny,
+		FastOpen:           c.Bool("fast-open"),
+		DialTimeout:        c.Duration("dial-timeout"),
+		HandshakeDeadline:  c.Duration("handshake-timeout"),
+		MaxFlowsPerPeer:    c.Int("max-flows-per-client"),
+		MaxFlows:           c.Int("max-flows"),
+		PeerHandshakeRate:  c.Int("handshake-rate"),
+		PeerHandshakeBurst: c.Int("handshake-burst"),
+		MaxHalfOpen:        c.Int("max-half-open"),
+		MaxHalfOpenPerAddr: c.Int("max-half-open-per-addr"),
+		MaxHalfOpenPerSite: c.Int("max-half-open-per-48"),
+		FrameTimeout:       c.Duration("frame-timeout"),
+		Logger:             log,
 	})
 	if err != nil {
 		return err
@@ -101,7 +127,7 @@ func runServer(c *cli.Context) error {
 	// Liveness probes from the clients' uplinks come to the same port
 	// over UDP (see package probe); binding it now makes a port taken by
 	// someone else a configuration error, before the host is changed.
-	stopProbes, err := serveProbes(c.Context, srv.Addr(), key, peers, log)
+	stopProbes, err := serveProbes(c.Context, srv, key, peers, log)
 	if err != nil {
 		return err
 	}
