@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package concentrator is the server side of mpvpn: it accepts tunnel
 // flows from authenticated clients, checks each destination against its
 // policy, re-originates the TCP connection and relays the bytes.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package control is how an operator looks inside a running mpvpn (issue 4):
 // a local status socket that `mpvpn status` reads, a human rendering of what
 // it returns, and the same figures as Prometheus metrics.

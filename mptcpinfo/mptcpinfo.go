@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package mptcpinfo reads per-subflow statistics of a kernel Multipath TCP
 // socket with getsockopt(SOL_MPTCP, MPTCP_FULL_INFO), and the single path's
 // TCP_INFO when the socket is plain TCP (MPTCP fell back, or never was).

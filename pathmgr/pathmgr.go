@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package pathmgr turns the host's uplinks into MPTCP paths: for each
 // uplink it keeps a source-routing table, a `from <addr>` rule and an
 // in-kernel MPTCP endpoint, so that every subflow leaves through its own

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package probe tells, per uplink, whether the concentrator can be reached
 // through it right now, fast enough to matter: a path that goes silent is
 // reported dead within about half a second, and a path that comes back is

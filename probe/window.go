@@ -1,3 +1,5 @@
+//go:build linux
+
 package probe
 
 // window is a sliding replay window over one client's counters, the

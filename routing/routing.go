@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package routing decides what enters the TUN: this first version routes
 // the configured prefixes (--route) into it.
 //

@@ -26,6 +26,22 @@ if [ -n "$bad" ]; then echo "not gofmt'ed: $bad"; exit 1; fi
 step "go vet"
 go vet ./...
 
+step "another OS: one clear error"
+# mpvpn is Linux-only: every file is constrained to Linux but one, which
+# fails the build elsewhere with a message naming why. A file that lost
+# its constraint would show up here as a second, confusing error.
+if out=$(GOOS=darwin go vet ./... 2>&1); then
+	echo "GOOS=darwin go vet ./... passed; it must fail with the Linux-only message"
+	exit 1
+fi
+errs=$(printf '%s\n' "$out" | grep -v '^#')
+if [ "$(printf '%s\n' "$errs" | grep -c .)" != 1 ] || ! printf '%s\n' "$errs" | grep -q 'undefined: mpvpn_runs_on_Linux_only'; then
+	echo "GOOS=darwin go vet ./... did not fail with exactly the Linux-only message:"
+	echo "$out"
+	exit 1
+fi
+echo "$errs"
+
 step "unit tests (-race)"
 # The netns integration tests get their own serial pass below: they build
 # whole topologies and would fight over 2 cores if run in parallel.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package stack is the gVisor netstack bound to mpvpn's TUN device. It
 // terminates every TCP flow the routed applications open, and hands each
 // one to a Dialer — dialling first, so that an application sees "connected"

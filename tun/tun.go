@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package tun opens and configures mpvpn's TUN device: the interface the
 // routed applications' packets enter, handed to stack/ as a batched
 // golang.zx2c4.com/wireguard/tun.Device.

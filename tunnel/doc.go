@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package tunnel is mpvpn's client↔concentrator protocol, both ends: one
 // application TCP flow is one kernel MPTCP connection, opened with a Noise
 // IK handshake that authenticates the client and names the destination,

@@ -1,3 +1,5 @@
+//go:build linux
+
 package tunnel
 
 // bucket is a token bucket kept in nanoseconds of credit, so taking a

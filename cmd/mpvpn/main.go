@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command mpvpn is a transparent multipath VPN for Linux: `mpvpn client`
 // carries each TCP flow of the host's apps as one Multipath TCP connection
 // over every uplink to `mpvpn server`, which re-originates it.

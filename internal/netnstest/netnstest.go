@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package netnstest runs kernel-facing tests inside a network namespace of
 // their own, so that routes, rules, MPTCP endpoints and sysctls can be
 // changed without touching the host. It is for tests only.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package relay copies bytes between the two halves of a proxied TCP flow,
 // carrying half-closes across: the client side (netstack ↔ tunnel) and the
 // concentrator side (tunnel ↔ destination) relay the same way.

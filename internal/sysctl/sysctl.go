@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package sysctl reads and writes kernel settings under /proc/sys and
 // remembers what it changed, so a daemon can put the host back as it
 // found it.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package uplinkstats turns per-subflow counters of many MPTCP connections
 // (sampled with package mptcpinfo) into per-uplink figures: bytes each
 // way, current rate, subflow count and RTT. An uplink is known by the

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package tuntest has test doubles for the TUN: a device made of Go
 // channels, and (on Linux) a network namespace per test for the tests
 // that need the real one.

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package linkemu is a userspace link emulator: a "wire" between two network
 // interfaces that copies Ethernet frames both ways and, per direction, limits
 // the rate (token bucket over whole frames), adds delay and jitter, loses

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package topo builds mpvpn's test network in network namespaces: a client
 // with two uplinks through emulated links to two ISPs (one routed, one
 // CGNAT, both enforcing BCP 38), a concentrator that does not forward, and

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command bench-idleflows opens many idle TCP flows and holds them, for the
 // memory rows of scripts/bench.sh.
 //

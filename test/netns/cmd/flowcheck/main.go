@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command flowcheck is a test tool for the netns integration tests: it runs
 // many TCP flows at once and checks every byte of every one.
 //

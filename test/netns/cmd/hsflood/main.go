@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command hsflood floods a concentrator's listener with connections that
 // never authenticate, from many source addresses, for the attack tests
 // and the flood row of scripts/bench.sh (issue 8, item 1).

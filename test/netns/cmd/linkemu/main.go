@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command linkemu is the userspace link emulator daemon of the test
 // topology: a wire between two interfaces of its network namespace with
 // rate, delay, jitter, loss, a tail-drop queue and a blackhole switch per

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command mptcp-tfo-stall reproduces, with kernel MPTCP alone (no mpvpn
 // code), why `mpvpn server` leaves TCP Fast Open off by default: on Linux
 // 6.18 (checked 2026-11-24) a Multipath TCP connection that opened with

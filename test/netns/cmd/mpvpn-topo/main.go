@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command mpvpn-topo builds, changes and removes mpvpn's test topology
 // (package github.com/mpvpn/mpvpn/test/netns/topo) for shell scripts such as
 // scripts/demo.sh and scripts/bench.sh, so they run on the same network as

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command newflows opens new TCP flows one after another (or a few at a
 // time) to an HTTP server and measures each: whether it opened and got an
 // answer, and how long from connect() to the first byte of the reply. It

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command outagebench measures issue 4's outage figures: for each way uplink
 // A can fail during a download over A+B, the longest time the application
 // received nothing (stall) and how long after A's return A carried a fair
