@@ -1,8 +1,17 @@
 package e2e
 
 import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -11,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mpvpn/mpvpn/test/netns/linkemu"
 	"github.com/mpvpn/mpvpn/test/netns/topo"
 )
 
@@ -129,6 +139,173 @@ func TestStatusAndMetrics(t *testing.T) {
 	if ss.Role != "server" || len(ss.Peers) != 1 || ss.Peers[0].Key != e.clientPub || ss.Peers[0].TotalFlows < 1 {
 		t.Errorf("server status:\n%s", raw)
 	}
+
+	t.Run("uplink bytes match the interfaces", func(t *testing.T) { e.checkUplinkBytes(t, size, sum) })
+}
+
+// Tolerances of checkUplinkBytes. Per packet, an interface counts what the
+// MPTCP byte counters (MPTCP_FULL_INFO's per-subflow bytes_received and
+// bytes_acked, which `status --json` adds up per uplink) do not: the
+// Ethernet header (14), IPv4 (20; never options here) and TCP (20) with
+// its options, at most 40. Every segment of an established MPTCP subflow
+// carries timestamps (12 with their padding) and a DSS option with at
+// least a 32-bit data ACK (8), so its headers are 74-94 bytes (~88-90
+// measured on average: data segments carry a 64-bit mapping too). The
+// check takes the packet counts from the interface as well, and wants the
+// JSON within uplinkBytesTol of the payload those two bounds leave.
+// Besides the flow, each uplink carries the probes (a ~40-byte UDP
+// datagram each way every 100 ms, ~82-byte frames: ~1 kB/s per
+// direction; 8 bytes each above minHeader), a few ARPs and MPTCP's own
+// handshakes: uplinkBytesExtra allows for a minute of them.
+const (
+	minHeader        = 14 + 20 + 20 + 12 + 8
+	maxHeader        = 14 + 20 + 60
+	uplinkBytesTol   = 0.05
+	uplinkBytesExtra = 64 << 10
+)
+
+// checkUplinkBytes moves tens of MiB each way over one flow and compares
+// each uplink's bytes in `status --json` with its interface's counters in
+// the client namespace (wan0, wan1), both ways, and checks that each
+// uplink carried at least minShare of them.
+//
+// A is made 40 Mbit/s (B stays at 20): with unequal shares, bytes counted
+// on the wrong uplink cannot pass. The flow stays open, idle, while the
+// last reading is taken: the client samples its subflows once a second
+// and what a subflow carried after its last sample is never counted once
+// it has closed (package uplinkstats), which would make a flow that just
+// ended up to a second's worth short.
+func (e *env) checkUplinkBytes(t *testing.T, bigSize int, bigSum string) {
+	e.tp.UpdateLink(topo.A, linkemu.Both, "rate=40mbit")
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		st, raw := e.status(t, "--socket", e.clientSocket())
+		if st.Uplinks[0].State == "up" && st.Uplinks[1].State == "up" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the uplinks are not both up:\n%s", raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	const upSize = 24 << 20
+	upSum := e.randomFile(t, "up", upSize)
+	up, err := os.ReadFile(filepath.Join(e.www, "up"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd := e.openNetDev(t, e.tp.Client)
+
+	before := e.uplinkReading(t, nd)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	conn, err := topo.Dial(ctx, e.tp.Client, nil, "tcp", netip.AddrPortFrom(topo.DestAddr, 80).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(2 * time.Minute))
+	// One HTTP/1.1 connection, kept alive: the file "big" down, upSize
+	// up (the server answers with the SHA-256 of what it got).
+	br := bufio.NewReader(conn)
+	roundTrip := func(method, name string, body []byte) []byte {
+		t.Helper()
+		req, err := http.NewRequest(method, destURL(name), bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/octet-stream")
+		if err := req.Write(conn); err != nil {
+			t.Fatalf("%s %s: %v", method, name, err)
+		}
+		resp, err := http.ReadResponse(br, req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, name, err)
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s %s: %s, %d bytes: %v", method, name, resp.Status, len(b), err)
+		}
+		return b
+	}
+	got := sha256.Sum256(roundTrip(http.MethodGet, "big", nil))
+	if hex.EncodeToString(got[:]) != bigSum {
+		t.Fatalf("GET big over the kept-alive connection: sha256 %x, want %s", got, bigSum)
+	}
+	if got := strings.TrimSpace(string(roundTrip(http.MethodPost, "upload", up))); got != upSum {
+		t.Fatalf("POST: the server got sha256 %s, want %s", got, upSum)
+	}
+	after := e.uplinkReading(t, nd)
+	conn.Close()
+
+	for d, dir := range []string{"rx", "tx"} {
+		var js [2]uint64
+		for i := range js {
+			js[i] = after.json[i][d] - before.json[i][d]
+		}
+		total, share := shares([2]uint64{}, js)
+		t.Logf("%s: %d bytes in status --json, wan0 %.0f%%, wan1 %.0f%%", dir, total, 100*share[0], 100*share[1])
+		if want := uint64([2]int{bigSize, upSize}[d]); total < want {
+			t.Errorf("%s: status --json counts %d bytes on the uplinks, want at least %d", dir, total, want)
+		}
+		for i, ul := range e.tp.Uplinks {
+			wire, pkts := after.iface[i].bytes(d)-before.iface[i].bytes(d), after.iface[i].packets(d)-before.iface[i].packets(d)
+			lo := (1 - uplinkBytesTol) * (float64(wire) - maxHeader*float64(pkts))
+			hi := (1+uplinkBytesTol)*(float64(wire)-minHeader*float64(pkts)) + uplinkBytesExtra
+			t.Logf("%s %s: status --json %d bytes; interface %d bytes in %d packets (%.1f bytes a packet more than the JSON); want %.0f-%.0f",
+				ul.Iface, dir, js[i], wire, pkts, float64(int64(wire)-int64(js[i]))/float64(max(pkts, 1)), lo, hi)
+			if float64(js[i]) < lo || float64(js[i]) > hi {
+				t.Errorf("%s %s: status --json says %d bytes, the interface's %d bytes in %d packets leave %.0f-%.0f",
+					ul.Iface, dir, js[i], wire, pkts, lo, hi)
+			}
+			if share[i] < minShare {
+				t.Errorf("%s %s: carried %.0f%% of the bytes, want at least %.0f%%", ul.Iface, dir, 100*share[i], 100*minShare)
+			}
+		}
+	}
+}
+
+// uplinkReading is each uplink's bytes in `status --json` ([uplink][rx,
+// tx]) and its interface's counters, read together.
+type uplinkReading struct {
+	json  [2][2]uint64
+	iface [2]ifaceCounters
+}
+
+// uplinkReading waits until the status has settled (two readings more
+// than a sampling interval apart agree: every byte so far is counted),
+// then reads the interfaces.
+func (e *env) uplinkReading(t *testing.T, nd *netDev) uplinkReading {
+	t.Helper()
+	read := func() (r uplinkReading) {
+		st, raw := e.status(t, "--socket", e.clientSocket())
+		if len(st.Uplinks) != 2 || st.Uplinks[0].Name != e.tp.Uplinks[topo.A].Iface || st.Uplinks[1].Name != e.tp.Uplinks[topo.B].Iface {
+			t.Fatalf("status lists other uplinks than wan0 and wan1:\n%s", raw)
+		}
+		for i, u := range st.Uplinks {
+			r.json[i] = [2]uint64{u.RxBytes, u.TxBytes}
+		}
+		return r
+	}
+	r := read()
+	for range 20 {
+		time.Sleep(1100 * time.Millisecond) // the client samples every second
+		next := read()
+		if next.json == r.json {
+			for i, ul := range e.tp.Uplinks {
+				c, err := nd.read(ul.Iface)
+				if err != nil {
+					t.Fatal(err)
+				}
+				next.iface[i] = c
+			}
+			return next
+		}
+		r = next
+	}
+	t.Fatal("the uplinks' bytes in status --json never settled")
+	return r
 }
 
 // metricValue finds `name{...label...} value` in a Prometheus text page.
