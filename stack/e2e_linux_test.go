@@ -211,8 +211,30 @@ func TestTUN(t *testing.T) {
 		c.Write(bytes.Repeat([]byte{0xa5}, 4<<20))
 	})
 
+	// resetAfterHello answers, then resets the connection: the app must
+	// see the reset as a reset, not as the end of a complete reply.
+	resetAfterHello := e.serve(t, func(c *net.TCPConn) {
+		c.Write([]byte("hello"))
+		time.Sleep(50 * time.Millisecond)
+		c.SetLinger(0)
+		c.Close()
+	})
+
 	for _, v6 := range []bool{false, true} {
 		fam := map[bool]string{false: "IPv4", true: "IPv6"}[v6]
+
+		t.Run(fam+"/upstream reset", func(t *testing.T) {
+			c, err := e.dial(destAddr(v6, 1, resetAfterHello))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			got, err := io.ReadAll(c)
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("read ended with %v after %q, want ECONNRESET: the upstream was reset", err, got)
+			}
+		})
 
 		t.Run(fam+"/10MiB both ways", func(t *testing.T) {
 			c, err := e.dial(destAddr(v6, 1, echoPort))
@@ -297,8 +319,9 @@ func TestTUN(t *testing.T) {
 	waitFor(t, "flows to end", func() bool { st := e.st.Stats(); return st.Active == 0 && st.InFlight == 0 })
 	st := e.st.Stats()
 	t.Logf("stats: %+v", st)
-	if st.Forwarded != 4 || st.Refused != 2 || st.Failed != 6 {
-		t.Errorf("stats %+v, want Forwarded 4, Refused 2, Failed 6", st)
+	// Three forwarded flows per family (echo, half-close, reset).
+	if st.Forwarded != 6 || st.Refused != 2 || st.Failed != 6 {
+		t.Errorf("stats %+v, want Forwarded 6, Refused 2, Failed 6", st)
 	}
 }
 

@@ -45,6 +45,15 @@ type appConn struct {
 	wq *waiter.Queue
 }
 
+// Abort closes the flow with a reset, so the app's next read or write
+// fails with ECONNRESET rather than seeing an end of stream: what the app
+// gets when the tunnel side of its flow failed (gVisor 2025-05:
+// Endpoint.Abort resets a connected endpoint; Close then frees it).
+func (c *appConn) Abort() error {
+	c.ep.Abort()
+	return c.TCPConn.Close()
+}
+
 // WaitRead blocks until a Read would not block: data, the app's FIN or an
 // error is there, or the endpoint was closed (gVisor 2025-05: Close
 // notifies every event, and a closed endpoint is readable). It ignores

@@ -27,11 +27,31 @@ type Stats struct {
 	AtoB, BtoA int64 // bytes
 }
 
+// aborter is a conn that can close with a reset: tunnel.Conn, the
+// netstack's app conns.
+type aborter interface{ Abort() error }
+
+// reset closes c so that its peer sees a reset, not an end of stream.
+func reset(c net.Conn) {
+	switch c := c.(type) {
+	case aborter:
+		c.Abort()
+	case *net.TCPConn:
+		c.SetLinger(0)
+		c.Close()
+	default:
+		c.Close()
+	}
+}
+
 // Relay copies a→b and b→a until both directions have ended, then closes
 // both conns. A clean EOF in one direction is forwarded as a half-close
 // (CloseWrite) so the other direction keeps flowing, as TCP allows; any
-// other error tears the whole flow down at once, so a reset or an AEAD
-// failure on one side never leaves the other side hanging.
+// other error tears the whole flow down at once, with a reset on both
+// sides, so a reset or an AEAD failure on one side never leaves the other
+// hanging, and never looks to it like a clean end (a FIN would: an app
+// that does not know the length of what it reads would take a cut stream
+// for a whole one).
 func Relay(a, b net.Conn) (Stats, error) {
 	var (
 		st   Stats
@@ -39,10 +59,16 @@ func Relay(a, b net.Conn) (Stats, error) {
 		wg   sync.WaitGroup
 		errs [2]error
 	)
-	abort := func() {
+	closeBoth := func() {
 		once.Do(func() {
 			a.Close()
 			b.Close()
+		})
+	}
+	abort := func() {
+		once.Do(func() {
+			reset(a)
+			reset(b)
 		})
 	}
 	half := func(i int, dst, src net.Conn, n *int64) {
@@ -61,13 +87,13 @@ func Relay(a, b net.Conn) (Stats, error) {
 		}
 		// No half-close on this conn type: closing is the only way to
 		// pass the EOF on.
-		abort()
+		closeBoth()
 	}
 	wg.Add(2)
 	go half(0, b, a, &st.AtoB)
 	go half(1, a, b, &st.BtoA)
 	wg.Wait()
-	abort()
+	closeBoth()
 	return st, errors.Join(ignoreClosed(errs[0]), ignoreClosed(errs[1]))
 }
 
