@@ -14,11 +14,17 @@ import (
 )
 
 type fakeUplinks struct {
-	mu sync.Mutex
-	up bool
+	mu    sync.Mutex
+	up    bool
+	since time.Time
 }
 
-func (f *fakeUplinks) set(up bool) { f.mu.Lock(); f.up = up; f.mu.Unlock() }
+func (f *fakeUplinks) set(up bool) { f.setAt(up, time.Now()) }
+func (f *fakeUplinks) setAt(up bool, since time.Time) {
+	f.mu.Lock()
+	f.up, f.since = up, since
+	f.mu.Unlock()
+}
 func (f *fakeUplinks) Status() []pathmgr.Status {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -26,7 +32,7 @@ func (f *fakeUplinks) Status() []pathmgr.Status {
 	if f.up {
 		st = pathmgr.StateUp
 	}
-	return []pathmgr.Status{{State: pathmgr.StateWithdrawn}, {State: st}}
+	return []pathmgr.Status{{State: pathmgr.StateWithdrawn, Since: time.Unix(1, 0)}, {State: st, Since: f.since}}
 }
 
 type fakeFlows struct{ aborts atomic.Int32 }
@@ -67,5 +73,29 @@ func TestResetWhenAllDown(t *testing.T) {
 				t.Errorf("%d resets, want %d", got, tt.wantResets)
 			}
 		})
+	}
+}
+
+// The outage is dated from when the last uplink went down, not from the
+// tick that noticed it: an outage that began long before (here, before
+// the watchdog even started) resets at once.
+func TestResetWhenAllDownDatesTheOutage(t *testing.T) {
+	up := &fakeUplinks{}
+	up.setAt(false, time.Now().Add(-time.Minute))
+	flows := &fakeFlows{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		resetWhenAllDown(ctx, up, flows, 30*time.Second, 10*time.Millisecond, slog.New(slog.DiscardHandler))
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for flows.aborts.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	if got := flows.aborts.Load(); got != 1 {
+		t.Fatalf("%d resets for an outage older than the bound, want 1 at once", got)
 	}
 }
