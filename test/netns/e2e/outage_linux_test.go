@@ -343,20 +343,17 @@ func TestAllUplinksDown(t *testing.T) {
 		if waited < allDown || waited > allDown+2*time.Second {
 			t.Errorf("curl ended %v after every uplink went dark, want between --all-down-timeout (%v) and 2 s after it", waited.Round(10*time.Millisecond), allDown)
 		}
-		// What the app sees: the transfer cut short. curl exit 56
-		// ("Recv failure: Connection reset by peer") is a RST; 18
-		// ("transfer closed with N bytes remaining to read") is a FIN
-		// before the Content-Length was reached. Today it is 18: the
-		// client aborts the tunnel connection, and its relay then
-		// closes the app's side of the flow, which sends a FIN, not a
-		// RST (an app without a length of its own would take the cut
-		// for the end). Not 28 (curl's own timeout: a hang), not 0.
+		// What the app sees: a reset, curl exit 56 ("Recv failure:
+		// Connection reset by peer"). Not 18 ("transfer closed with N
+		// bytes remaining"), a FIN, which an app without a length of
+		// its own would take for the end of a complete reply; not 28
+		// (curl's own timeout: a hang); not 0.
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) {
 			t.Fatalf("curl: %v", err)
 		}
-		if code := ee.ExitCode(); code != 56 && code != 18 {
-			t.Errorf("curl exit %d (%s), want 56 (connection reset) or 18 (closed before the end)", code, msg)
+		if code := ee.ExitCode(); code != 56 {
+			t.Errorf("curl exit %d (%s), want 56 (connection reset)", code, msg)
 		}
 		if n := fileSize(out); n >= size {
 			t.Errorf("curl wrote all %d bytes, yet failed", n)
