@@ -133,17 +133,20 @@ func TestHandshakeFlood(t *testing.T) {
 				t.Fatalf("without a flood only %d of %d flows opened: %v", base.OK, flows, base.Errors)
 			}
 
+			before := e.handshakes(t).Handshakes.Accepted
 			flood := e.tp.Start(e.tp.Inet, "hsflood", bin.hsflood,
 				"-target", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 				"-src", floodFirst, "-sources", strconv.Itoa(floodSources), "-conns", strconv.Itoa(perSource),
 				"-mode", "mixed", "-rate", "3000", "-duration", "40s")
-			// Wait until the flood holds what it can.
+			// Wait until the flood holds what it can and has sent more
+			// connections than the whole table.
 			want := int64(min(tc.table, floodSources*32)) * 9 / 10
 			deadline := time.Now().Add(30 * time.Second)
 			var st handshakeStatus
-			for st = e.handshakes(t); st.Handshakes.HalfOpen < want; st = e.handshakes(t) {
+			for st = e.handshakes(t); st.Handshakes.HalfOpen < want || st.Handshakes.Accepted-before <= uint64(tc.table); st = e.handshakes(t) {
 				if time.Now().After(deadline) {
-					t.Fatalf("the flood never filled the table: %d half-open, want %d", st.Handshakes.HalfOpen, want)
+					t.Fatalf("the flood never filled the table: %d half-open (want %d), %d accepted (want more than %d)",
+						st.Handshakes.HalfOpen, want, st.Handshakes.Accepted-before, tc.table)
 				}
 				time.Sleep(200 * time.Millisecond)
 			}
