@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mpvpn/mpvpn/internal/tokenbucket"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
@@ -86,7 +87,7 @@ type Responder struct {
 	ids      atomic.Pointer[idTable]
 	idsMu    sync.Mutex // serialises rebuilds of ids
 	globalMu sync.Mutex
-	global   bucket
+	global   tokenbucket.Bucket
 
 	requests, replies, malformed, unknownID, badMAC, stale,
 	replayed, clientLimit, globalLimit, writeErrors atomic.Uint64
@@ -103,7 +104,7 @@ type peer struct {
 	req    *siv // opens this client's requests
 	rep    *siv // seals the replies to it
 	win    window
-	bucket bucket
+	bucket tokenbucket.Bucket
 }
 
 // idTable maps the ids of every peer for the epochs around epoch to the
@@ -140,7 +141,7 @@ func NewResponder(cfg ResponderConfig) (*Responder, error) {
 		log:     cfg.Logger,
 		now:     cfg.Now,
 		horizon: cfg.Horizon,
-		global:  newBucket(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
+		global:  tokenbucket.New(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -159,7 +160,7 @@ func NewResponder(cfg ResponderConfig) (*Responder, error) {
 		if err != nil {
 			return nil, fmt.Errorf("probe: peer: %w", err)
 		}
-		p := &peer{pub: pub, keys: ks, bucket: newBucket(cfg.ClientRate, cfg.ClientBurst)}
+		p := &peer{pub: pub, keys: ks, bucket: tokenbucket.New(cfg.ClientRate, cfg.ClientBurst)}
 		p.req, p.rep = newRequestSIV(&p.keys), newReplySIV(&p.keys)
 		r.peers = append(r.peers, p)
 	}
@@ -239,13 +240,13 @@ func (r *Responder) handle(pkt, out []byte) []byte {
 		r.replayed.Add(1)
 		return nil
 	}
-	if !p.bucket.take(now) {
+	if !p.bucket.Take(now) {
 		p.mu.Unlock()
 		r.clientLimit.Add(1)
 		return nil
 	}
 	r.globalMu.Lock()
-	ok = r.global.take(now)
+	ok = r.global.Take(now)
 	r.globalMu.Unlock()
 	if !ok {
 		p.mu.Unlock()

@@ -43,36 +43,3 @@ func (w *window) accept(counter uint64) bool {
 	*b |= bit
 	return true
 }
-
-// bucket is a token bucket kept in nanoseconds of credit, so taking a
-// token is integer arithmetic and allocates nothing. It is not safe for
-// concurrent use.
-type bucket struct {
-	cost   int64 // nanoseconds of credit one token costs (1e9 / rate)
-	max    int64 // burst × cost
-	credit int64
-	last   int64 // Unix nanoseconds of the last refill
-}
-
-func newBucket(rate, burst int) bucket {
-	cost := int64(1e9) / int64(rate)
-	return bucket{cost: cost, max: cost * int64(burst), credit: cost * int64(burst)}
-}
-
-// take reports whether a token was available at now (Unix nanoseconds).
-func (b *bucket) take(now int64) bool {
-	if b.last != 0 {
-		if d := now - b.last; d > 0 {
-			b.credit += d
-			if b.credit > b.max || b.credit < 0 {
-				b.credit = b.max
-			}
-		}
-	}
-	b.last = now
-	if b.credit < b.cost {
-		return false
-	}
-	b.credit -= b.cost
-	return true
-}

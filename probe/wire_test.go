@@ -88,45 +88,6 @@ func TestWindowSweep(t *testing.T) {
 	}
 }
 
-func TestBucket(t *testing.T) {
-	b := newBucket(100, 50)
-	now := time.Unix(1000, 0).UnixNano()
-	n := 0
-	for range 1000 {
-		if b.take(now) {
-			n++
-		}
-	}
-	if n != 50 {
-		t.Fatalf("burst: %d tokens, want 50", n)
-	}
-	now += int64(100 * time.Millisecond)
-	n = 0
-	for range 1000 {
-		if b.take(now) {
-			n++
-		}
-	}
-	if n != 10 {
-		t.Fatalf("after 100ms: %d tokens, want 10", n)
-	}
-	now += int64(time.Hour)
-	n = 0
-	for range 1000 {
-		if b.take(now) {
-			n++
-		}
-	}
-	if n != 50 {
-		t.Fatalf("after an hour: %d tokens, want the burst, 50", n)
-	}
-	// A clock that steps back gives nothing extra.
-	now -= int64(time.Hour)
-	if b.take(now) {
-		t.Fatal("token after the clock stepped back")
-	}
-}
-
 // A request and a reply open to what was sealed, under the client's keys
 // only.
 func TestReplyRoundTrip(t *testing.T) {

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/flynn/noise"
+
+	"github.com/mpvpn/mpvpn/internal/tokenbucket"
 )
 
 // ServerConfig configures a Server. Zero values take the defaults.
@@ -124,7 +126,7 @@ type peerState struct {
 	full     atomic.Uint64 // handshakes dropped: replay cache full
 
 	mu     sync.Mutex
-	bucket bucket // new flows per second
+	bucket tokenbucket.Bucket // new flows per second
 }
 
 // PeerStats is one client key's share of the flows.
@@ -230,7 +232,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 		s.peers[p] = &peerState{
 			replay: newReplayCache(defaultPeerReplayMax),
-			bucket: newBucket(cfg.PeerHandshakeRate, cfg.PeerHandshakeBurst),
+			bucket: tokenbucket.New(cfg.PeerHandshakeRate, cfg.PeerHandshakeBurst),
 		}
 	}
 	return s, nil
@@ -439,7 +441,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	// once; msg1 is already in its peer's replay cache, so replaying it
 	// later dials nothing either.
 	p.peer.mu.Lock()
-	ok := p.peer.bucket.take(s.Now().UnixNano())
+	ok := p.peer.bucket.Take(s.Now().UnixNano())
 	p.peer.mu.Unlock()
 	var limit *atomic.Uint64
 	switch {
