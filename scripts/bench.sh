@@ -276,7 +276,7 @@ SERVER_N=0
 start_server() {
 	SERVER_N=$((SERVER_N + 1))
 	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" \
-		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 "$@"
+		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 --handshake-rate 20000 --handshake-burst 20000 "$@"
 	SERVER_PID=$BGPID
 	wait_listen "$NS_CONC" 7100 10 || { tail -20 "$WORK/server-$PREFIX-$SERVER_N.log" >&2; return 1; }
 }
