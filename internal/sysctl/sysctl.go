@@ -44,8 +44,14 @@ func (r Root) Set(name, value string) error {
 // Changes records settings changed through it and restores them.
 type Changes struct {
 	Root Root
-	mu   sync.Mutex
-	old  []kv
+	// Journal, if set, is told each setting's old value before it is
+	// changed; an error leaves the setting as it was. (A daemon writes
+	// it to its host-state journal, so a crash cannot lose the original:
+	// until issue 9 the next start took the crashed run's values for the
+	// host's own.)
+	Journal func(name, before string) error
+	mu      sync.Mutex
+	old     []kv
 }
 
 type kv struct{ name, value string }
@@ -58,6 +64,11 @@ func (c *Changes) Set(name, value string) error {
 	}
 	if old == value {
 		return nil
+	}
+	if c.Journal != nil {
+		if err := c.Journal(name, old); err != nil {
+			return fmt.Errorf("sysctl %s: %w", name, err)
+		}
 	}
 	if err := c.Root.Set(name, value); err != nil {
 		return err

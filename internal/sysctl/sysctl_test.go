@@ -44,3 +44,34 @@ func TestChangesRestore(t *testing.T) {
 		t.Error("Set of a missing setting: no error")
 	}
 }
+
+// TestChangesJournal: the old value is handed to Journal before the
+// setting changes, and a Journal that fails leaves the setting alone.
+func TestChangesJournal(t *testing.T) {
+	dir := t.TempDir()
+	root := Root(dir)
+	os.MkdirAll(filepath.Join(dir, "net/mptcp"), 0o755)
+	os.WriteFile(filepath.Join(dir, "net/mptcp/stale_loss_cnt"), []byte("4\n"), 0o644)
+	var seen []string
+	c := &Changes{Root: root, Journal: func(name, before string) error {
+		now, _ := root.Get(name)
+		seen = append(seen, name+"="+before+" (still "+now+")")
+		return nil
+	}}
+	if err := c.Set("net.mptcp.stale_loss_cnt", "2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Set("net.mptcp.stale_loss_cnt", "2"); err != nil { // no change: not journalled
+		t.Fatal(err)
+	}
+	if len(seen) != 1 || seen[0] != "net.mptcp.stale_loss_cnt=4 (still 4)" {
+		t.Fatalf("journalled %q, want the old value once, before the change", seen)
+	}
+	c.Journal = func(string, string) error { return os.ErrPermission }
+	if err := c.Set("net.mptcp.stale_loss_cnt", "1"); err == nil {
+		t.Fatal("Set went on although the journal failed")
+	}
+	if got, _ := root.Get("net.mptcp.stale_loss_cnt"); got != "2" {
+		t.Fatalf("setting changed to %q although the journal failed", got)
+	}
+}
