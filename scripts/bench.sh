@@ -286,7 +286,7 @@ start_client() {
 	local l=$WORK/client-$PREFIX-$CLIENT_N.log
 	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
 		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}" \
-		--control "$WORK/client-$CLIENT_N.sock"
+		--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal"
 	CLIENT_PID=$BGPID
 	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
 }

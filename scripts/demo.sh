@@ -181,7 +181,7 @@ rm -f "$TMP/base.out"
 # ---------------------------------------------------------------- step 2
 step "2. through mpvpn, both uplinks"
 start client "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:$CONC_PORT" --server-key "$SERVER_PUB" \
-	--key "$TMP/client.key" --uplink wan0 --uplink wan1 --route "$DEST_NET" --control "$TMP/client.sock"
+	--key "$TMP/client.key" --uplink wan0 --uplink wan1 --route "$DEST_NET" --control "$TMP/client.sock" --journal "$TMP/client.journal"
 CLIENT_PID=${PIDS[-1]}
 for ((i = 0; ; i++)); do
 	grep -q 'client up' "$TMP/client.log" && break

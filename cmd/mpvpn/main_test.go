@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/mpvpn/mpvpn/client"
 )
 
 // run runs the app as main would, minus os.Exit.
@@ -147,7 +149,7 @@ func TestConfigFile(t *testing.T) {
 	if err := os.WriteFile(p, []byte("server = \"203.0.113.1:7100\"\nroute = [\"198.51.100.0/24\", \"192.0.2.0/24\"]\nmtu = 9000\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var got *clientConfig
+	var got *client.Config
 	cmd := clientCommand()
 	cmd.Action = func(c *cli.Context) error {
 		if err := loadConfig(c); err != nil {
@@ -173,13 +175,13 @@ func TestConfigFile(t *testing.T) {
 	if err := app.Run([]string{"mpvpn", "client", "--config", p, "--mtu", "1400"}); err != nil {
 		t.Fatal(err)
 	}
-	if got.server.String() != "203.0.113.1:7100" {
-		t.Errorf("server = %s, want the file's", got.server)
+	if got.Server.String() != "203.0.113.1:7100" {
+		t.Errorf("server = %s, want the file's", got.Server)
 	}
-	if len(got.routes) != 2 || got.routes[1].String() != "192.0.2.0/24" {
-		t.Errorf("routes = %v, want both of the file's", got.routes)
+	if len(got.Routes) != 2 || got.Routes[1].String() != "192.0.2.0/24" {
+		t.Errorf("routes = %v, want both of the file's", got.Routes)
 	}
-	if got.mtu != 1400 {
-		t.Errorf("mtu = %d, want the command line's 1400 over the file's 9000", got.mtu)
+	if got.MTU != 1400 {
+		t.Errorf("mtu = %d, want the command line's 1400 over the file's 9000", got.MTU)
 	}
 }

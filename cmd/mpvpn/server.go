@@ -5,11 +5,11 @@ package main
 import (
 	"fmt"
 	"net/netip"
-	"strconv"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/mpvpn/mpvpn/client"
 	"github.com/mpvpn/mpvpn/concentrator"
 	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
@@ -150,11 +150,13 @@ func runServer(c *cli.Context) error {
 	if c.Bool("fast-open") {
 		// Bit 0x2 lets the listener accept data in the SYN; keep
 		// whatever client bit the host had.
-		if err := orSysctl(host, "net.ipv4.tcp_fastopen", 0x2); err != nil {
+		if err := host.SetBits("net.ipv4.tcp_fastopen", 0x2); err != nil {
 			return err
 		}
 	}
-	if err := tuneStaleSubflows(host); err != nil {
+	// The concentrator is the sender of downloads: its value decides how
+	// fast a download leaves a path the client has not yet withdrawn.
+	if err := host.AtMost("net.mptcp.stale_loss_cnt", client.StaleLossCount); err != nil {
 		log.Warn("cannot tune stale-subflow detection", "err", err)
 	}
 	// The server's subflow limit is how many extra subflows (joins) a
@@ -175,50 +177,4 @@ func runServer(c *cli.Context) error {
 
 	log.Info("concentrator listening", "addr", srv.Addr().String(), "peers", len(peers), "allow_private", c.Bool("allow-private"))
 	return srv.Serve(c.Context)
-}
-
-// staleLossCount is net.mptcp.stale_loss_cnt on both ends: how many MPTCP
-// retransmission intervals without progress mark a subflow stale, so its
-// data is re-sent on the others and the scheduler skips it. The kernel's 4
-// means seconds of backed-off timeouts before a silent path is given up;
-// 2 takes a dead path out after two intervals while a single late ACK still
-// does not. (The concentrator is the sender of downloads: its value is the
-// one that decides how fast a download leaves a dead uplink.) Per network
-// namespace; restored on exit.
-const staleLossCount = 2
-
-func tuneStaleSubflows(host *sysctl.Changes) error {
-	v, err := host.Root.Get("net.mptcp.stale_loss_cnt")
-	if err != nil {
-		return err
-	}
-	if n, err := strconv.Atoi(v); err == nil && n <= staleLossCount {
-		return nil // the host is already at least as quick
-	}
-	return host.Set("net.mptcp.stale_loss_cnt", strconv.Itoa(staleLossCount))
-}
-
-// raiseSysctl sets an integer setting to at least v.
-func raiseSysctl(host *sysctl.Changes, name string, v int) error {
-	cur, err := host.Root.Get(name)
-	if err != nil {
-		return err
-	}
-	if n, err := strconv.Atoi(cur); err == nil && n >= v {
-		return nil
-	}
-	return host.Set(name, strconv.Itoa(v))
-}
-
-// orSysctl sets bits in an integer setting.
-func orSysctl(host *sysctl.Changes, name string, bits int) error {
-	v, err := host.Root.Get(name)
-	if err != nil {
-		return err
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil {
-		return fmt.Errorf("sysctl %s: %q is not a number", name, v)
-	}
-	return host.Set(name, strconv.Itoa(n|bits))
 }

@@ -7,18 +7,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/mpvpn/mpvpn/concentrator"
 	"github.com/mpvpn/mpvpn/control"
-	"github.com/mpvpn/mpvpn/internal/uplinkstats"
-	"github.com/mpvpn/mpvpn/mptcpinfo"
-	"github.com/mpvpn/mpvpn/pathmgr"
-	"github.com/mpvpn/mpvpn/probe"
-	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
@@ -83,106 +77,6 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 		}
 		return d.ln.Close()
 	}, nil
-}
-
-// clientStats samples the subflows of every open flow once per interval,
-// so that bytes, rates, subflows and RTT can be told per uplink.
-type clientStats struct {
-	tc    *tunnel.Client
-	pm    *pathmgr.Manager
-	pr    *probe.Prober
-	meter *uplinkstats.Meter
-	start time.Time
-	srv   netip.AddrPort
-	// netstack is the netstack's counters ((*stack.Stack).Stats): a func
-	// so that the mapping can be tested without a TUN.
-	netstack func() stack.Stats
-}
-
-func (s *clientStats) run(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			conns := s.tc.Conns()
-			flows := make([]uplinkstats.Flow, 0, len(conns))
-			for _, c := range conns {
-				tcp := c.TCP()
-				if tcp == nil {
-					continue
-				}
-				info, err := mptcpinfo.GetConn(tcp)
-				if err != nil {
-					continue // closed meanwhile
-				}
-				flows = append(flows, uplinkstats.Flow{ID: c.ID(), Subflows: info.Subflows})
-			}
-			s.meter.Update(now, flows)
-		}
-	}
-}
-
-func (s *clientStats) status() control.Status {
-	ts := s.tc.Stats()
-	probes := map[string]probe.PathStatus{}
-	for _, p := range s.pr.Status() {
-		probes[p.Name] = p
-	}
-	st := control.Status{
-		Role:           "client",
-		Version:        version,
-		Started:        s.start,
-		Server:         s.srv.String(),
-		NetlinkChanges: s.pm.Changes(),
-		Flows: control.Flows{
-			Active:    ts.Active,
-			Total:     ts.Connected,
-			Failed:    ts.Failures,
-			Rejected:  ts.Rejected,
-			Fallbacks: ts.Fallbacks,
-		},
-	}
-	if s.netstack != nil {
-		st.Stack = stackStatus(s.netstack())
-	}
-	for _, u := range s.pm.Status() {
-		cu := control.Uplink{
-			Name:        u.Name,
-			State:       u.State.String(),
-			Reason:      u.Reason,
-			Backup:      u.Backup,
-			Since:       u.Since,
-			Transitions: u.Transitions,
-		}
-		if u.Addr.IsValid() {
-			cu.Addr = u.Addr.String()
-			m := s.meter.Get(u.Addr)
-			cu.RxBytes, cu.TxBytes = m.RxBytes, m.TxBytes
-			cu.RxRate, cu.TxRate = m.RxRate, m.TxRate
-			cu.Subflows = m.Subflows
-			cu.RTT = float64(m.RTT) / float64(time.Millisecond)
-			cu.Fallbacks = ts.FallbacksBySource[u.Addr]
-			st.Flows.RxBytes += m.RxBytes
-			st.Flows.TxBytes += m.TxBytes
-		}
-		if u.Gateway.IsValid() {
-			cu.Gateway = u.Gateway.String()
-		}
-		if p, ok := probes[u.Name]; ok {
-			cu.ProbeAlive = p.Known && p.Alive
-			cu.ProbeRTT = float64(p.RTT) / float64(time.Millisecond)
-		}
-		st.Uplinks = append(st.Uplinks, cu)
-	}
-	return st
-}
-
-// stackStatus is the client's netstack as `mpvpn status` shows it.
-func stackStatus(ss stack.Stats) *control.Stack {
-	return &control.Stack{InFlight: ss.InFlight, SYNLimited: ss.Limited}
 }
 
 // serverStatus is the concentrator's side of `mpvpn status`.

@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/mpvpn/mpvpn/concentrator"
-	"github.com/mpvpn/mpvpn/control"
-	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
@@ -144,12 +142,5 @@ func TestServerStatusShowsEveryCounter(t *testing.T) {
 	}
 	if st.Role != "server" || st.Listen != "0.0.0.0:7100" || st.Stack != nil || len(st.Uplinks) != 0 {
 		t.Errorf("status %+v", st)
-	}
-}
-
-func TestStackStatus(t *testing.T) {
-	got := stackStatus(stack.Stats{InFlight: 3, Active: 9, Forwarded: 10, Limited: 7})
-	if want := (&control.Stack{InFlight: 3, SYNLimited: 7}); !reflect.DeepEqual(got, want) {
-		t.Errorf("stackStatus = %+v, want %+v", got, want)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -89,4 +90,49 @@ func (c *Changes) Restore() error {
 	}
 	c.old = nil
 	return errors.Join(errs...)
+}
+
+// AtLeast raises an integer setting to v if it is lower.
+func (c *Changes) AtLeast(name string, v int) error {
+	cur, err := c.int(name)
+	if err != nil {
+		return err
+	}
+	if cur >= v {
+		return nil
+	}
+	return c.Set(name, strconv.Itoa(v))
+}
+
+// AtMost lowers an integer setting to v if it is higher.
+func (c *Changes) AtMost(name string, v int) error {
+	cur, err := c.int(name)
+	if err != nil {
+		return err
+	}
+	if cur <= v {
+		return nil
+	}
+	return c.Set(name, strconv.Itoa(v))
+}
+
+// SetBits sets bits in an integer setting, keeping the others.
+func (c *Changes) SetBits(name string, bits int) error {
+	cur, err := c.int(name)
+	if err != nil {
+		return err
+	}
+	return c.Set(name, strconv.Itoa(cur|bits))
+}
+
+func (c *Changes) int(name string) (int, error) {
+	v, err := c.Root.Get(name)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return 0, fmt.Errorf("sysctl %s: %q is not a number", name, v)
+	}
+	return n, nil
 }

@@ -75,3 +75,38 @@ func TestChangesJournal(t *testing.T) {
 		t.Fatalf("setting changed to %q although the journal failed", got)
 	}
 }
+
+func TestChangesBounds(t *testing.T) {
+	dir := t.TempDir()
+	root := Root(dir)
+	os.MkdirAll(filepath.Join(dir, "n"), 0o755)
+	for _, tc := range []struct {
+		start string
+		op    func(c *Changes) error
+		want  string
+	}{
+		{"4", func(c *Changes) error { return c.AtMost("n.x", 2) }, "2"},
+		{"1", func(c *Changes) error { return c.AtMost("n.x", 2) }, "1"},
+		{"30", func(c *Changes) error { return c.AtLeast("n.x", 60) }, "60"},
+		{"90", func(c *Changes) error { return c.AtLeast("n.x", 60) }, "90"},
+		{"2", func(c *Changes) error { return c.SetBits("n.x", 1) }, "3"},
+		{"3", func(c *Changes) error { return c.SetBits("n.x", 1) }, "3"},
+	} {
+		os.WriteFile(filepath.Join(dir, "n/x"), []byte(tc.start+"\n"), 0o644)
+		c := &Changes{Root: root}
+		if err := tc.op(c); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := root.Get("n.x"); got != tc.want {
+			t.Errorf("from %s: %s, want %s", tc.start, got, tc.want)
+		}
+		c.Restore()
+		if got, _ := root.Get("n.x"); got != tc.start {
+			t.Errorf("restored to %s, want %s", got, tc.start)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "n/x"), []byte("abc\n"), 0o644)
+	if err := (&Changes{Root: root}).AtLeast("n.x", 1); err == nil {
+		t.Error("a setting that is not a number was raised")
+	}
+}

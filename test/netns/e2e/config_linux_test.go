@@ -71,7 +71,7 @@ func TestConfigErrorsLeaveHostUntouched(t *testing.T) {
 	concBefore := hostState(t, tp, tp.Conc)
 	client := func(extra ...string) []string {
 		args := []string{bin.mpvpn, "client", "--server", "203.0.113.1:7100", "--server-key", e.serverPub, "--key", key, "--route", "198.51.100.0/24",
-			"--control", filepath.Join(e.sockDir, "cfg-client.sock")}
+			"--control", filepath.Join(e.sockDir, "cfg-client.sock"), "--journal", filepath.Join(e.sockDir, "cfg-client.journal")}
 		return append(args, extra...)
 	}
 	tests := []struct {

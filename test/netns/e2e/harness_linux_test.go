@@ -196,7 +196,7 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	args := []string{bin.mpvpn, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		"--server-key", e.serverPub, "--key", key,
-		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket()}
+		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal()}
 	uplinks := e.uplinks
 	if uplinks == nil {
 		uplinks = []string{"wan0", "wan1"}
@@ -210,7 +210,11 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 }
 
 func (e *env) clientSocket() string { return filepath.Join(e.sockDir, "client.sock") }
-func (e *env) serverSocket() string { return filepath.Join(e.sockDir, "server.sock") }
+
+// clientJournal is the client's host-state journal, in the test's own
+// directory like its socket (never /run/mpvpn on the host).
+func (e *env) clientJournal() string { return filepath.Join(e.sockDir, "client.journal") }
+func (e *env) serverSocket() string  { return filepath.Join(e.sockDir, "server.sock") }
 
 // waitLog waits for a line containing s in p's log.
 func (e *env) waitLog(t *testing.T, p *topo.Proc, s string, timeout time.Duration) {

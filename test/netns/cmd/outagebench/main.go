@@ -566,7 +566,7 @@ func (e *env) setupMpvpn(ctx context.Context, cfg *config, data []byte) error {
 	e.client = tp.Start(tp.Client, "client", cfg.mpvpnBin, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(), "--server-key", pubs[0], "--key", clientKey,
 		"--uplink", "wan0", "--uplink", "wan1", "--route", topo.DestNet.String(),
-		"--control", filepath.Join(e.dir, "c.sock"))
+		"--control", filepath.Join(e.dir, "c.sock"), "--journal", filepath.Join(e.dir, "c.journal"))
 	if err := waitLog(ctx, e.client, "client up", 30*time.Second); err != nil {
 		return err
 	}

@@ -1,0 +1,341 @@
+//go:build linux
+
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/mpvpn/mpvpn/control"
+	"github.com/mpvpn/mpvpn/internal/journal"
+	"github.com/mpvpn/mpvpn/internal/sysctl"
+	"github.com/mpvpn/mpvpn/internal/uplinkstats"
+	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/probe"
+	"github.com/mpvpn/mpvpn/routing"
+	"github.com/mpvpn/mpvpn/stack"
+	"github.com/mpvpn/mpvpn/tun"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// StaleLossCount is net.mptcp.stale_loss_cnt on both ends: how many MPTCP
+// retransmission intervals without progress mark a subflow stale, so its
+// data is re-sent on the others. The kernel's 4 means seconds of
+// backed-off timeouts before a silent path is given up; 2 takes a dead
+// path out after two intervals while a single late ACK still does not.
+const StaleLossCount = 2
+
+// Run runs the client until ctx is done, then undoes everything it did.
+// Whatever is wrong with cfg, the host or another mpvpn client running is
+// found before anything on the host changes.
+func Run(ctx context.Context, cfg Config) (err error) {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	cfg = cfg.withDefaults()
+	log := cfg.Logger
+	host := &sysctl.Changes{Root: sysctl.Proc}
+	if v, gerr := host.Root.Get("net.mptcp.enabled"); gerr != nil || v != "1" {
+		return fmt.Errorf("Multipath TCP is not enabled on this host (net.mptcp.enabled=%q, %v)", v, gerr)
+	}
+	if err := checkTUNName(cfg.TUN); err != nil {
+		return err
+	}
+	// A journal left by a crashed run is undone first, so that this run
+	// finds the host as it was (its sysctls above all: read now, they
+	// would be the crashed run's values, not the host's).
+	st, err := journal.Inspect(cfg.Journal)
+	if err != nil {
+		return err
+	}
+	if st.Live {
+		return fmt.Errorf("another mpvpn client is running (pid %d; journal %s)", st.PID, cfg.Journal)
+	}
+	if st.Exists {
+		log.Warn("an earlier client did not stop cleanly; undoing what it left", "journal", cfg.Journal, "pid", st.PID, "started", st.Started)
+		lines, uerr := undo(st.Entries, log)
+		for _, l := range lines {
+			log.Info("undone", "what", l)
+		}
+		if uerr != nil {
+			return fmt.Errorf("undoing what an earlier client left (see `mpvpn down`): %w", uerr)
+		}
+		if err := journal.Remove(cfg.Journal); err != nil {
+			return err
+		}
+	}
+	// The status socket and the metrics port before anything changes: a
+	// socket or port in use is a configuration error.
+	cl, err := control.Listen(cfg.Control)
+	if err != nil {
+		return fmt.Errorf("--control: %w", err)
+	}
+	defer cl.Close()
+	var status atomic.Pointer[func() control.Status]
+	started := time.Now()
+	getStatus := func() control.Status {
+		if f := status.Load(); f != nil {
+			return (*f)()
+		}
+		return control.Status{Role: "client", Version: cfg.Version, Started: started, Server: cfg.Server.String()}
+	}
+	ctlCtx, stopCtl := context.WithCancel(context.Background())
+	defer stopCtl()
+	if cfg.Metrics != "" {
+		ms, err := control.ServeMetrics(ctlCtx, cfg.Metrics, control.NewCollector(getStatus), log)
+		if err != nil {
+			return fmt.Errorf("--metrics: %w", err)
+		}
+		defer ms.Close()
+		log.Info("metrics", "url", "http://"+ms.Addr().String()+"/metrics")
+	}
+	if len(cfg.Uplinks) == 0 {
+		if cfg.Uplinks, err = pathmgr.DiscoverUplinks(cfg.TUN); err != nil {
+			return err
+		}
+		log.Info("uplinks discovered from the default routes", "uplinks", fmt.Sprint(cfg.Uplinks))
+	}
+
+	// From here on the host changes: each change is journalled first and
+	// undone on the way out, in reverse order, also when a later step
+	// fails. A journal that could not be undone in full is kept for the
+	// next start or `mpvpn down`.
+	j, err := journal.Open(cfg.Journal)
+	if err != nil {
+		return err
+	}
+	var undos []func() error
+	defer func() {
+		var errs []error
+		for i := len(undos) - 1; i >= 0; i-- {
+			if uerr := undos[i](); uerr != nil {
+				log.Warn("cleanup", "err", uerr)
+				errs = append(errs, uerr)
+			}
+		}
+		if len(errs) > 0 {
+			j.Keep()
+			log.Warn("not everything could be undone; `mpvpn down` (or the next start) will try again", "journal", cfg.Journal)
+			return
+		}
+		if derr := j.Discard(); derr != nil {
+			log.Warn("cleanup", "err", derr)
+		}
+	}()
+	host.Journal = func(name, before string) error {
+		return j.Record(journal.Entry{Kind: kindSysctl, Name: name, Before: before})
+	}
+	undos = append(undos, host.Restore)
+
+	// pathmgr validates every uplink (exists, has an address and a
+	// gateway) before it changes anything. Its changes reach the liveness
+	// prober, which exists only once pathmgr does.
+	var prober atomic.Pointer[probe.Prober]
+	pm, err := pathmgr.Start(ctx, pathmgr.Config{
+		Uplinks:   cfg.Uplinks,
+		TableBase: cfg.Table,
+		RulePrio:  cfg.Table,
+		Logger:    log,
+		OnChange: func(s pathmgr.Status) {
+			if pr := prober.Load(); pr != nil {
+				probePath(pr, s)
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	undos = append(undos, pm.Close)
+
+	// Liveness: a probe per uplink to the concentrator, so an uplink
+	// whose link is up while nothing gets through is withdrawn within
+	// about half a second, and restored as quickly when it answers again.
+	pr, err := probe.NewProber(probe.ProberConfig{
+		Server:    cfg.Server,
+		Key:       cfg.Key,
+		ServerKey: cfg.ServerKey,
+		Mark:      cfg.Mark,
+		Logger:    log,
+		OnChange:  pm.SetReachable,
+	})
+	if err != nil {
+		return err
+	}
+	undos = append(undos, pr.Close)
+	for _, s := range pm.Status() {
+		probePath(pr, s)
+	}
+	prober.Store(pr)
+	// The watcher keeps the uplinks in step with the host until the end;
+	// it is stopped (and waited for) before pm.Close runs.
+	undos = append(undos, goUntil(func(ctx context.Context) {
+		if err := pm.Run(ctx); err != nil {
+			log.Error("uplink watcher stopped; uplinks are no longer kept in step with the host", "err", err)
+		}
+	}))
+
+	if err := tuneHost(host, cfg); err != nil {
+		return err
+	}
+
+	dev, err := tun.Open(tun.Config{Name: cfg.TUN, MTU: cfg.MTU, Addrs: cfg.TUNAddrs}, log)
+	if err != nil {
+		return fmt.Errorf("TUN %s: %w", cfg.TUN, err)
+	}
+	undos = append(undos, dev.Close)
+
+	tc, err := tunnel.NewClient(tunnel.ClientConfig{
+		Server:    cfg.Server,
+		ServerKey: cfg.ServerKey,
+		Key:       cfg.Key,
+		Mark:      cfg.Mark,
+		FastOpen:  cfg.FastOpen,
+		Source:    pm.PreferredSource,
+		Now:       concentratorClock(pr, time.Now()),
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+
+	// With every uplink down, flows wait (MPTCP keeps a connection with
+	// no subflow, and the path manager gives it new ones when an uplink
+	// returns), but not for ever.
+	undos = append(undos, goUntil(func(ctx context.Context) {
+		resetWhenAllDown(ctx, pm, tc, cfg.AllDownTimeout, time.Second, log)
+	}))
+
+	st2, err := stack.New(stack.Config{
+		Device: dev.Inner(),
+		MTU:    cfg.MTU,
+		Dialer: tunnelDialer{tc},
+		Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	undos = append(undos, st2.Close)
+
+	// Routes last: until now nothing was sent into the TUN.
+	rt, err := routing.Apply(routing.Config{
+		TUN:      cfg.TUN,
+		Routes:   cfg.Routes,
+		Mark:     cfg.Mark,
+		Table:    cfg.Table + 100,
+		RulePrio: cfg.Table + 100,
+		Logger:   log,
+	})
+	if err != nil {
+		return err
+	}
+	undos = append(undos, rt.Close)
+
+	stats := &stats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: started, srv: cfg.Server, version: cfg.Version, netstack: st2.Stats}
+	undos = append(undos, goUntil(func(ctx context.Context) { stats.run(ctx, time.Second) }))
+	f := stats.status
+	status.Store(&f)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if err := cl.Serve(ctlCtx, getStatus, log); err != nil {
+			log.Warn("status socket stopped", "err", err)
+		}
+	}()
+	undos = append(undos, func() error { stopCtl(); <-served; return nil })
+
+	var names []string
+	for _, u := range pm.Uplinks() {
+		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
+	}
+	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes))
+	<-ctx.Done()
+	log.Info("client shutting down")
+	return nil
+}
+
+// tuneHost sets the sysctls the client needs; each is journalled and put
+// back on exit.
+func tuneHost(host *sysctl.Changes, cfg Config) error {
+	log := cfg.Logger
+	// The kernel can silently turn MPTCP off for an hour after a few lost
+	// MP_CAPABLE SYNs (net.mptcp.blackhole_timeout, v6.12+); for a VPN
+	// whose whole point is multipath, a brief outage of the concentrator
+	// must not do that. Connections that really meet an MPTCP-stripping
+	// middlebox still fall back one by one and are counted.
+	if err := host.Set("net.mptcp.blackhole_timeout", "0"); err != nil {
+		log.Warn("cannot disable the MPTCP blackhole detection", "err", err)
+	}
+	if err := host.AtMost("net.mptcp.stale_loss_cnt", StaleLossCount); err != nil {
+		log.Warn("cannot tune stale-subflow detection", "err", err)
+	}
+	// A connection whose last subflow is gone lives close_timeout (60 s by
+	// default, "make-after-break"); flows must be able to wait as long as
+	// --all-down-timeout says.
+	if err := host.AtLeast("net.mptcp.close_timeout", int(cfg.AllDownTimeout.Seconds()+0.999)); err != nil {
+		log.Warn("cannot raise net.mptcp.close_timeout", "err", err)
+	}
+	if cfg.FastOpen {
+		if err := host.SetBits("net.ipv4.tcp_fastopen", 0x1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// goUntil runs fn in a goroutine until the returned stop is called; stop
+// cancels fn's context and waits for it to return.
+func goUntil(fn func(ctx context.Context)) (stop func() error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); fn(ctx) }()
+	return func() error { cancel(); <-done; return nil }
+}
+
+// probePath makes the prober follow an uplink: probed from its address
+// while pathmgr has it installed (up or withdrawn), not at all while down.
+func probePath(pr *probe.Prober, s pathmgr.Status) {
+	if s.State != pathmgr.StateDown && s.Addr.IsValid() {
+		pr.SetPath(s.Name, s.Addr)
+	} else {
+		pr.RemovePath(s.Name)
+	}
+}
+
+// tunnelDialer carries a netstack flow through the tunnel: the app's
+// source address stays on this host, only the destination travels.
+type tunnelDialer struct{ c *tunnel.Client }
+
+func (d tunnelDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn, error) {
+	c, err := d.c.DialTCP(ctx, dst)
+	if err != nil {
+		// Not a typed nil: the stack checks the interface against nil.
+		return nil, err
+	}
+	return c, nil
+}
+
+// checkTUNName refuses a TUN name already used by an interface that is
+// not a TUN device, before anything on the host changes (the kernel would
+// refuse it later, after the uplinks were set up).
+func checkTUNName(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil
+		}
+		return fmt.Errorf("--tun %s: %w", name, err)
+	}
+	if l.Type() != "tuntap" {
+		return fmt.Errorf("--tun %s: an interface of type %s already has that name", name, l.Type())
+	}
+	return nil
+}

@@ -1,0 +1,159 @@
+//go:build linux
+
+// Package client is mpvpn's client engine: a Config, checked in full
+// before the host is touched, and Run, which starts the pieces in order
+// (path manager, probes, sysctls, TUN, tunnel, netstack, routes), serves
+// the status socket and metrics, and undoes everything in reverse order
+// when it stops.
+//
+// Every change Run makes to the host is written to a journal first
+// (package internal/journal). A clean stop undoes them and removes the
+// journal; after a crash or kill -9 the next start, or `mpvpn down`
+// (Down), finds the journal and undoes what it lists, so the host is put
+// back exactly as the crashed run found it.
+package client
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/tun"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// Defaults of a Config.
+const (
+	// DefaultMark is the SO_MARK on every socket of mpvpn's ("mp" in
+	// ASCII): routing sends marked packets around the TUN, never into it.
+	DefaultMark           = 0x6d70
+	DefaultTable          = 7100
+	DefaultTUN            = "mpvpn0"
+	DefaultAllDownTimeout = 60 * time.Second
+	DefaultControl        = "/run/mpvpn/client.sock"
+	DefaultJournal        = "/run/mpvpn/client.journal"
+)
+
+// DefaultTUNAddr is the TUN device's address: the apps' flows come from
+// it, and it never leaves the host.
+var DefaultTUNAddr = netip.MustParsePrefix("10.77.77.1/32")
+
+// Config is what a client runs with. Zero values take the defaults.
+type Config struct {
+	Server    netip.AddrPort
+	ServerKey tunnel.PublicKey
+	Key       tunnel.PrivateKey
+	// Uplinks to carry flows over; empty: every interface with a
+	// default route, in metric order.
+	Uplinks []pathmgr.UplinkConfig
+	// Routes: destinations carried by mpvpn.
+	Routes   []netip.Prefix
+	TUN      string
+	TUNAddrs []netip.Prefix
+	MTU      int
+	Mark     uint32
+	// Table is the first routing table and rule priority mpvpn owns; it
+	// owns it and the next 199.
+	Table          int
+	FastOpen       bool
+	AllDownTimeout time.Duration
+	// Control is the status socket's path, Metrics the address to serve
+	// Prometheus metrics on ("": none), Journal the host-state journal's
+	// path.
+	Control, Metrics, Journal string
+	// Version is shown by `mpvpn status`.
+	Version string
+	Logger  *slog.Logger
+}
+
+// withDefaults returns c with its zero values filled in.
+func (c Config) withDefaults() Config {
+	if c.TUN == "" {
+		c.TUN = DefaultTUN
+	}
+	if len(c.TUNAddrs) == 0 {
+		c.TUNAddrs = []netip.Prefix{DefaultTUNAddr}
+	}
+	if c.MTU == 0 {
+		c.MTU = tun.DefaultMTU
+	}
+	if c.Mark == 0 {
+		c.Mark = DefaultMark
+	}
+	if c.Table == 0 {
+		c.Table = DefaultTable
+	}
+	if c.AllDownTimeout == 0 {
+		c.AllDownTimeout = DefaultAllDownTimeout
+	}
+	if c.Control == "" {
+		c.Control = DefaultControl
+	}
+	if c.Journal == "" {
+		c.Journal = DefaultJournal
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// kernelTables are the kernel's own routing tables: unspec, default,
+// main, local.
+var kernelTables = []int{0, 253, 254, 255}
+
+// tablesOwned is how many tables (and rule priorities) from Table on mpvpn
+// owns: the path manager's per-uplink ones from Table, routing's from
+// Table+100.
+const tablesOwned = 200
+
+// Validate checks everything that can be checked without the host: a
+// mistake here is one line and no change anywhere.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if !c.Server.IsValid() || c.Server.Port() == 0 {
+		bad("--server is required (the concentrator's ADDR:PORT)")
+	}
+	if c.ServerKey.IsZero() {
+		bad("--server-key is required (the concentrator's public key)")
+	}
+	if c.Key.IsZero() {
+		bad("--key is required (a file written by `mpvpn keygen`)")
+	}
+	if len(c.Routes) == 0 {
+		bad("--route is required: which destinations go through mpvpn")
+	}
+	for _, p := range c.Routes {
+		if !p.IsValid() || p.Masked() != p {
+			bad("--route %s has host bits set; did you mean %s?", p, p.Masked())
+		}
+	}
+	if c.MTU < 1280 || c.MTU > 65535 {
+		bad("--mtu %d: want 1280 to 65535", c.MTU)
+	}
+	if c.Table < 1 || c.Table+tablesOwned-1 > 0x7fffffff {
+		bad("--table %d: want a positive table number", c.Table)
+	}
+	for _, k := range kernelTables {
+		if k >= c.Table && k < c.Table+tablesOwned {
+			bad("--table %d: mpvpn owns tables %d to %d, which would include the kernel's table %d", c.Table, c.Table, c.Table+tablesOwned-1, k)
+		}
+	}
+	if c.AllDownTimeout < 0 {
+		bad("--all-down-timeout %v: must be positive", c.AllDownTimeout)
+	}
+	for _, a := range c.TUNAddrs {
+		if !a.IsValid() {
+			bad("--tun-addr: not an address with a prefix length")
+		}
+	}
+	if len(c.Uplinks) > pathmgr.MaxUplinks {
+		bad("%d uplinks: the kernel holds at most %d MPTCP endpoints", len(c.Uplinks), pathmgr.MaxUplinks)
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,113 @@
+//go:build linux
+
+package client
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/mpvpn/mpvpn/internal/journal"
+	"github.com/mpvpn/mpvpn/internal/sysctl"
+)
+
+// Journal entry kinds a client writes.
+const (
+	// kindSysctl: Name was Before when mpvpn changed it.
+	kindSysctl = "sysctl"
+)
+
+// Down removes everything a client left on the host, as its journal at
+// path lists it, and returns one line per thing undone. A client that is
+// running is asked to stop first (SIGTERM) and given stopWait to undo its
+// own changes; whatever it could not, Down undoes. No journal: nothing to
+// do.
+func Down(path string, stopWait time.Duration, log *slog.Logger) ([]string, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	st, err := journal.Inspect(path)
+	if err != nil {
+		return nil, err
+	}
+	var lines []string
+	if st.Live {
+		if err := syscall.Kill(st.PID, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return nil, fmt.Errorf("stop the running client (pid %d): %w", st.PID, err)
+		}
+		lines = append(lines, fmt.Sprintf("stopped the running client (pid %d)", st.PID))
+		deadline := time.Now().Add(stopWait)
+		for st.Live {
+			if time.Now().After(deadline) {
+				return lines, fmt.Errorf("the client (pid %d) did not stop within %v; kill it and run `mpvpn down` again", st.PID, stopWait)
+			}
+			time.Sleep(50 * time.Millisecond)
+			if st, err = journal.Inspect(path); err != nil {
+				return lines, err
+			}
+		}
+		if !st.Exists {
+			return append(lines, "it undid all its changes itself"), nil
+		}
+	}
+	if !st.Exists {
+		return lines, nil
+	}
+	done, err := undo(st.Entries, log)
+	lines = append(lines, done...)
+	if err != nil {
+		return lines, err
+	}
+	if err := journal.Remove(path); err != nil {
+		return lines, err
+	}
+	return lines, nil
+}
+
+// undo reverts entries, newest first, and says what it did. It goes on
+// after a failure, so that one change that cannot be undone does not keep
+// the others in place; the errors are joined.
+func undo(entries []journal.Entry, log *slog.Logger) ([]string, error) {
+	var lines []string
+	var errs []error
+	// A setting changed more than once is put back to its value before
+	// the first change, the host's own; the later entries only hold
+	// mpvpn's intermediate values.
+	first := map[string]int{}
+	for i, e := range entries {
+		if _, ok := first[e.Name]; e.Kind == kindSysctl && !ok {
+			first[e.Name] = i
+		}
+	}
+	for i := len(entries) - 1; i >= 0; i-- {
+		e := entries[i]
+		switch e.Kind {
+		case kindSysctl:
+			if first[e.Name] != i {
+				continue
+			}
+			cur, err := sysctl.Proc.Get(e.Name)
+			if err != nil {
+				if errors.Is(err, os.ErrNotExist) {
+					continue // a setting of a module since unloaded
+				}
+				errs = append(errs, err)
+				continue
+			}
+			if cur == e.Before {
+				continue
+			}
+			if err := sysctl.Proc.Set(e.Name, e.Before); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			lines = append(lines, fmt.Sprintf("sysctl %s = %s (mpvpn had set %s)", e.Name, e.Before, cur))
+		default:
+			errs = append(errs, fmt.Errorf("journal entry of kind %q: this mpvpn does not know how to undo it (a newer version wrote it?)", e.Kind))
+		}
+	}
+	return lines, errors.Join(errs...)
+}
