@@ -23,6 +23,7 @@ install_deps() {
 	command -v bc >/dev/null || missing+=(bc)
 	command -v ss >/dev/null || missing+=(iproute2)
 	command -v nstat >/dev/null || missing+=(iproute2)
+	command -v systemd-analyze >/dev/null || missing+=(systemd) # the install tests verify the units
 	if [ ${#missing[@]} -gt 0 ]; then
 		echo "installing: ${missing[*]}" >&2
 		apt-get update -qq
