@@ -127,6 +127,10 @@ func TestConfigErrors(t *testing.T) {
 		{"bad all-down timeout", client("--all-down-timeout", "0s"), "--all-down-timeout"},
 		{"status bad interval", []string{"status", "--interval", "0s"}, "--interval"},
 		{"status, nothing running", []string{"status", "--socket", missing}, "no mpvpn running"},
+		{"exec without a kind", []string{"exec", "--", "true"}, "one of --tunnel, --direct or --block"},
+		{"exec with two kinds", []string{"exec", "--direct", "--block", "--", "true"}, "one of --tunnel, --direct or --block"},
+		{"exec without a command", []string{"exec", "--direct"}, "no command given"},
+		{"down, bad journal", []string{"down", "--journal", badTOML}, "journal"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
