@@ -143,6 +143,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Uplinks:   cfg.Uplinks,
 		TableBase: cfg.Table,
 		RulePrio:  cfg.Table,
+		Mark:      cfg.Mark,
 		Logger:    log,
 		OnChange: func(s pathmgr.Status) {
 			if pr := prober.Load(); pr != nil {

@@ -13,9 +13,28 @@
 //     connected prefix, `default via <gw> dev <if>` and an `unreachable
 //     default` at the highest metric, so a lookup there never falls through
 //     to another table, and so never to another uplink;
-//   - rule `from <addr> lookup TableBase+i` at priority RulePrio+i (IPv4,
-//     and IPv6 when the uplink has a global IPv6 address and an IPv6
-//     default route);
+//   - rule `from <addr> fwmark <Mark> lookup TableBase+i` at priority
+//     RulePrio+i (IPv4, and IPv6 when the uplink has a global IPv6
+//     address and an IPv6 default route). It matches mpvpn's own sockets
+//     only (every one that binds an uplink's address, the tunnel's and the
+//     probes', sets SO_MARK before bind, and MPTCP gives each subflow the
+//     socket's mark, the path manager's too: TestSubflowsCarryTheMark,
+//     Linux 6.18): an app that binds an uplink's address is routed by
+//     the host's rules, and by mpvpn's route-all ladder into the TUN,
+//     rather than out of the uplink around the tunnel. Without a Mark
+//     (tools that run kernel MPTCP without mpvpn's sockets) the rule is
+//     `from <addr> lookup TableBase+i`, matching every socket;
+//   - with a Mark, also rule `from <addr> lookup TableBase+i` at priority
+//     FallbackPrio+i (default RulePrio+200+i: after routing's ladder in
+//     the client's layout, before main). It is for the unmarked packets
+//     from the uplink's address that nothing before it routed: replies
+//     the kernel sends without a socket, a RST to a late segment of a
+//     closed subflow or an ICMP error to a late probe reply, carry no
+//     mark (Linux 6.18, net.ipv4.fwmark_reflect=0), and through main they
+//     would leave from another uplink with this one's source address,
+//     which an ISP that filters sources (BCP 38) drops. In route-all
+//     mode routing's ladder takes every unmarked packet into the TUN
+//     before this rule, apps bound to the address included;
 //   - MPTCP endpoint `<addr> dev <if> subflow [backup]` on the IPv4
 //     address, id chosen by the kernel (the concentrator is reached over
 //     IPv4 in this version, and an IPv6 endpoint per uplink would halve the
@@ -30,8 +49,9 @@
 //
 //   - every route in tables TableBase..TableBase+MaxUplinks-1 (these
 //     numbers are mpvpn's by configuration: nothing else may use them);
-//   - every rule at a priority in RulePrio..RulePrio+MaxUplinks-1 that
-//     looks up one of those tables (a rule there pointing elsewhere is
+//   - every rule at a priority in RulePrio..RulePrio+MaxUplinks-1 or
+//     FallbackPrio..FallbackPrio+MaxUplinks-1 that looks up one of those
+//     tables, with a mark or without (a rule there pointing elsewhere is
 //     someone else's and is left alone);
 //   - every MPTCP endpoint on a configured uplink's address (it would block
 //     the new one anyway: the kernel refuses duplicate addresses), and
@@ -43,7 +63,20 @@
 //
 // What a crash leaves that Start does not undo: the raised MPTCP limits and
 // rp_filter=2 (both harmless, and the next Start treats them as the host's
-// own values).
+// own values; the client journals them and undoes them itself).
+//
+// Cleanup removes the rules and routes above without a Manager, for `mpvpn
+// down` and the next start, and the endpoints it can tell are mpvpn's:
+// those bound (`dev`) to a configured uplink's interface, flagged `subflow`
+// or `subflow backup`, without a port, which is how Start adds them.
+// Endpoints carry no owner tag, so one of the same shape that somebody else
+// added on an uplink's interface cannot be told apart and is removed too;
+// one without `dev`, with other flags or on another interface is left
+// alone. (A range of endpoint ids reserved for mpvpn does not help: the
+// kernel gives an endpoint added without an id the next id above the
+// highest in use, Linux 6.18, so other endpoints land in any range mpvpn
+// uses. What would: the client journals each endpoint, id and address,
+// before Start adds it, and Cleanup removes only the journalled ones.)
 package pathmgr
 
 import (
@@ -65,6 +98,10 @@ const MaxUplinks = MaxEndpoints
 const (
 	DefaultTableBase = 7100
 	DefaultRulePrio  = 7100
+	// FallbackOffset is how far after RulePrio (a higher number, so
+	// later in the rule list) the fallback rules go by default: past
+	// routing's 100 priorities, which the client puts at RulePrio+100.
+	FallbackOffset = 200
 )
 
 // UplinkConfig names one uplink.
@@ -83,7 +120,18 @@ type Config struct {
 	// mpvpn owns the MaxUplinks priorities from RulePrio on. 0 means
 	// DefaultRulePrio.
 	RulePrio int
-	Logger   *slog.Logger // nil: discard
+	// FallbackPrio: with a Mark, uplink i's unmarked `from <addr>` rule
+	// is at FallbackPrio+i (see the package comment); it must come after
+	// routing's rules. mpvpn owns the MaxUplinks priorities from
+	// FallbackPrio on, with a Mark or without. 0 means
+	// RulePrio+FallbackOffset.
+	FallbackPrio int
+	// Mark is the SO_MARK on mpvpn's own sockets (the tunnel's and the
+	// probes'); the `from <addr>` rules match it only. 0 makes them
+	// match every socket, as before Mark existed: only for tools without
+	// mpvpn's marked sockets, never with routing's route-all.
+	Mark   uint32
+	Logger *slog.Logger // nil: discard
 	// OnChange, if set, is called by Run (from its goroutine, without
 	// locks held) when an uplink's state or address changes, e.g. so the
 	// liveness probe follows the uplink's new address.
@@ -124,15 +172,15 @@ func (c *Config) ownedTable(t int) bool {
 
 // ownedPrio reports whether priority p is in mpvpn's range.
 func (c *Config) ownedPrio(p int) bool {
-	return p >= c.RulePrio && p < c.RulePrio+MaxUplinks
+	return (p >= c.RulePrio && p < c.RulePrio+MaxUplinks) || (p >= c.FallbackPrio && p < c.FallbackPrio+MaxUplinks)
 }
 
 // reservedTables are the kernel's own: unspec, default, main, local.
 var reservedTables = []int{0, 253, 254, 255}
 
-// check fills in defaults and validates what can be checked without
-// looking at the host.
-func (c *Config) check() error {
+// checkIDs fills in the default table base and priority and validates
+// them: all that Cleanup needs.
+func (c *Config) checkIDs() error {
 	if c.TableBase == 0 {
 		c.TableBase = DefaultTableBase
 	}
@@ -151,6 +199,22 @@ func (c *Config) check() error {
 	// after main would never see the packets it is for.
 	if c.RulePrio < 1 || c.RulePrio+MaxUplinks-1 >= 32766 {
 		return fmt.Errorf("rule priority %d: want 1 to %d, so mpvpn's rules come before the main table's (32766)", c.RulePrio, 32766-MaxUplinks)
+	}
+	if c.FallbackPrio == 0 {
+		c.FallbackPrio = c.RulePrio + FallbackOffset
+	}
+	if c.FallbackPrio < c.RulePrio+MaxUplinks || c.FallbackPrio+MaxUplinks-1 >= 32766 {
+		return fmt.Errorf("fallback rule priority %d: want %d to %d, after the marked rules (%d-%d) and before the main table's (32766)",
+			c.FallbackPrio, c.RulePrio+MaxUplinks, 32766-MaxUplinks, c.RulePrio, c.RulePrio+MaxUplinks-1)
+	}
+	return nil
+}
+
+// check fills in defaults and validates what can be checked without
+// looking at the host.
+func (c *Config) check() error {
+	if err := c.checkIDs(); err != nil {
+		return err
 	}
 	switch n := len(c.Uplinks); {
 	case n == 0:

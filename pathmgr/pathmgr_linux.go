@@ -613,24 +613,11 @@ func pickAddr(t hostTables, idx, family int, prefsrc netip.Addr) (netip.Addr, []
 // endpoints on (or bound to) the uplinks. See the package comment.
 func (m *Manager) removeStale(obs []observation) error {
 	var errs []error
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rules, err := m.nlh.RuleList(family)
-		if err != nil {
-			return fmt.Errorf("list rules: %w", err)
-		}
-		for _, r := range rules {
-			if !m.cfg.ownedPrio(r.Priority) || !m.cfg.ownedTable(r.Table) {
-				continue
-			}
-			m.log.Warn("removing a stale rule", "rule", r.String())
-			if err := m.nlh.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("delete rule %s: %w", r, err))
-			}
-		}
-		for t := m.cfg.TableBase; t < m.cfg.TableBase+MaxUplinks; t++ {
-			errs = append(errs, m.flushTable(family, t))
-		}
+	done, err := removeRulesAndTables(m.nlh, &m.cfg)
+	for _, d := range done {
+		m.log.Warn("removed what an earlier run left", "what", d)
 	}
+	errs = append(errs, err)
 
 	eps, err := m.pm.Endpoints()
 	if err != nil {
@@ -678,22 +665,6 @@ func (m *Manager) linkHasAddr(idx int, a netip.Addr) bool {
 		}
 	}
 	return false
-}
-
-// flushTable deletes every route of a family in table t.
-func (m *Manager) flushTable(family, t int) error {
-	routes, err := m.nlh.RouteListFiltered(family, &netlink.Route{Table: t}, netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return fmt.Errorf("list table %d: %w", t, err)
-	}
-	var errs []error
-	for _, r := range routes {
-		m.log.Warn("removing a stale route", "table", t, "route", r.String())
-		if err := m.nlh.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("delete route %s from table %d: %w", r, t, err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // unreachableMetric is the highest metric: the `unreachable default` loses
@@ -776,16 +747,17 @@ func (m *Manager) plumb(u *uplinkState, o observation) error {
 		if family == netlink.FAMILY_V6 {
 			src = u.Addr6
 		}
-		rule := netlink.NewRule()
-		rule.Family = family
-		rule.Priority = u.RulePrio
-		rule.Table = u.Table
-		rule.Src = prefixIPNet(netip.PrefixFrom(src, src.BitLen()))
-		m.changes.Add(1)
-		if err := m.nlh.RuleAdd(rule); err != nil {
-			return fmt.Errorf("add rule `from %s lookup %d` at priority %d: %w", src, u.Table, u.RulePrio, err)
+		rules := []*netlink.Rule{sourceRule(family, u.RulePrio, u, src, m.cfg.Mark)}
+		if m.cfg.Mark != 0 {
+			rules = append(rules, sourceRule(family, m.cfg.FallbackPrio+u.pos, u, src, 0))
 		}
-		u.rules = append(u.rules, *rule)
+		for _, rule := range rules {
+			m.changes.Add(1)
+			if err := m.nlh.RuleAdd(rule); err != nil {
+				return fmt.Errorf("add %s: %w", ruleString(*rule), err)
+			}
+			u.rules = append(u.rules, *rule)
+		}
 	}
 	if u.rpFilter == nil {
 		if err := inNetns(m.ns, func() error {
@@ -797,6 +769,22 @@ func (m *Manager) plumb(u *uplinkState, o observation) error {
 		}
 	}
 	return nil
+}
+
+// sourceRule is `from <src> fwmark <mark> lookup <uplink's table>` at
+// priority prio (without the fwmark when mark is 0). The mask is the
+// whole mark: routing's ladder matches mpvpn's marks exactly too.
+func sourceRule(family, prio int, u *uplinkState, src netip.Addr, mark uint32) *netlink.Rule {
+	rule := netlink.NewRule()
+	rule.Family = family
+	rule.Priority = prio
+	rule.Table = u.Table
+	rule.Src = prefixIPNet(netip.PrefixFrom(src, src.BitLen()))
+	if mark != 0 {
+		mask := ^uint32(0)
+		rule.Mark, rule.Mask = mark, &mask
+	}
+	return rule
 }
 
 // addEndpoint adds the uplink's MPTCP endpoint. The kernel's path manager

@@ -238,6 +238,8 @@ func TestStartValidation(t *testing.T) {
 			{"twice", Config{Uplinks: []UplinkConfig{{Name: "wan0"}, {Name: "wan0"}}}, []string{"uplink wan0", "twice"}},
 			{"kernel table", Config{Uplinks: []UplinkConfig{{Name: "wan0"}}, TableBase: 250}, []string{"table 253"}},
 			{"priority after main", Config{Uplinks: []UplinkConfig{{Name: "wan0"}}, RulePrio: 32760}, []string{"priority 32760"}},
+			{"fallback among the marked rules", Config{Uplinks: []UplinkConfig{{Name: "wan0"}}, FallbackPrio: 7105}, []string{"fallback rule priority 7105"}},
+			{"fallback after main", Config{Uplinks: []UplinkConfig{{Name: "wan0"}}, RulePrio: 32600}, []string{"fallback rule priority 32800"}},
 		}
 		for _, tt := range tests {
 			m, err := Start(context.Background(), tt.cfg)
