@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -59,9 +60,16 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if st.Live {
 		return fmt.Errorf("another mpvpn client is running (pid %d; journal %s)", st.PID, cfg.Journal)
 	}
+	// A kill switch a crashed run left stays in force until this run's
+	// own replaces it, in one nftables transaction: no gap in between.
+	keepFirewall := cfg.KillSwitch && slices.ContainsFunc(st.Entries, func(e journal.Entry) bool { return e.Kind == kindFirewall })
 	if st.Exists {
 		log.Warn("an earlier client did not stop cleanly; undoing what it left", "journal", cfg.Journal, "pid", st.PID, "started", st.Started)
-		lines, uerr := undo(st.Entries, log)
+		var skip []string
+		if keepFirewall {
+			skip = append(skip, kindFirewall)
+		}
+		lines, uerr := undo(st.Entries, log, skip...)
 		for _, l := range lines {
 			log.Info("undone", "what", l)
 		}
@@ -103,6 +111,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 		log.Info("uplinks discovered from the default routes", "uplinks", fmt.Sprint(cfg.Uplinks))
 	}
+	if err := routing.CheckHost(cfg.routing()); err != nil {
+		return err
+	}
 
 	// From here on the host changes: each change is journalled first and
 	// undone on the way out, in reverse order, also when a later step
@@ -130,31 +141,53 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			log.Warn("cleanup", "err", derr)
 		}
 	}()
+	if keepFirewall {
+		if err := j.Record(journal.Entry{Kind: kindFirewall}); err != nil {
+			return err
+		}
+	}
 	host.Journal = func(name, before string) error {
 		return j.Record(journal.Entry{Kind: kindSysctl, Name: name, Before: before})
 	}
 	undos = append(undos, host.Restore)
 
+
 	// pathmgr validates every uplink (exists, has an address and a
 	// gateway) before it changes anything. Its changes reach the liveness
 	// prober, which exists only once pathmgr does.
 	var prober atomic.Pointer[probe.Prober]
-	pm, err := pathmgr.Start(ctx, pathmgr.Config{
-		Uplinks:   cfg.Uplinks,
-		TableBase: cfg.Table,
-		RulePrio:  cfg.Table,
-		Mark:      cfg.Mark,
-		Logger:    log,
-		OnChange: func(s pathmgr.Status) {
-			if pr := prober.Load(); pr != nil {
-				probePath(pr, s)
-			}
-		},
-	})
+	pcfg := cfg.pathmgr()
+	pcfg.OnChange = func(s pathmgr.Status) {
+		if pr := prober.Load(); pr != nil {
+			probePath(pr, s)
+		}
+	}
+	pcfg.Journal = func(kind, name, before string) error {
+		switch kind {
+		case pathmgr.JournalSysctl:
+			return j.Record(journal.Entry{Kind: kindSysctl, Name: name, Before: before})
+		case pathmgr.JournalLimits:
+			return j.Record(journal.Entry{Kind: kindLimits, Before: before})
+		}
+		return fmt.Errorf("pathmgr journals %q, which the client cannot undo", kind)
+	}
+	if err := j.Record(journal.Entry{Kind: kindPathmgr, Data: mustJSON(pathmgrStateOf(cfg))}); err != nil {
+		return err
+	}
+	pm, err := pathmgr.Start(ctx, pcfg)
 	if err != nil {
 		return err
 	}
 	undos = append(undos, pm.Close)
+
+	// The firewall next, once pathmgr has found the uplinks sound: with
+	// the kill switch, nothing leaks while the rest comes up (mpvpn's own
+	// sockets are marked, and pass).
+	if cfg.firewalled() {
+		if _, err := startFirewall(cfg, j, &undos); err != nil {
+			return err
+		}
+	}
 
 	// Liveness: a probe per uplink to the concentrator, so an uplink
 	// whose link is up while nothing gets through is withdrawn within
@@ -226,14 +259,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	undos = append(undos, st2.Close)
 
 	// Routes last: until now nothing was sent into the TUN.
-	rt, err := routing.Apply(routing.Config{
-		TUN:      cfg.TUN,
-		Routes:   cfg.Routes,
-		Mark:     cfg.Mark,
-		Table:    cfg.Table + 100,
-		RulePrio: cfg.Table + 100,
-		Logger:   log,
-	})
+	rcfg := cfg.routing()
+	if err := j.Record(journal.Entry{Kind: kindRouting, Data: mustJSON(routingStateOf(rcfg))}); err != nil {
+		return err
+	}
+	rt, err := routing.Apply(rcfg)
 	if err != nil {
 		return err
 	}
@@ -256,7 +286,8 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	for _, u := range pm.Uplinks() {
 		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
 	}
-	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes))
+	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes),
+		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch)
 	<-ctx.Done()
 	log.Info("client shutting down")
 	return nil

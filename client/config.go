@@ -18,9 +18,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"time"
 
+	"github.com/mpvpn/mpvpn/cgroup"
+	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/routing"
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
@@ -38,8 +42,12 @@ const (
 )
 
 // DefaultTUNAddr is the TUN device's address: the apps' flows come from
-// it, and it never leaves the host.
-var DefaultTUNAddr = netip.MustParsePrefix("10.77.77.1/32")
+// it, and it never leaves the host. DefaultTUNAddr6 is its IPv6 address
+// with RouteAll (a ULA of mpvpn's: fd + "mpv" in hex).
+var (
+	DefaultTUNAddr  = netip.MustParsePrefix("10.77.77.1/32")
+	DefaultTUNAddr6 = netip.MustParsePrefix("fd6d:7076::1/128")
+)
 
 // Config is what a client runs with. Zero values take the defaults.
 type Config struct {
@@ -49,12 +57,24 @@ type Config struct {
 	// Uplinks to carry flows over; empty: every interface with a
 	// default route, in metric order.
 	Uplinks []pathmgr.UplinkConfig
-	// Routes: destinations carried by mpvpn.
+	// Routes: destinations carried by mpvpn. RouteAll: everything, IPv4
+	// and IPv6 (Routes then add nothing). Exclude: destinations that never
+	// enter the tunnel. AllowLAN: with RouteAll, the directly connected
+	// networks stay outside the tunnel.
 	Routes   []netip.Prefix
-	TUN      string
-	TUNAddrs []netip.Prefix
-	MTU      int
-	Mark     uint32
+	RouteAll bool
+	Exclude  []netip.Prefix
+	AllowLAN bool
+	// Rules are the per-app rules, first match first (--rule).
+	Rules []firewall.Rule
+	// KillSwitch: nothing leaves an uplink but mpvpn's own traffic,
+	// direct rules and (with AllowLAN) the LAN, also after a crash, until
+	// the client starts again or `mpvpn down`.
+	KillSwitch bool
+	TUN        string
+	TUNAddrs   []netip.Prefix
+	MTU        int
+	Mark       uint32
 	// Table is the first routing table and rule priority mpvpn owns; it
 	// owns it and the next 199.
 	Table          int
@@ -64,6 +84,11 @@ type Config struct {
 	// Prometheus metrics on ("": none), Journal the host-state journal's
 	// path.
 	Control, Metrics, Journal string
+	// ExecCgroups sets up `mpvpn exec`'s three cgroups and their rules
+	// (first of all rules), under the cgroup v2 root in a directory named
+	// Cgroup (default "mpvpn"; a test uses its own).
+	ExecCgroups bool
+	Cgroup      string
 	// Version is shown by `mpvpn status`.
 	Version string
 	Logger  *slog.Logger
@@ -76,6 +101,9 @@ func (c Config) withDefaults() Config {
 	}
 	if len(c.TUNAddrs) == 0 {
 		c.TUNAddrs = []netip.Prefix{DefaultTUNAddr}
+		if c.RouteAll {
+			c.TUNAddrs = append(c.TUNAddrs, DefaultTUNAddr6)
+		}
 	}
 	if c.MTU == 0 {
 		c.MTU = tun.DefaultMTU
@@ -95,6 +123,9 @@ func (c Config) withDefaults() Config {
 	if c.Journal == "" {
 		c.Journal = DefaultJournal
 	}
+	if c.Cgroup == "" {
+		c.Cgroup = cgroup.DefaultName
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -106,9 +137,9 @@ func (c Config) withDefaults() Config {
 var kernelTables = []int{0, 253, 254, 255}
 
 // tablesOwned is how many tables (and rule priorities) from Table on mpvpn
-// owns: the path manager's per-uplink ones from Table, routing's from
-// Table+100.
-const tablesOwned = 200
+// owns: the path manager's per-uplink ones from Table (its fallback rules
+// at Table+200), routing's from Table+100.
+const tablesOwned = 200 + pathmgr.MaxUplinks
 
 // Validate checks everything that can be checked without the host: a
 // mistake here is one line and no change anywhere.
@@ -125,8 +156,11 @@ func (c Config) Validate() error {
 	if c.Key.IsZero() {
 		bad("--key is required (a file written by `mpvpn keygen`)")
 	}
-	if len(c.Routes) == 0 {
-		bad("--route is required: which destinations go through mpvpn")
+	if len(c.Routes) == 0 && !c.RouteAll && !slices.ContainsFunc(c.Rules, func(r firewall.Rule) bool { return r.Action == firewall.Tunnel }) {
+		bad("--route, --route-all or a --rule ...=tunnel is required: which traffic goes through mpvpn")
+	}
+	if err := c.routing().Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	for _, p := range c.Routes {
 		if !p.IsValid() || p.Masked() != p {
@@ -157,3 +191,32 @@ func (c Config) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// pathmgr is the path manager's Config for c (without uplinks).
+func (c Config) pathmgr() pathmgr.Config {
+	return pathmgr.Config{Uplinks: c.Uplinks, TableBase: c.Table, RulePrio: c.Table, Mark: c.Mark, Logger: c.Logger}
+}
+
+// routing is routing's Config for c: its table and rules 100 above the
+// path manager's.
+func (c Config) routing() routing.Config {
+	rc := routing.Config{
+		TUN:      c.TUN,
+		Routes:   c.Routes,
+		RouteAll: c.RouteAll,
+		Exclude:  c.Exclude,
+		AllowLAN: c.AllowLAN,
+		Mark:     c.Mark,
+		Table:    c.Table + 100,
+		RulePrio: c.Table + 100,
+		Logger:   c.Logger,
+	}
+	if c.firewalled() {
+		rc.DirectMark, rc.TunnelMark = firewall.DirectMark(c.Mark), firewall.TunnelMark(c.Mark)
+	}
+	return rc
+}
+
+// firewalled: the client runs nftables (per-app rules, `mpvpn exec`'s
+// cgroups, the kill switch).
+func (c Config) firewalled() bool { return len(c.Rules) > 0 || c.KillSwitch || c.ExecCgroups }

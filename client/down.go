@@ -3,21 +3,41 @@
 package client
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"syscall"
 	"time"
 
+	"github.com/mpvpn/mpvpn/cgroup"
+	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/internal/journal"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
+	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/routing"
 )
 
 // Journal entry kinds a client writes.
 const (
 	// kindSysctl: Name was Before when mpvpn changed it.
 	kindSysctl = "sysctl"
+	// kindLimits: the MPTCP limits were Before (pathmgr.Limits.String).
+	kindLimits = "mptcp-limits"
+	// kindPathmgr: the path manager's tables, rules and endpoints (Data:
+	// pathmgrState), removed by pathmgr.Cleanup.
+	kindPathmgr = "pathmgr"
+	// kindRouting: routing's table and rules (Data: routingState),
+	// removed by routing.Cleanup.
+	kindRouting = "routing"
+	// kindFirewall: nftables tables inet mpvpn and inet mpvpn-killswitch,
+	// removed by firewall.Cleanup.
+	kindFirewall = "firewall"
+	// kindCgroup: `mpvpn exec`'s cgroups (Data: cgroupState), removed
+	// when empty.
+	kindCgroup = "cgroup"
 )
 
 // Down removes everything a client left on the host, as its journal at
@@ -67,10 +87,11 @@ func Down(path string, stopWait time.Duration, log *slog.Logger) ([]string, erro
 	return lines, nil
 }
 
-// undo reverts entries, newest first, and says what it did. It goes on
-// after a failure, so that one change that cannot be undone does not keep
-// the others in place; the errors are joined.
-func undo(entries []journal.Entry, log *slog.Logger) ([]string, error) {
+// undo reverts entries, newest first (but those of the kinds in skip),
+// and says what it did. It goes on after a failure, so that one change
+// that cannot be undone does not keep the others in place; the errors are
+// joined.
+func undo(entries []journal.Entry, log *slog.Logger, skip ...string) ([]string, error) {
 	var lines []string
 	var errs []error
 	// A setting changed more than once is put back to its value before
@@ -84,7 +105,32 @@ func undo(entries []journal.Entry, log *slog.Logger) ([]string, error) {
 	}
 	for i := len(entries) - 1; i >= 0; i-- {
 		e := entries[i]
+		if slices.Contains(skip, e.Kind) {
+			continue
+		}
 		switch e.Kind {
+		case kindLimits:
+			l, err := pathmgr.ParseLimits(e.Before)
+			if err == nil {
+				err = pathmgr.SetLimitsTo(l)
+			}
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			lines = append(lines, "MPTCP limits: "+e.Before)
+		case kindPathmgr, kindRouting, kindCgroup:
+			done, err := undoState(e)
+			lines = append(lines, done...)
+			if err != nil {
+				errs = append(errs, err)
+			}
+		case kindFirewall:
+			done, err := firewall.Cleanup()
+			lines = append(lines, done...)
+			if err != nil {
+				errs = append(errs, err)
+			}
 		case kindSysctl:
 			if first[e.Name] != i {
 				continue
@@ -110,4 +156,29 @@ func undo(entries []journal.Entry, log *slog.Logger) ([]string, error) {
 		}
 	}
 	return lines, errors.Join(errs...)
+}
+
+// undoState removes what a piece owns, as its entry describes it.
+func undoState(e journal.Entry) ([]string, error) {
+	switch e.Kind {
+	case kindPathmgr:
+		var st pathmgrState
+		if err := json.Unmarshal(e.Data, &st); err != nil {
+			return nil, fmt.Errorf("journal entry %s: %w", e.Kind, err)
+		}
+		return pathmgr.Cleanup(st.config())
+	case kindRouting:
+		var st routingState
+		if err := json.Unmarshal(e.Data, &st); err != nil {
+			return nil, fmt.Errorf("journal entry %s: %w", e.Kind, err)
+		}
+		return routing.Cleanup(st.config())
+	case kindCgroup:
+		var st cgroupState
+		if err := json.Unmarshal(e.Data, &st); err != nil {
+			return nil, fmt.Errorf("journal entry %s: %w", e.Kind, err)
+		}
+		return cgroup.Tree{Mount: st.Mount, Name: st.Name}.Cleanup()
+	}
+	return nil, fmt.Errorf("journal entry of kind %q: no state to undo", e.Kind)
 }

@@ -35,7 +35,7 @@ func RaiseLimits(subflows, addAddrAccepted uint32) (restore func() error, err er
 		return nil, err
 	}
 	defer pm.Close()
-	lc, err := raiseLimits(pm, Limits{Subflows: subflows, AddAddrAccepted: addAddrAccepted})
+	lc, err := raiseLimits(pm, Limits{Subflows: subflows, AddAddrAccepted: addAddrAccepted}, nil)
 	if err != nil {
 		ns.Close()
 		return nil, err
@@ -63,7 +63,7 @@ type limitsChange struct {
 	old, set Limits
 }
 
-func raiseLimits(pm *PM, want Limits) (*limitsChange, error) {
+func raiseLimits(pm *PM, want Limits, journal func(kind, name, before string) error) (*limitsChange, error) {
 	old, err := pm.Limits()
 	if err != nil {
 		return nil, err
@@ -74,6 +74,11 @@ func raiseLimits(pm *PM, want Limits) (*limitsChange, error) {
 	}
 	if set == old {
 		return &limitsChange{old: old, set: set}, nil
+	}
+	if journal != nil {
+		if err := journal(JournalLimits, "", old.String()); err != nil {
+			return nil, err
+		}
 	}
 	if err := pm.SetLimits(set); err != nil {
 		return nil, err
@@ -95,3 +100,28 @@ func (c *limitsChange) restore(pm *PM) error {
 	}
 	return pm.SetLimits(c.old)
 }
+
+// Journal kinds (Config.Journal).
+const (
+	JournalSysctl = "sysctl"
+	JournalLimits = "mptcp-limits"
+)
+
+// String is the limits as `ip mptcp limits` prints them, which
+// ParseLimits reads back.
+func (l Limits) String() string {
+	return fmt.Sprintf("add_addr_accepted %d subflows %d", l.AddAddrAccepted, l.Subflows)
+}
+
+// ParseLimits reads what Limits.String writes.
+func ParseLimits(s string) (Limits, error) {
+	var l Limits
+	if _, err := fmt.Sscanf(s, "add_addr_accepted %d subflows %d", &l.AddAddrAccepted, &l.Subflows); err != nil {
+		return Limits{}, fmt.Errorf("MPTCP limits %q: %w", s, err)
+	}
+	return l, nil
+}
+
+// SetLimitsTo sets the limits in the calling thread's network namespace
+// to l (what `mpvpn down` puts back from a journal).
+func SetLimitsTo(l Limits) error { return SetLimits(l.Subflows, l.AddAddrAccepted) }

@@ -132,6 +132,14 @@ type Config struct {
 	// mpvpn's marked sockets, never with routing's route-all.
 	Mark   uint32
 	Logger *slog.Logger // nil: discard
+	// Journal, if set, is told each kernel setting pathmgr changes, with
+	// its value before, ahead of the change (an error leaves the setting
+	// alone and fails Start): kind JournalSysctl, name the sysctl (in
+	// path form, "net/ipv4/conf/wan0/rp_filter", as an interface name may
+	// hold a dot), or JournalLimits with the MPTCP limits before in
+	// Limits.String form. Its tables, rules and endpoints need no entry:
+	// Cleanup finds them from the Config.
+	Journal func(kind, name, before string) error
 	// OnChange, if set, is called by Run (from its goroutine, without
 	// locks held) when an uplink's state or address changes, e.g. so the
 	// liveness probe follows the uplink's new address.

@@ -208,7 +208,7 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	// old one is still closing. The kernel default is 2, and 2 is kept as a
 	// floor so a single-uplink client behaves like the kernel's default.
 	want := uint32(max(len(m.uplinks), 2))
-	lc, err := raiseLimits(m.pm, Limits{Subflows: want})
+	lc, err := raiseLimits(m.pm, Limits{Subflows: want}, m.cfg.Journal)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("pathmgr: %w", err), m.Close())
 	}
@@ -761,7 +761,7 @@ func (m *Manager) plumb(u *uplinkState, o observation) error {
 	}
 	if u.rpFilter == nil {
 		if err := inNetns(m.ns, func() error {
-			c, err := loosenRPFilter(u.Name)
+			c, err := loosenRPFilter(u.Name, m.cfg.Journal)
 			u.rpFilter = c
 			return err
 		}); err != nil {

@@ -93,7 +93,7 @@ func (c *sysctlChange) restore() error {
 // too. Strict filtering drops MPTCP joins whose replies return on another
 // interface than the route back to their source. It returns the change to
 // undo, or nil when nothing changed.
-func loosenRPFilter(ifname string) (*sysctlChange, error) {
+func loosenRPFilter(ifname string, journal func(kind, name, before string) error) (*sysctlChange, error) {
 	name := "net/ipv4/conf/" + ifname + "/rp_filter"
 	all, err := GetSysctl("net/ipv4/conf/all/rp_filter")
 	if err != nil {
@@ -107,6 +107,11 @@ func loosenRPFilter(ifname string) (*sysctlChange, error) {
 	o, _ := strconv.Atoi(own)
 	if max(a, o) != 1 {
 		return nil, nil
+	}
+	if journal != nil {
+		if err := journal(JournalSysctl, name, own); err != nil {
+			return nil, err
+		}
 	}
 	if err := SetSysctl(name, "2"); err != nil {
 		return nil, err

@@ -3,15 +3,20 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os/user"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/mpvpn/mpvpn/cgroup"
 	"github.com/mpvpn/mpvpn/client"
+	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/pathmgr"
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
@@ -33,8 +38,15 @@ func clientCommand() *cli.Command {
 			&cli.PathFlag{Name: "key", Usage: "this client's private key `FILE` (from `mpvpn keygen`)"},
 			&cli.StringSliceFlag{Name: "uplink", Usage: "an uplink `IFACE` to carry flows over (repeatable); IFACE:backup carries data only when no other uplink works. Default: every interface with a default route"},
 			&cli.StringSliceFlag{Name: "route", Usage: "send flows to this `CIDR` through mpvpn (repeatable)"},
+			&cli.BoolFlag{Name: "route-all", Usage: "send everything through mpvpn, IPv4 and IPv6 (mpvpn's own traffic, --exclude destinations, direct rules and, with --allow-lan, the LAN excepted)"},
+			&cli.StringSliceFlag{Name: "exclude", Usage: "never send this `CIDR` through mpvpn, also with --route-all (repeatable)"},
+			&cli.BoolFlag{Name: "allow-lan", Usage: "with --route-all or --kill-switch, keep the networks the uplinks are directly connected to reachable outside the tunnel"},
+			&cli.StringSliceFlag{Name: "rule", Usage: "a per-app rule `SELECTOR=ACTION` (repeatable; first match wins): SELECTOR uid:N, uid:NAME or cgroup:PATH (cgroup v2, e.g. cgroup:/system.slice/backup.service); ACTION tunnel, direct or block"},
+			&cli.BoolFlag{Name: "kill-switch", Usage: "let nothing leave an uplink but mpvpn's own traffic, direct rules and (with --allow-lan) the LAN; stays in force if the client crashes, until it starts again or `mpvpn down`"},
+			&cli.BoolFlag{Name: "exec-cgroups", Value: true, Usage: "set up the cgroups of `mpvpn exec` and their rules"},
+			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the top-level cgroup `NAME` of `mpvpn exec`'s cgroups", Hidden: true},
 			&cli.StringFlag{Name: "tun", Value: client.DefaultTUN, Usage: "the TUN device's `NAME`"},
-			&cli.StringFlag{Name: "tun-addr", Value: "10.77.77.1/32", Usage: "the TUN device's address `PREFIX` (apps' flows come from it)"},
+			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
@@ -96,14 +108,32 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		}
 		cfg.Routes = append(cfg.Routes, p)
 	}
-	if len(cfg.Routes) == 0 {
-		return nil, usageError("--route is required: which destinations go through mpvpn")
+	for _, r := range c.StringSlice("exclude") {
+		p, err := netip.ParsePrefix(r)
+		if err != nil {
+			return nil, usageError("--exclude %q: want a CIDR such as 192.0.2.0/24", r)
+		}
+		if p.Masked() != p {
+			return nil, usageError("--exclude %q has host bits set; did you mean %s?", r, p.Masked())
+		}
+		cfg.Exclude = append(cfg.Exclude, p)
 	}
-	a, err := netip.ParsePrefix(c.String("tun-addr"))
-	if err != nil {
-		return nil, usageError("--tun-addr %q: want an address with a prefix length, e.g. 10.77.77.1/32", c.String("tun-addr"))
+	cfg.RouteAll, cfg.AllowLAN, cfg.KillSwitch = c.Bool("route-all"), c.Bool("allow-lan"), c.Bool("kill-switch")
+	cfg.ExecCgroups, cfg.Cgroup = c.Bool("exec-cgroups"), c.String("cgroup")
+	for _, r := range c.StringSlice("rule") {
+		rule, err := parseRule(r)
+		if err != nil {
+			return nil, usageError("--rule %q: %v", r, err)
+		}
+		cfg.Rules = append(cfg.Rules, rule)
 	}
-	cfg.TUNAddrs = []netip.Prefix{a}
+	for _, t := range c.StringSlice("tun-addr") {
+		a, err := netip.ParsePrefix(t)
+		if err != nil {
+			return nil, usageError("--tun-addr %q: want an address with a prefix length, e.g. 10.77.77.1/32", t)
+		}
+		cfg.TUNAddrs = append(cfg.TUNAddrs, a)
+	}
 	if m := c.Uint("mark"); m == 0 || m > 0xffffffff {
 		return nil, usageError("--mark %d: want 1 to 4294967295", m)
 	}
@@ -115,6 +145,42 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		return nil, err
 	}
 	return &cfg, nil
+}
+
+// parseRule reads SELECTOR=ACTION: uid:N, uid:NAME or cgroup:PATH, then
+// tunnel, direct or block.
+func parseRule(s string) (firewall.Rule, error) {
+	sel, act, ok := strings.Cut(s, "=")
+	if !ok {
+		return firewall.Rule{}, errors.New("want SELECTOR=ACTION, e.g. uid:1000=tunnel")
+	}
+	a, err := firewall.ParseAction(act)
+	if err != nil {
+		return firewall.Rule{}, err
+	}
+	kind, arg, _ := strings.Cut(sel, ":")
+	switch {
+	case kind == "uid" && arg != "":
+		if n, err := strconv.ParseUint(arg, 10, 32); err == nil {
+			return firewall.Rule{Selector: firewall.UID(uint32(n)), Action: a}, nil
+		}
+		u, err := user.Lookup(arg)
+		if err != nil {
+			return firewall.Rule{}, fmt.Errorf("no user %q: %w", arg, err)
+		}
+		n, err := strconv.ParseUint(u.Uid, 10, 32)
+		if err != nil {
+			return firewall.Rule{}, fmt.Errorf("user %q has uid %q", arg, u.Uid)
+		}
+		return firewall.Rule{Selector: firewall.UID(uint32(n)), Action: a}, nil
+	case kind == "cgroup" && strings.HasPrefix(arg, "/"):
+		p, err := cgroup.CleanPath(arg)
+		if err != nil {
+			return firewall.Rule{}, err
+		}
+		return firewall.Rule{Selector: firewall.Cgroup(p), Action: a}, nil
+	}
+	return firewall.Rule{}, fmt.Errorf("selector %q: want uid:N, uid:NAME or cgroup:/PATH", sel)
 }
 
 func runClient(c *cli.Context) error {

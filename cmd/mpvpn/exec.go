@@ -30,6 +30,7 @@ func execCommand() *cli.Command {
 			&cli.BoolFlag{Name: "direct", Usage: "past the tunnel, straight out of an uplink"},
 			&cli.BoolFlag{Name: "block", Usage: "nowhere: every connection refused"},
 			&cli.BoolFlag{Name: "keep-root", Usage: "under sudo, run the program as root instead of the user who ran sudo"},
+			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the client's top-level cgroup `NAME` (its --cgroup)", Hidden: true},
 		},
 		Action: runExec,
 	}
@@ -52,10 +53,11 @@ func runExec(c *cli.Context) error {
 	if os.Geteuid() != 0 {
 		return errors.New("mpvpn exec needs root to move the program into mpvpn's cgroup (run it with sudo)")
 	}
-	t, err := cgroup.DefaultTree()
+	m, err := cgroup.Mount()
 	if err != nil {
 		return err
 	}
+	t := cgroup.Tree{Mount: m, Name: c.String("cgroup")}
 	// Look the program up before the move, so a typo leaves nothing
 	// changed.
 	prog, err := exec.LookPath(argv[0])

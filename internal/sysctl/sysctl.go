@@ -21,8 +21,14 @@ type Root string
 // Proc is the real /proc/sys.
 const Proc Root = "/proc/sys"
 
+// path maps a name to its file. As in sysctl(8), a name holding a '/' is
+// a path below the root, so that an interface name with a dot ("eth0.100")
+// can be named: "net/ipv4/conf/eth0.100/rp_filter".
 func (r Root) path(name string) string {
-	return filepath.Join(string(r), strings.ReplaceAll(name, ".", "/"))
+	if !strings.Contains(name, "/") {
+		name = strings.ReplaceAll(name, ".", "/")
+	}
+	return filepath.Join(string(r), name)
 }
 
 // Get returns a setting's value, e.g. Get("net.mptcp.enabled") = "1".

@@ -110,3 +110,13 @@ func TestChangesBounds(t *testing.T) {
 		t.Error("a setting that is not a number was raised")
 	}
 }
+
+// A name in path form reaches an interface whose name holds a dot.
+func TestPathForm(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "net/ipv4/conf/eth0.100"), 0o755)
+	os.WriteFile(filepath.Join(dir, "net/ipv4/conf/eth0.100/rp_filter"), []byte("1\n"), 0o644)
+	if v, err := Root(dir).Get("net/ipv4/conf/eth0.100/rp_filter"); err != nil || v != "1" {
+		t.Fatalf("path form: %q, %v", v, err)
+	}
+}

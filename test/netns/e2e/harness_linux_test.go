@@ -196,7 +196,8 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	args := []string{bin.mpvpn, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		"--server-key", e.serverPub, "--key", key,
-		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal()}
+		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal(),
+		"--cgroup", e.cgroupName()}
 	uplinks := e.uplinks
 	if uplinks == nil {
 		uplinks = []string{"wan0", "wan1"}
@@ -210,6 +211,11 @@ func (e *env) startClient(t *testing.T, key string, extra ...string) {
 }
 
 func (e *env) clientSocket() string { return filepath.Join(e.sockDir, "client.sock") }
+
+// cgroupName is the client's top-level cgroup for `mpvpn exec`: the
+// cgroup tree is the host's, not the namespace's, so each test has its own
+// (removed by the client when it stops).
+func (e *env) cgroupName() string { return "mpvpn-test-" + e.tp.Prefix }
 
 // clientJournal is the client's host-state journal, in the test's own
 // directory like its socket (never /run/mpvpn on the host).
