@@ -151,7 +151,6 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	undos = append(undos, host.Restore)
 
-
 	// pathmgr validates every uplink (exists, has an address and a
 	// gateway) before it changes anything. Its changes reach the liveness
 	// prober, which exists only once pathmgr does.
