@@ -38,6 +38,8 @@
 #             flood (hsflood: 64 source addresses, silent and garbage
 #             connections, more in all than the concentrator's half-open table)
 #             success % | p50 / p90 first byte in ms | the concentrator's evictions, RSS
+#   agg, unshaped  the mpvpn rows again with the client as a system VPN
+#             (--route-all --kill-switch, two per-app rules)   | % of the plain client's
 #   memory    VmRSS of mpvpn client and server idle, with each FLOWS count of idle
 #             flows open                                  MiB | KiB per flow over idle
 # A measurement that failed shows FAIL and why in the note column.
@@ -286,9 +288,46 @@ start_client() {
 	local l=$WORK/client-$PREFIX-$CLIENT_N.log
 	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
 		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}" \
-		--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal"
+		--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal" "$@"
 	CLIENT_PID=$BGPID
 	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
+}
+
+# SYSVPN is the client as a system VPN (issue 9): everything through it,
+# the kill switch on, and two per-app rules (for users the benchmark does
+# not run as, so they cost the lookup and change nothing). Route-all must
+# cost nothing on the data path: its rows stand beside the plain client's.
+SYSVPN=(--route-all --kill-switch --rule uid:60001=direct --rule uid:60002=block)
+
+# sysvpn_rows SECTION NOTE: runs the mpvpn iperf3 cases up and down again
+# with a client started with SYSVPN (then puts the plain client back), and
+# adds a row per direction; PLAIN_UP/PLAIN_DOWN are the plain client's
+# medians, for the relative column.
+sysvpn_rows() {
+	local section=$1 note=$2 dir rep v
+	declare -A S
+	stop_pid "$CLIENT_PID"
+	if ! start_client "${SYSVPN[@]}"; then
+		row "$section" "mpvpn ${SYSVPN[*]}" "FAIL" "-" "client did not come up"
+		start_client || die "mpvpn client did not come up again"
+		return
+	fi
+	for rep in $(seq "$REPS"); do
+		for dir in up down; do
+			log "$section rep $rep $dir: mpvpn as a system VPN"
+			iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V; S[$dir]+=" $v"; log "  $v"
+		done
+	done
+	stop_pid "$CLIENT_PID"
+	start_client || die "mpvpn client did not come up again"
+	local p base
+	for dir in up down; do
+		# shellcheck disable=SC2086
+		p=$(median ${S[$dir]})
+		base=$PLAIN_UP
+		[ $dir = down ] && base=$PLAIN_DOWN
+		row "$section" "mpvpn --route-all --kill-switch, 2 per-app rules, $dir" "$(rate "$p")" "$(pct "$p" "$base") of the plain client's" "$note"
+	done
 }
 
 # ------------------------------------------------------------------ 1 + 3: shaped topology
@@ -361,7 +400,9 @@ aggregation() {
 		fi
 		split=$(pct "${V[Pa.$dir]}" "$(( ${V[Pa.$dir]} + ${V[Pb.$dir]} ))")
 		row agg "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$ceil") of ceiling**" "$note; joins ${V[Pj.$dir]}; wan0 $split of bytes (last rep)"
+		[ $dir = up ] && PLAIN_UP=$p || PLAIN_DOWN=$p
 	done
+	sysvpn_rows agg "the same links, in the same run; target: the plain client's rate"
 }
 
 setup_latency() {
@@ -510,10 +551,6 @@ unshaped() {
 			log "  $v (client $(((c1 - c0) * 100 / HZ)) cs, server $(((s1 - s0) * 100 / HZ)) cs CPU in ${secs}s)"
 		done
 	done
-	stop_pid "$CLIENT_PID"
-	stop_pid "$SERVER_PID"
-	stop_pid "$ip1"
-	stop_pid "$ip2"
 	local d p
 	for dir in up down; do
 		# shellcheck disable=SC2086
@@ -522,7 +559,13 @@ unshaped() {
 		# shellcheck disable=SC2086
 		row unshaped "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$d") of direct**" \
 			"CPU-s per Gbit: client $(median ${V[Pc.$dir]:-}), server $(median ${V[Ps.$dir]:-}) (busy: client $(median ${V[Pcc.$dir]:-}), server $(median ${V[Psc.$dir]:-}) cores)"
+		[ $dir = up ] && PLAIN_UP=$p || PLAIN_DOWN=$p
 	done
+	sysvpn_rows unshaped "the same veths, in the same run; target: the plain client's rate"
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+	stop_pid "$ip1"
+	stop_pid "$ip2"
 	want_peers && peers
 }
 
