@@ -44,7 +44,7 @@ func clientCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "rule", Usage: "a per-app rule `SELECTOR=ACTION` (repeatable; first match wins): SELECTOR uid:N, uid:NAME or cgroup:PATH (cgroup v2, e.g. cgroup:/system.slice/backup.service); ACTION tunnel, direct or block"},
 			&cli.BoolFlag{Name: "kill-switch", Usage: "let nothing leave an uplink but mpvpn's own traffic, direct rules and (with --allow-lan) the LAN; stays in force if the client crashes, until it starts again or `mpvpn down`"},
 			&cli.BoolFlag{Name: "exec-cgroups", Value: true, Usage: "set up the cgroups of `mpvpn exec` and their rules"},
-			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the top-level cgroup `NAME` of `mpvpn exec`'s cgroups", Hidden: true},
+			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the top-level cgroup `NAME` of `mpvpn exec`'s cgroups (another one for a second client on the host, or a test)"},
 			&cli.StringFlag{Name: "tun", Value: client.DefaultTUN, Usage: "the TUN device's `NAME`"},
 			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},

@@ -30,7 +30,7 @@ func execCommand() *cli.Command {
 			&cli.BoolFlag{Name: "direct", Usage: "past the tunnel, straight out of an uplink"},
 			&cli.BoolFlag{Name: "block", Usage: "nowhere: every connection refused"},
 			&cli.BoolFlag{Name: "keep-root", Usage: "under sudo, run the program as root instead of the user who ran sudo"},
-			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the client's top-level cgroup `NAME` (its --cgroup)", Hidden: true},
+			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the client's top-level cgroup `NAME` (its --cgroup)"},
 		},
 		Action: runExec,
 	}

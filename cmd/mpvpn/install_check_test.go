@@ -40,7 +40,7 @@ func TestInstallBadConfigWritesNothing(t *testing.T) {
 		}, "--key is required"},
 		{"no route (the service gets nothing but the file)", func() []string {
 			return []string{"client", "--config", f.write(t, "c.toml", "server = \"203.0.113.1:7100\"\nserver-key = \""+f.serverPub+"\"\nkey = \""+f.clientKey+"\"\n", 0o600)}
-		}, "--route is required"},
+		}, "--route, --route-all or a --rule ...=tunnel is required"},
 		{"bad route", func() []string {
 			return []string{"client", "--config", f.client(t, "c.toml", "route = [\"198.51.100.1/24\"]\n")}
 		}, "198.51.100.0/24"},
