@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mpvpn/mpvpn/cgroup"
 	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/internal/journal"
@@ -178,7 +180,30 @@ func undoState(e journal.Entry) ([]string, error) {
 		if err := json.Unmarshal(e.Data, &st); err != nil {
 			return nil, fmt.Errorf("journal entry %s: %w", e.Kind, err)
 		}
-		return cgroup.Tree{Mount: st.Mount, Name: st.Name}.Cleanup()
+		m, err := cgroupMountNow(st.Mount)
+		if err != nil {
+			return nil, err
+		}
+		return cgroup.Tree{Mount: m, Name: st.Name}.Cleanup()
 	}
 	return nil, fmt.Errorf("journal entry of kind %q: no state to undo", e.Kind)
+}
+
+// cgroupMountNow is where this process finds the cgroup v2 hierarchy a
+// client made its cgroups in under mount: there if it is still cgroup2
+// as seen from here, else wherever this process has cgroup2 mounted (its
+// mount namespace may differ from the client's, e.g. `ip netns exec` or a
+// service's private mounts). With none it is an error, not "nothing
+// there": a missing directory on some other file system says nothing
+// about the cgroups, and the journal must be kept.
+func cgroupMountNow(mount string) (string, error) {
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(mount, &sfs); err == nil && sfs.Type == unix.CGROUP2_SUPER_MAGIC {
+		return mount, nil
+	}
+	m, err := cgroup.Mount()
+	if err != nil {
+		return "", fmt.Errorf("the cgroups of `mpvpn exec` (made under %s, which is not cgroup2 here): %w", mount, err)
+	}
+	return m, nil
 }

@@ -131,12 +131,14 @@ func startFirewall(cfg Config, j *journal.Journal, undos *[]func() error) (*fire
 	}
 	// On a clean stop the kill switch goes too: the user stopped the
 	// VPN. After a crash it stays, until the next start or `mpvpn down`.
+	// RemoveKillSwitch before Close: a closed Firewall refuses it.
 	*undos = append(*undos, func() error {
-		err := fw.Close()
+		var err error
 		if cfg.KillSwitch {
-			if kerr := fw.RemoveKillSwitch(); kerr != nil && err == nil {
-				err = kerr
-			}
+			err = fw.RemoveKillSwitch()
+		}
+		if cerr := fw.Close(); cerr != nil && err == nil {
+			err = cerr
 		}
 		return err
 	})
