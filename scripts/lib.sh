@@ -18,6 +18,8 @@ install_deps() {
 	command -v curl >/dev/null || missing+=(curl)
 	command -v dnsmasq >/dev/null || missing+=(dnsmasq)
 	command -v tcpdump >/dev/null || missing+=(tcpdump)
+	command -v ping >/dev/null || missing+=(iputils-ping)   # the kill-switch leak probes
+	command -v setpriv >/dev/null || missing+=(util-linux)  # the per-app tests run programs as other uids
 	command -v ethtool >/dev/null || missing+=(ethtool)
 	command -v python3 >/dev/null || missing+=(python3)
 	command -v bc >/dev/null || missing+=(bc)

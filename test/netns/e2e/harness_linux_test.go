@@ -52,22 +52,13 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}
-	code := 0
-	func() {
-		defer os.RemoveAll(dir)
-		goleak.VerifyTestMain(exitCatcher{m, &code})
-	}()
-	os.Exit(code)
+	// goleak's check ends in os.Exit, so no defer of TestMain's would run:
+	// the binaries are removed in its Cleanup, after the check.
+	goleak.VerifyTestMain(m, goleak.Cleanup(func(code int) {
+		os.RemoveAll(dir)
+		os.Exit(code)
+	}))
 }
-
-// exitCatcher lets TestMain remove the binaries after goleak's check,
-// which calls os.Exit itself.
-type exitCatcher struct {
-	m    *testing.M
-	code *int
-}
-
-func (e exitCatcher) Run() int { *e.code = e.m.Run(); return *e.code }
 
 // needRoot fails (under CI) or skips a test that cannot build namespaces.
 func needRoot(t *testing.T) {
@@ -94,6 +85,11 @@ type env struct {
 	http      *topo.Proc
 	uplinks   []string // see options.uplinks
 	sockDir   string   // short: a unix socket path has at most 107 bytes
+	// clientWrap is put before the client's command line (a shell that
+	// mounts cgroup2 first); noRoute leaves out startClient's --route
+	// DestNet (for --route-all and rule-only clients).
+	clientWrap []string
+	noRoute    bool
 }
 
 // options for newEnv.
@@ -190,14 +186,18 @@ func (e *env) pubkey(t *testing.T, path string) string {
 }
 
 // startClient runs `mpvpn client` on both uplinks with the documentation
-// network routed into it, and waits until its routes are in place.
+// network routed into it (unless e.noRoute), through e.clientWrap if set,
+// and waits until its routes are in place.
 func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	t.Helper()
-	args := []string{bin.mpvpn, "client",
+	args := append(append([]string(nil), e.clientWrap...), bin.mpvpn, "client",
 		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		"--server-key", e.serverPub, "--key", key,
-		"--route", topo.DestNet.String(), "--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal(),
-		"--cgroup", e.cgroupName()}
+		"--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal(),
+		"--cgroup", e.cgroupName())
+	if !e.noRoute {
+		args = append(args, "--route", topo.DestNet.String())
+	}
 	uplinks := e.uplinks
 	if uplinks == nil {
 		uplinks = []string{"wan0", "wan1"}
