@@ -6,8 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -16,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/mpvpn/mpvpn/control"
+	"github.com/mpvpn/mpvpn/dnsconf"
 	"github.com/mpvpn/mpvpn/internal/journal"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
 	"github.com/mpvpn/mpvpn/internal/uplinkstats"
@@ -246,15 +245,27 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		resetWhenAllDown(ctx, pm, tc, cfg.AllDownTimeout, time.Second, log)
 	}))
 
+	// mpvpn's resolver: queries to the resolver addresses go through the
+	// tunnel to the concentrator's. Closed after the netstack (undos run
+	// in reverse), which stops handing it queries first.
+	var netstack atomic.Pointer[stack.Stack]
+	fwd, err := newForwarder(tc, &netstack, cfg)
+	if err != nil {
+		return err
+	}
+	undos = append(undos, fwd.Close)
+
 	st2, err := stack.New(stack.Config{
 		Device: dev.Inner(),
 		MTU:    cfg.MTU,
-		Dialer: tunnelDialer{tc},
+		Dialer: netstackDialer{c: tc, dns: fwd, resolvers: cfg.DNSAddrs},
+		UDP:    resolverUDP{dns: fwd, resolvers: cfg.DNSAddrs},
 		Logger: log,
 	})
 	if err != nil {
 		return err
 	}
+	netstack.Store(st2)
 	undos = append(undos, st2.Close)
 
 	// Routes last: until now nothing was sent into the TUN.
@@ -268,7 +279,30 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	undos = append(undos, rt.Close)
 
-	stats := &stats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: started, srv: cfg.Server, version: cfg.Version, netstack: st2.Stats}
+	// The system's resolver points at mpvpn's once queries can reach it,
+	// and back before the routes go.
+	if cfg.DNSHook != dnsconf.Off {
+		dst, err := dnsconf.Prepare(dnsconf.Config{Mode: cfg.DNSHook, Link: cfg.TUN, Servers: cfg.DNSAddrs, Path: cfg.ResolvConf, Logger: log})
+		if err != nil {
+			return fmt.Errorf("--dns-hook %s: %w", cfg.DNSHook, err)
+		}
+		if err := j.Record(journal.Entry{Kind: kindDNS, Data: mustJSON(dst)}); err != nil {
+			return err
+		}
+		if err := dnsconf.Apply(dst, log); err != nil {
+			return fmt.Errorf("--dns-hook %s: %w", cfg.DNSHook, err)
+		}
+		undos = append(undos, func() error {
+			line, err := dnsconf.Undo(dst, log)
+			if line != "" {
+				log.Info("DNS", "undone", line)
+			}
+			return err
+		})
+		log.Info("system DNS points at mpvpn", "how", dst.Backend, "servers", fmt.Sprint(cfg.DNSAddrs))
+	}
+
+	stats := &stats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: started, srv: cfg.Server, version: cfg.Version, netstack: st2.Stats, dns: fwd.Stats}
 	undos = append(undos, goUntil(func(ctx context.Context) { stats.run(ctx, time.Second) }))
 	f := stats.status
 	status.Store(&f)
@@ -286,7 +320,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
 	}
 	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes),
-		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch)
+		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch, "dns", fmt.Sprint(cfg.DNSAddrs), "dns_hook", cfg.DNSHook)
 	<-ctx.Done()
 	log.Info("client shutting down")
 	return nil
@@ -338,19 +372,6 @@ func probePath(pr *probe.Prober, s pathmgr.Status) {
 	} else {
 		pr.RemovePath(s.Name)
 	}
-}
-
-// tunnelDialer carries a netstack flow through the tunnel: the app's
-// source address stays on this host, only the destination travels.
-type tunnelDialer struct{ c *tunnel.Client }
-
-func (d tunnelDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn, error) {
-	c, err := d.c.DialTCP(ctx, dst)
-	if err != nil {
-		// Not a typed nil: the stack checks the interface against nil.
-		return nil, err
-	}
-	return c, nil
 }
 
 // checkTUNName refuses a TUN name already used by an interface that is

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/mpvpn/mpvpn/cgroup"
+	"github.com/mpvpn/mpvpn/dnsconf"
 	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/pathmgr"
 	"github.com/mpvpn/mpvpn/routing"
@@ -73,6 +74,15 @@ type Config struct {
 	KillSwitch bool
 	TUN        string
 	TUNAddrs   []netip.Prefix
+	// DNSAddrs are where mpvpn's resolver answers (--dns-address);
+	// empty: DefaultDNSAddr, and DefaultDNSAddr6 when the TUN has an
+	// IPv6 address. They are routed into the TUN in every mode.
+	DNSAddrs []netip.Addr
+	// DNSHook points the system's resolver at DNSAddrs while the client
+	// runs (systemd-resolved, or ResolvConf); "": dnsconf.Auto with
+	// RouteAll, dnsconf.Off otherwise.
+	DNSHook    dnsconf.Mode
+	ResolvConf string // "": /etc/resolv.conf
 	MTU        int
 	Mark       uint32
 	// Table is the first routing table and rule priority mpvpn owns; it
@@ -103,6 +113,18 @@ func (c Config) withDefaults() Config {
 		c.TUNAddrs = []netip.Prefix{DefaultTUNAddr}
 		if c.RouteAll {
 			c.TUNAddrs = append(c.TUNAddrs, DefaultTUNAddr6)
+		}
+	}
+	if len(c.DNSAddrs) == 0 {
+		c.DNSAddrs = []netip.Addr{DefaultDNSAddr}
+		if slices.ContainsFunc(c.TUNAddrs, func(p netip.Prefix) bool { return p.Addr().Is6() }) {
+			c.DNSAddrs = append(c.DNSAddrs, DefaultDNSAddr6)
+		}
+	}
+	if c.DNSHook == "" {
+		c.DNSHook = dnsconf.Off
+		if c.RouteAll {
+			c.DNSHook = dnsconf.Auto
 		}
 	}
 	if c.MTU == 0 {
@@ -186,6 +208,24 @@ func (c Config) Validate() error {
 			bad("--tun-addr: not an address with a prefix length")
 		}
 	}
+	for _, a := range c.DNSAddrs {
+		switch {
+		case !a.IsValid() || a.Zone() != "":
+			bad("--dns-address %s: want an IPv4 or IPv6 address without zone", a)
+		case a.Is4In6():
+			bad("--dns-address %s: give IPv4 addresses as such (%s)", a, a.Unmap())
+		case !a.IsGlobalUnicast() && !a.IsPrivate():
+			bad("--dns-address %s: want a unicast address that is routed into the TUN (e.g. %s)", a, DefaultDNSAddr)
+		}
+		for _, p := range c.Exclude {
+			if p.Contains(a) {
+				bad("--dns-address %s is inside --exclude %s: its queries would leave outside the tunnel", a, p)
+			}
+		}
+	}
+	if _, err := dnsconf.ParseMode(string(c.DNSHook)); err != nil {
+		errs = append(errs, fmt.Errorf("--dns-hook: %w", err))
+	}
 	if len(c.Uplinks) > pathmgr.MaxUplinks {
 		bad("%d uplinks: the kernel holds at most %d MPTCP endpoints", len(c.Uplinks), pathmgr.MaxUplinks)
 	}
@@ -200,9 +240,24 @@ func (c Config) pathmgr() pathmgr.Config {
 // routing is routing's Config for c: its table and rules 100 above the
 // path manager's.
 func (c Config) routing() routing.Config {
+	// The resolver addresses enter the TUN in every mode: a host route
+	// each, so that split mode and rules alone reach them too.
+	routes := slices.Clone(c.Routes)
+	var pinned []netip.Prefix
+	for _, a := range c.DNSAddrs {
+		p := netip.PrefixFrom(a, a.BitLen())
+		if !a.IsValid() || slices.Contains(pinned, p) {
+			continue
+		}
+		pinned = append(pinned, p)
+		if !slices.Contains(routes, p) {
+			routes = append(routes, p)
+		}
+	}
 	rc := routing.Config{
 		TUN:      c.TUN,
-		Routes:   c.Routes,
+		Routes:   routes,
+		Pinned:   pinned,
 		RouteAll: c.RouteAll,
 		Exclude:  c.Exclude,
 		AllowLAN: c.AllowLAN,

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mpvpn/mpvpn/cgroup"
+	"github.com/mpvpn/mpvpn/dnsconf"
 	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/internal/journal"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
@@ -40,6 +41,9 @@ const (
 	// kindCgroup: `mpvpn exec`'s cgroups (Data: cgroupState), removed
 	// when empty.
 	kindCgroup = "cgroup"
+	// kindDNS: the system resolver pointed at mpvpn's (Data:
+	// dnsconf.State), put back by dnsconf.Undo.
+	kindDNS = "dns"
 )
 
 // Down removes everything a client left on the host, as its journal at
@@ -121,7 +125,7 @@ func undo(entries []journal.Entry, log *slog.Logger, skip ...string) ([]string, 
 				continue
 			}
 			lines = append(lines, "MPTCP limits: "+e.Before)
-		case kindPathmgr, kindRouting, kindCgroup:
+		case kindPathmgr, kindRouting, kindCgroup, kindDNS:
 			done, err := undoState(e)
 			lines = append(lines, done...)
 			if err != nil {
@@ -185,6 +189,16 @@ func undoState(e journal.Entry) ([]string, error) {
 			return nil, err
 		}
 		return cgroup.Tree{Mount: m, Name: st.Name}.Cleanup()
+	case kindDNS:
+		var st dnsconf.State
+		if err := json.Unmarshal(e.Data, &st); err != nil {
+			return nil, fmt.Errorf("journal entry %s: %w", e.Kind, err)
+		}
+		line, err := dnsconf.Undo(st, nil)
+		if line == "" {
+			return nil, err
+		}
+		return []string{"DNS: " + line}, err
 	}
 	return nil, fmt.Errorf("journal entry of kind %q: no state to undo", e.Kind)
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mpvpn/mpvpn/control"
+	"github.com/mpvpn/mpvpn/dnsrelay"
 	"github.com/mpvpn/mpvpn/internal/uplinkstats"
 	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/pathmgr"
@@ -30,6 +31,7 @@ type stats struct {
 	// netstack is the netstack's counters ((*stack.Stack).Stats): a func
 	// so that the mapping can be tested without a TUN.
 	netstack func() stack.Stats
+	dns      func() dnsrelay.ForwarderStats
 }
 
 func (s *stats) run(ctx context.Context, every time.Duration) {
@@ -80,6 +82,10 @@ func (s *stats) status() control.Status {
 	}
 	if s.netstack != nil {
 		st.Stack = stackStatus(s.netstack())
+	}
+	if s.dns != nil {
+		d := s.dns()
+		st.DNS = &control.DNS{Streams: d.Dials, Queries: d.Queries, Failed: d.Failed, Dropped: d.Dropped}
 	}
 	for _, u := range s.pm.Status() {
 		cu := control.Uplink{

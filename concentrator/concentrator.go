@@ -20,6 +20,7 @@ import (
 
 	"github.com/vishvananda/netns"
 
+	"github.com/mpvpn/mpvpn/dnsrelay"
 	"github.com/mpvpn/mpvpn/internal/relay"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
@@ -54,7 +55,13 @@ type Config struct {
 	// frame from its client (tunnel.Conn.SetFrameTimeout); 0 takes
 	// tunnel.DefaultFrameTimeout.
 	FrameTimeout time.Duration
-	Logger       *slog.Logger
+	// DNSUpstream is the resolver that answers the clients' DNS queries
+	// (the tunnel's resolver service); zero: the first nameserver of
+	// ResolvConf. NoDNS turns the service off.
+	DNSUpstream netip.AddrPort
+	NoDNS       bool
+	ResolvConf  string // "": /etc/resolv.conf
+	Logger      *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -66,9 +73,11 @@ type Stats struct {
 	Unreachable uint64
 	TimedOut    uint64
 	NotAllowed  uint64 // refused by policy; no dial was made
-	BytesUp     uint64 // client → destination
-	BytesDown   uint64 // destination → client
-	Tunnel      tunnel.ServerStats
+	// DNS: the resolver service's streams and queries.
+	DNSStreams, DNSQueries, DNSFailed uint64
+	BytesUp                           uint64 // client → destination
+	BytesDown                         uint64 // destination → client
+	Tunnel                            tunnel.ServerStats
 }
 
 // Server is a running concentrator.
@@ -84,6 +93,8 @@ type Server struct {
 	active                                               atomic.Int64
 	flows, connected, refused, unreach, timedOut, denied atomic.Uint64
 	bytesUp, bytesDown                                   atomic.Uint64
+	dns                                                  *dnsrelay.Upstream // nil: no resolver service
+	dnsStreams, dnsQueries, dnsFailed                    atomic.Uint64
 }
 
 // Listen binds the listener and prepares the server; nothing is served
@@ -108,6 +119,29 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	for _, p := range cfg.Deny {
 		if !p.IsValid() || p.Masked() != p {
 			return nil, fmt.Errorf("deny %s: want a prefix without host bits", p)
+		}
+	}
+	var dns *dnsrelay.Upstream
+	if !cfg.NoDNS {
+		up := cfg.DNSUpstream
+		if !up.IsValid() {
+			rc := cfg.ResolvConf
+			if rc == "" {
+				rc = "/etc/resolv.conf"
+			}
+			// A host without a resolver still serves flows; only
+			// its clients' lookups are refused, and said so.
+			if up, err = dnsrelay.UpstreamFromResolvConf(rc); err != nil {
+				cfg.Logger.Warn("no resolver for the clients' DNS; their lookups will fail (give --dns-upstream)", "err", err)
+			}
+		} else if up.Port() == 0 {
+			return nil, fmt.Errorf("--dns-upstream %s: want address:port", up)
+		}
+		// The upstream is the operator's choice, so the destination
+		// policy (which would refuse a resolver on loopback or a private
+		// network) does not apply to it.
+		if up.IsValid() {
+			dns = &dnsrelay.Upstream{Addr: up, Dialer: &net.Dialer{}}
 		}
 	}
 	ts, err := tunnel.NewServer(tunnel.ServerConfig{
@@ -138,6 +172,7 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg,
+		dns: dns,
 		log: cfg.Logger,
 		ln:  ln,
 		tun: ts,
@@ -205,6 +240,10 @@ func (s *Server) control(_ context.Context, network, address string, _ syscall.R
 
 func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	s.flows.Add(1)
+	if f.Service != 0 {
+		s.handleService(ctx, f)
+		return
+	}
 	log := s.log.With("peer", f.Peer.String(), "dst", f.Dst.String())
 	if err := s.policy.Check(f.Dst); err != nil {
 		s.denied.Add(1)
@@ -237,6 +276,37 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	}
 }
 
+// handleService serves a flow that asks for one of the concentrator's
+// services: today the resolver, when there is one.
+func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
+	log := s.log.With("peer", f.Peer.String(), "service", f.Service.String())
+	if f.Service != tunnel.ServiceResolver || s.dns == nil {
+		s.denied.Add(1)
+		log.Info("service refused: not offered here")
+		f.Refuse(tunnel.NotAllowed)
+		return
+	}
+	c, err := f.Accept()
+	if err != nil {
+		log.Debug("accept failed", "err", err)
+		return
+	}
+	defer c.Close()
+	c.SetFrameTimeout(s.cfg.FrameTimeout)
+	s.connected.Add(1)
+	s.dnsStreams.Add(1)
+	s.active.Add(1)
+	defer s.active.Add(-1)
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	st, err := dnsrelay.ServeStream(ctx, c, s.dns, 0, log)
+	s.dnsQueries.Add(st.Queries)
+	s.dnsFailed.Add(st.Failed)
+	if err != nil {
+		log.Debug("resolver stream ended with error", "err", err, "queries", st.Queries)
+	}
+}
+
 // verdictFor maps a dial error to what the client's app will see, and
 // counts it.
 func (s *Server) verdictFor(err error) tunnel.Verdict {
@@ -266,6 +336,9 @@ func (s *Server) Stats() Stats {
 		Unreachable: s.unreach.Load(),
 		TimedOut:    s.timedOut.Load(),
 		NotAllowed:  s.denied.Load(),
+		DNSStreams:  s.dnsStreams.Load(),
+		DNSQueries:  s.dnsQueries.Load(),
+		DNSFailed:   s.dnsFailed.Load(),
 		BytesUp:     s.bytesUp.Load(),
 		BytesDown:   s.bytesDown.Load(),
 		Tunnel:      s.tun.Stats(),

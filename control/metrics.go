@@ -82,6 +82,8 @@ var (
 		"SYNs the client's netstack is forwarding now.", nil, nil)
 	descStackSYNLimited = prometheus.NewDesc("mpvpn_stack_syn_limited_total",
 		"SYNs the client's netstack answered with a reset because too many were in flight.", nil, nil)
+	descDNS = prometheus.NewDesc("mpvpn_dns_total",
+		"mpvpn's resolver, by counter: tunnel streams to the resolver, queries, queries failed (SERVFAIL), queries dropped (client, too many waiting).", []string{"counter"}, nil)
 
 	descPeerActive = prometheus.NewDesc("mpvpn_peer_flows_active",
 		"TCP flows of the peer open now.", []string{"peer"}, nil)
@@ -104,7 +106,7 @@ var allDescs = []*prometheus.Desc{
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
-	descStackInFlight, descStackSYNLimited,
+	descStackInFlight, descStackSYNLimited, descDNS,
 	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
@@ -205,6 +207,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if st := s.Stack; st != nil {
 		gauge(descStackInFlight, float64(st.InFlight))
 		counter(descStackSYNLimited, float64(st.SYNLimited))
+	}
+	if d := s.DNS; d != nil {
+		for _, c := range d.Counts() {
+			counter(descDNS, float64(c.Value), c.Name)
+		}
 	}
 
 	clear(seen)

@@ -57,6 +57,9 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 	if st := s.Stack; st != nil {
 		fmt.Fprintf(&b, "stack: %d SYNs in flight, %d refused over the in-flight cap\n", st.InFlight, st.SYNLimited)
 	}
+	if d := s.DNS; d != nil {
+		fmt.Fprintf(&b, "dns: %d queries, %d failed, %d dropped, %d tunnel streams\n", d.Queries, d.Failed, d.Dropped, d.Streams)
+	}
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return err
 	}

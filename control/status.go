@@ -28,6 +28,23 @@ type Status struct {
 	Handshakes *Handshakes `json:"handshakes,omitempty"`
 	Verdicts   *Verdicts   `json:"verdicts,omitempty"`
 	Stack      *Stack      `json:"stack,omitempty"`
+	// DNS is mpvpn's resolver: on a client, the apps' queries it
+	// forwarded; on a server, the queries it resolved for its clients.
+	DNS *DNS `json:"dns,omitempty"`
+}
+
+// DNS counts the DNS queries mpvpn carried.
+type DNS struct {
+	Streams uint64 `json:"streams"` // tunnel flows to the resolver: opened (client), served (server)
+	Queries uint64 `json:"queries"`
+	Failed  uint64 `json:"failed"`  // no answer in time: SERVFAIL
+	Dropped uint64 `json:"dropped"` // client: refused because too many were waiting
+}
+
+// Counts lists the DNS counters, in a fixed order, with the names of the
+// JSON and of the metrics' label.
+func (d DNS) Counts() []Count {
+	return []Count{{"streams", d.Streams}, {"queries", d.Queries}, {"failed", d.Failed}, {"dropped", d.Dropped}}
 }
 
 // Handshakes counts the connections the concentrator's tunnel listener

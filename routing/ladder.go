@@ -158,6 +158,14 @@ func ladder(c *Config, family int) []rule {
 		stops = append(stops, s)
 	}
 	out = append(out, stops...)
+	for _, p := range c.Pinned {
+		if (family == unix.AF_INET6) != p.Addr().Is6() {
+			continue
+		}
+		r := lookup(prioPinned, c.Table)
+		r.dst = p
+		out = append(out, r)
+	}
 	if c.RouteAll && c.AllowLAN {
 		r := lookup(prioLAN, tableMain)
 		r.suppress = suppressDefaults

@@ -32,6 +32,8 @@
 //	P+10  to <each Exclude>     lookup main                   excluded destinations go around the TUN in
 //	P+11  to <each Exclude>     unreachable                   every mode, whatever route covers them;
 //	                                                          with no route in main they are dropped.
+//	P+15  to <each Pinned>      lookup T                      mpvpn's resolver addresses enter the TUN
+//	                                                          even when a LAN route in main covers them.
 //	P+20  all                   lookup main                   RouteAll with AllowLAN: every route in main
 //	                            suppress_prefixlength 0       but a default one (connected networks, a
 //	                                                          LAN's own routes) wins over the TUN.
@@ -137,6 +139,7 @@ const (
 	prioTunnelStop   = 5
 	prioExclude      = 10
 	prioExcludeStop  = 11
+	prioPinned       = 15
 	prioLAN          = 20
 	prioTUN          = 30
 	tableMain        = 254
@@ -158,6 +161,10 @@ type Config struct {
 	// they follow the main table (and are unreachable if it has no
 	// route). Only a TunnelMark'ed app's packets still enter the TUN.
 	Exclude []netip.Prefix
+	// Pinned are destinations that always enter the TUN, ahead of the
+	// LAN (mpvpn's resolver addresses: a LAN that covers them must not
+	// take their queries in clear). Each must also be one of Routes.
+	Pinned []netip.Prefix
 	// AllowLAN, with RouteAll, keeps the host's directly connected
 	// networks (every route in main but a default one) outside the
 	// tunnel. Without it they too enter the TUN.
@@ -272,6 +279,11 @@ func (c *Config) check() error {
 			return fmt.Errorf("route %s is listed twice", p)
 		}
 		seen[p] = true
+	}
+	for _, p := range c.Pinned {
+		if !seen[p] {
+			return fmt.Errorf("pinned %s is not one of the routes", p)
+		}
 	}
 	excluded := map[netip.Prefix]bool{}
 	for _, p := range c.Exclude {

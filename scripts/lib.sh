@@ -18,6 +18,8 @@ install_deps() {
 	command -v curl >/dev/null || missing+=(curl)
 	command -v dnsmasq >/dev/null || missing+=(dnsmasq)
 	command -v tcpdump >/dev/null || missing+=(tcpdump)
+	command -v dig >/dev/null || missing+=(bind9-dnsutils)   # the DNS tests and bench rows
+	command -v dbus-daemon >/dev/null || missing+=(dbus-daemon) # dnsconf's test of the systemd-resolved backend (a private bus)
 	command -v ping >/dev/null || missing+=(iputils-ping)   # the kill-switch leak probes
 	command -v setpriv >/dev/null || missing+=(util-linux)  # the per-app tests run programs as other uids
 	command -v ethtool >/dev/null || missing+=(ethtool)

@@ -91,6 +91,12 @@ func (d nsDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn,
 // and goroutine leaks are checked last.
 func newTUNEnv(t testing.TB, mtu int, log *slog.Logger) *tunEnv {
 	t.Helper()
+	return newTUNEnvUDP(t, mtu, log, nil)
+}
+
+// newTUNEnvUDP is newTUNEnv with a UDPHandler.
+func newTUNEnvUDP(t testing.TB, mtu int, log *slog.Logger, udp stack.UDPHandler) *tunEnv {
+	t.Helper()
 	ignore := goleak.IgnoreCurrent()
 	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
 	ns := tuntest.NewNetNS(t)
@@ -122,7 +128,7 @@ func newTUNEnv(t testing.TB, mtu int, log *slog.Logger) *tunEnv {
 		tuntest.CannotRun(t, "cannot set up the TUN: %v", err)
 	}
 	t.Cleanup(func() { dev.Close() })
-	st, err := stack.New(stack.Config{Device: dev.Inner(), MTU: mtu, Dialer: nsDialer{ns}, Logger: log})
+	st, err := stack.New(stack.Config{Device: dev.Inner(), MTU: mtu, Dialer: nsDialer{ns}, UDP: udp, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -321,7 +321,13 @@ func copyPacket(dst []byte, pkt *stack.PacketBuffer) int {
 // writeRaw queues a packet built outside gVisor (an ICMP error) behind
 // gVisor's own, so everything reaches the device through one writer.
 func (l *link) writeRaw(b []byte) error {
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
+	return l.writeBuffer(buffer.MakeWithData(b))
+}
+
+// writeBuffer is writeRaw for a packet built in a buffer (WriteUDP's,
+// saving a copy); it takes the buffer over.
+func (l *link) writeBuffer(b buffer.Buffer) error {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: b})
 	defer pkt.DecRef()
 	var list stack.PacketBufferList
 	list.PushBack(pkt)

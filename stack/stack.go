@@ -5,7 +5,10 @@
 // one to a Dialer — dialling first, so that an application sees "connected"
 // only once the far end has accepted, and a refused or unreachable
 // destination as a RST or an ICMP error, as it would without mpvpn. It
-// knows nothing of MPTCP or cryptography: the Dialer does.
+// hands every UDP datagram to a UDPHandler, and writes the handler's
+// datagrams back into the TUN from whatever source they name (udp.go); a
+// datagram the handler refuses gets an ICMP port unreachable. It knows
+// nothing of MPTCP or cryptography: the Dialer and the UDPHandler do.
 package stack
 
 import (
@@ -26,6 +29,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
@@ -65,6 +69,10 @@ type Config struct {
 	// so it must not be smaller than the TUN's own.
 	MTU    int
 	Dialer Dialer
+	// UDP receives the UDP datagrams. nil refuses them all: each gets an
+	// ICMP port unreachable, so that an application falls back (QUIC to
+	// TCP) at once rather than after its timeouts.
+	UDP    UDPHandler
 	Logger *slog.Logger // nil: discard
 	// MaxInFlight caps the SYNs being forwarded at once (dial under way or
 	// app handshake not yet done), over all sources. A SYN beyond it gets
@@ -85,6 +93,10 @@ type Stats struct {
 	Limited   uint64 // SYNs answered with a RST because MaxInFlight were in flight
 
 	PacketsIn, PacketsOut uint64 // read from and written to the device
+
+	UDPIn      uint64 // datagrams the UDPHandler took
+	UDPRefused uint64 // datagrams refused (handler false, or none): ICMP port unreachable
+	UDPOut     uint64 // datagrams WriteUDP queued for the device
 }
 
 // nicID is the netstack's one NIC: the TUN.
@@ -93,6 +105,7 @@ const nicID tcpip.NICID = 1
 // Stack is a running netstack on a TUN device.
 type Stack struct {
 	dialer      Dialer
+	udp         UDPHandler // nil: refuse every datagram
 	log         *slog.Logger
 	maxInFlight int
 	dialTimeout time.Duration
@@ -113,6 +126,8 @@ type Stack struct {
 	wg       sync.WaitGroup // one per forwarder goroutine
 
 	forwarded, refused, failed, limited atomic.Uint64
+	udpIn, udpRefused, udpOut           atomic.Uint64
+	ipID                                atomic.Uint32 // IPv4 ID of WriteUDP's datagrams
 
 	closeOnce sync.Once
 	closeErr  error
@@ -120,9 +135,9 @@ type Stack struct {
 
 // New starts a netstack on cfg.Device: IPv4 and IPv6, every address
 // accepted (promiscuous) and usable as a source (spoofing), default
-// routes of both families to the TUN, and a TCP forwarder that dials
-// before it answers a SYN. On error nothing is left running and
-// cfg.Device is left open.
+// routes of both families to the TUN, a TCP forwarder that dials
+// before it answers a SYN, and every UDP datagram handed to cfg.UDP. On
+// error nothing is left running and cfg.Device is left open.
 func New(cfg Config) (*Stack, error) {
 	if cfg.Device == nil {
 		return nil, errors.New("stack: no device")
@@ -150,6 +165,7 @@ func New(cfg Config) (*Stack, error) {
 	}
 	s := &Stack{
 		dialer:      cfg.Dialer,
+		udp:         cfg.UDP,
 		log:         log,
 		maxInFlight: orDefault(cfg.MaxInFlight, DefaultMaxInFlight),
 		dialTimeout: orDefault(cfg.DialTimeout, DefaultDialTimeout),
@@ -160,7 +176,7 @@ func New(cfg Config) (*Stack, error) {
 
 	s.ip = stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
 		// Nothing in this stack talks to itself.
 		HandleLocal: false,
 	})
@@ -181,6 +197,7 @@ func New(cfg Config) (*Stack, error) {
 	// Before CreateNIC: once the NIC exists, packets may arrive, and a
 	// SYN that found no handler would get gVisor's RST.
 	s.ip.SetTransportProtocolHandler(tcp.ProtocolNumber, s.handleTCP)
+	s.ip.SetTransportProtocolHandler(udp.ProtocolNumber, s.handleUDP)
 
 	s.link = newLink(cfg.Device, mtu, log)
 	if err := s.ip.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun"}); err != nil {
@@ -223,6 +240,9 @@ func (s *Stack) Stats() Stats {
 	st.Limited = s.limited.Load()
 	st.PacketsIn = s.link.rxPackets.Load()
 	st.PacketsOut = s.link.txPackets.Load()
+	st.UDPIn = s.udpIn.Load()
+	st.UDPRefused = s.udpRefused.Load()
+	st.UDPOut = s.udpOut.Load()
 	return st
 }
 

@@ -192,8 +192,25 @@ func (c *Client) AbortAll() int {
 // HandshakeTimeout expired). Errors connecting to the concentrator wrap
 // the socket's error (e.g. ECONNREFUSED).
 func (c *Client) DialTCP(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
+	if !dst.IsValid() || dst.Port() == 0 || dst.Addr().Zone() != "" {
+		return nil, fmt.Errorf("tunnel: destination %s: %w", dst, syscall.EINVAL)
+	}
+	return c.open(ctx, target{dst: dst})
+}
+
+// DialService opens a flow to one of the concentrator's own services
+// (ServiceResolver), with the same handshake, errors and counters as
+// DialTCP. A concentrator without the service answers NotAllowed.
+func (c *Client) DialService(ctx context.Context, svc Service) (*Conn, error) {
+	if !svc.valid() {
+		return nil, fmt.Errorf("tunnel: %s: %w", svc, syscall.EINVAL)
+	}
+	return c.open(ctx, target{svc: svc})
+}
+
+func (c *Client) open(ctx context.Context, t target) (*Conn, error) {
 	c.dials.Add(1)
-	conn, err := c.dial(ctx, dst)
+	conn, err := c.dial(ctx, t)
 	if err != nil {
 		if _, ok := errors.AsType[*VerdictError](err); ok {
 			c.rejected.Add(1)
@@ -212,10 +229,7 @@ var errHandshakeTimeout = errors.New("handshake timeout")
 // Read or Write at once.
 var aLongTimeAgo = time.Unix(1, 0)
 
-func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
-	if !dst.IsValid() || dst.Port() == 0 || dst.Addr().Zone() != "" {
-		return nil, fmt.Errorf("tunnel: destination %s: %w", dst, syscall.EINVAL)
-	}
+func (c *Client) dial(ctx context.Context, dst target) (*Conn, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
 	defer cancel()
 
@@ -234,7 +248,7 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 	// unauthenticated, and under load it evicts such connections, oldest
 	// first. Its timestamp is then older by the connect's duration, well
 	// within the concentrator's ReplayWindow.
-	hs, msg1, err := c.msg1(dst)
+	hs, msg1, err := c.msg1For(dst)
 	if err != nil {
 		return nil, err
 	}
@@ -277,7 +291,7 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, error) {
 	}
 	if v != Connected {
 		tc.Close()
-		return nil, &VerdictError{Verdict: v, Dst: dst}
+		return nil, &VerdictError{Verdict: v, Dst: dst.dst, Service: dst.svc}
 	}
 	// Only meaningful now: with Fast Open the connection did not exist
 	// when DialContext returned.
@@ -344,6 +358,11 @@ func (c *Client) warnFallback(msg string, args ...any) {
 
 // msg1 builds the first handshake message for dst.
 func (c *Client) msg1(dst netip.AddrPort) (*noise.HandshakeState, []byte, error) {
+	return c.msg1For(target{dst: dst})
+}
+
+// msg1For builds the first handshake message for t.
+func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, error) {
 	hs, err := newHandshake(true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), c.rand)
 	if err != nil {
 		return nil, nil, fmt.Errorf("tunnel: handshake state: %w", err)

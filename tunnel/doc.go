@@ -22,6 +22,11 @@
 //	            14 16  address    IPv4 in the first 4 bytes, the rest zero;
 //	                              IPv4-mapped IPv6 is sent as IPv4
 //	            30  2  port       BE, not 0
+//	          or, asking for one of the concentrator's own services:
+//	            12  1  protocol   0 (service)
+//	            13  1  service    1 (resolver: DNS over TCP framing on
+//	                              the flow, RFC 1035 4.2.2 / RFC 7766)
+//	            14 18  zero
 //	  128 16  mac1              BLAKE2s-128 keyed with
 //	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),
 //	                              over bytes 0..127

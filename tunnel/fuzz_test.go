@@ -133,7 +133,7 @@ func FuzzServerMsg1(f *testing.F) {
 			}
 			return
 		}
-		if pf.key != fuzzClientKey.Public() || !pf.dst.IsValid() || pf.dst.Port() == 0 {
+		if pf.key != fuzzClientKey.Public() || (pf.dst.svc == 0 && (!pf.dst.dst.IsValid() || pf.dst.dst.Port() == 0)) || (pf.dst.svc != 0 && (!pf.dst.svc.valid() || pf.dst.dst.IsValid())) {
 			t.Fatalf("accepted %+v", pf)
 		}
 		var payload [msg2PayloadSize]byte

@@ -414,12 +414,13 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 
 	s.flows.Add(1)
 	f := &Flow{
-		Peer:   p.key,
-		Dst:    p.dst,
-		Remote: addrPort(raw.RemoteAddr()),
-		s:      s,
-		raw:    raw,
-		hs:     p.hs,
+		Peer:    p.key,
+		Dst:     p.dst.dst,
+		Service: p.dst.svc,
+		Remote:  addrPort(raw.RemoteAddr()),
+		s:       s,
+		raw:     raw,
+		hs:      p.hs,
 	}
 	if tc, ok := raw.(*net.TCPConn); ok {
 		f.MultipathTCP, _ = tc.MultipathTCP()
@@ -506,7 +507,7 @@ type pendingFlow struct {
 	hs   *noise.HandshakeState
 	key  PublicKey
 	peer *peerState
-	dst  netip.AddrPort
+	dst  target
 }
 
 // checkMsg1 runs the checks in order of cost: size and mac1 (a BLAKE2s),
@@ -554,9 +555,12 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 // Flow is an authenticated request for a connection to Dst. The client is
 // waiting for the verdict: call Accept or Refuse exactly once.
 type Flow struct {
-	Peer   PublicKey      // the client's static key
-	Dst    netip.AddrPort // where the client wants to go
-	Remote netip.AddrPort // the client connection's source address
+	Peer PublicKey      // the client's static key
+	Dst  netip.AddrPort // where the client wants to go (zero for a service)
+	// Service: the client asks for this service of the concentrator's
+	// instead of a destination (0: Dst).
+	Service Service
+	Remote  netip.AddrPort // the client connection's source address
 	// MultipathTCP: the client's connection is MPTCP (false: plain TCP).
 	MultipathTCP bool
 

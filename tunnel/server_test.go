@@ -209,6 +209,63 @@ func TestVerdicts(t *testing.T) {
 	}
 }
 
+// TestDialService: a service request reaches the server as a Flow with
+// Service set and no destination, carries bytes both ways once accepted,
+// and a refusal comes back as a VerdictError naming the service.
+func TestDialService(t *testing.T) {
+	requireMPTCP(t)
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{Logger: testLogger(t)}, ClientConfig{Server: lnAddr(ln), Logger: testLogger(t)})
+	type seen struct {
+		peer    PublicKey
+		dst     netip.AddrPort
+		service Service
+	}
+	flows := make(chan seen, 2)
+	refuse := atomic.Bool{}
+	serve(t, p.srv, ln, func(_ context.Context, f *Flow) {
+		flows <- seen{f.Peer, f.Dst, f.Service}
+		if refuse.Load() {
+			f.Refuse(NotAllowed)
+			return
+		}
+		c, err := f.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	})
+	c, err := p.cli.DialService(context.Background(), ServiceResolver)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f := <-flows; f.service != ServiceResolver || f.dst.IsValid() || f.peer != p.clientKey.Public() {
+		t.Errorf("server saw %+v, want the resolver service and no destination", f)
+	}
+	msg := []byte("\x00\x05hello")
+	c.Write(msg)
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo: %q, %v", got, err)
+	}
+	c.Close()
+
+	refuse.Store(true)
+	_, err = p.cli.DialService(context.Background(), ServiceResolver)
+	ve, ok := errors.AsType[*VerdictError](err)
+	if !ok || ve.Service != ServiceResolver || ve.Verdict != NotAllowed || !errors.Is(err, syscall.EACCES) {
+		t.Fatalf("refused service: %v", err)
+	}
+	if !strings.Contains(err.Error(), "resolver") {
+		t.Errorf("error %q does not name the service", err)
+	}
+	<-flows
+	if _, err := p.cli.DialService(context.Background(), Service(9)); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("unknown service: %v, want EINVAL", err)
+	}
+}
+
 type probe struct {
 	name  string
 	send  func(c net.Conn) // writes the probe; errors are ignored

@@ -111,18 +111,35 @@ func TestMsg1Payload(t *testing.T) {
 	for _, dst := range []string{"198.51.100.10:443", "[2001:db8::1]:80", "[::ffff:192.0.2.1]:22", "0.0.0.0:1", "[::]:65535"} {
 		ap := netip.MustParseAddrPort(dst)
 		var b [msg1PayloadSize]byte
-		putMsg1Payload(b[:], ts, ap)
+		putMsg1Payload(b[:], ts, target{dst: ap})
 		gts, gdst, err := parseMsg1Payload(b[:])
 		if err != nil {
 			t.Fatalf("%s: %v", dst, err)
 		}
-		want := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		want := target{dst: netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())}
 		if !gts.Equal(ts) || gdst != want {
 			t.Fatalf("%s: got %v %v", dst, gts, gdst)
 		}
 	}
+	var svc [msg1PayloadSize]byte
+	putMsg1Payload(svc[:], ts, target{svc: ServiceResolver})
+	if gts, got, err := parseMsg1Payload(svc[:]); err != nil || !gts.Equal(ts) || got != (target{svc: ServiceResolver}) {
+		t.Fatalf("resolver request: got %v %v %v", gts, got, err)
+	}
+	for name, m := range map[string]func(b []byte){
+		"unknown service": func(b []byte) { b[13] = 2 },
+		"service 0":       func(b []byte) { b[13] = 0 },
+		"address bytes":   func(b []byte) { b[14] = 1 },
+		"port bytes":      func(b []byte) { b[31] = 53 },
+	} {
+		b := svc
+		m(b[:])
+		if _, _, err := parseMsg1Payload(b[:]); err == nil {
+			t.Errorf("service, %s: accepted", name)
+		}
+	}
 	var good [msg1PayloadSize]byte
-	putMsg1Payload(good[:], ts, testDst)
+	putMsg1Payload(good[:], ts, target{dst: testDst})
 	mutations := map[string]func(b []byte){
 		"short":          nil,
 		"proto UDP":      func(b []byte) { b[12] = 17 },

@@ -71,9 +71,13 @@ func (v Verdict) Errno() syscall.Errno {
 type VerdictError struct {
 	Verdict Verdict
 	Dst     netip.AddrPort
+	Service Service // for DialService; Dst is then zero
 }
 
 func (e *VerdictError) Error() string {
+	if e.Service != 0 {
+		return fmt.Sprintf("tunnel: concentrator answered %s for its %s", e.Verdict, e.Service)
+	}
 	return fmt.Sprintf("tunnel: concentrator answered %s for %s", e.Verdict, e.Dst)
 }
 

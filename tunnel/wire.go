@@ -6,6 +6,7 @@ import (
 	"crypto/hmac"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"time"
@@ -43,7 +44,45 @@ const (
 
 	timestampSize = 12
 	protoTCP      = 6 // IANA protocol number; 17 (UDP) is reserved for later
+	// protoService: the flow asks for one of the concentrator's own
+	// services (the family byte names it), not for a destination. 0 is
+	// IPv6's hop-by-hop option, never a transport protocol, so it cannot
+	// be confused with one.
+	protoService = 0
 )
+
+// Service is one of the concentrator's own services that a flow can ask
+// for instead of a destination.
+type Service uint8
+
+const (
+	// ServiceResolver is the concentrator's DNS resolver, spoken as DNS
+	// over TCP (RFC 1035 4.2.2 framing, RFC 7766 pipelining) on the flow.
+	ServiceResolver Service = 1
+)
+
+func (s Service) valid() bool { return s == ServiceResolver }
+
+func (s Service) String() string {
+	switch s {
+	case ServiceResolver:
+		return "resolver"
+	}
+	return fmt.Sprintf("service(%d)", uint8(s))
+}
+
+// target is what msg1 asks for: a destination, or a service.
+type target struct {
+	dst netip.AddrPort
+	svc Service // 0: dst
+}
+
+func (t target) String() string {
+	if t.svc != 0 {
+		return t.svc.String()
+	}
+	return t.dst.String()
+}
 
 // prologue binds every handshake to this protocol and version: a message
 // made for anything else (another mpvpn version, WireGuard's own IKpsk2)
@@ -108,10 +147,17 @@ func parseTimestamp(b []byte) (time.Time, error) {
 var errBadPayload = errors.New("malformed payload")
 
 // putMsg1Payload writes the 32-byte request: timestamp, protocol, family,
-// address, port.
-func putMsg1Payload(b []byte, ts time.Time, dst netip.AddrPort) {
+// address, port; or, for a service, timestamp, protoService, the service
+// and zeros.
+func putMsg1Payload(b []byte, ts time.Time, t target) {
 	clear(b[:msg1PayloadSize])
 	putTimestamp(b[0:12], ts)
+	if t.svc != 0 {
+		b[12] = protoService
+		b[13] = byte(t.svc)
+		return
+	}
+	dst := t.dst
 	b[12] = protoTCP
 	a := dst.Addr().Unmap()
 	if a.Is4() {
@@ -128,23 +174,41 @@ func putMsg1Payload(b []byte, ts time.Time, dst netip.AddrPort) {
 
 // parseMsg1Payload is strict: every byte has one valid meaning, so a
 // future version cannot be misread as this one.
-func parseMsg1Payload(b []byte) (time.Time, netip.AddrPort, error) {
+func parseMsg1Payload(b []byte) (time.Time, target, error) {
 	if len(b) != msg1PayloadSize {
-		return time.Time{}, netip.AddrPort{}, errBadPayload
+		return time.Time{}, target{}, errBadPayload
 	}
 	ts, err := parseTimestamp(b[0:12])
 	if err != nil {
-		return time.Time{}, netip.AddrPort{}, err
+		return time.Time{}, target{}, err
+	}
+	if b[12] == protoService {
+		svc := Service(b[13])
+		if !svc.valid() {
+			return time.Time{}, target{}, errBadPayload
+		}
+		for _, z := range b[14:32] {
+			if z != 0 {
+				return time.Time{}, target{}, errBadPayload
+			}
+		}
+		return ts, target{svc: svc}, nil
 	}
 	if b[12] != protoTCP {
-		return time.Time{}, netip.AddrPort{}, errBadPayload
+		return time.Time{}, target{}, errBadPayload
 	}
+	dst, err := parseDst(b)
+	return ts, target{dst: dst}, err
+}
+
+// parseDst reads the family, address and port of a TCP request.
+func parseDst(b []byte) (netip.AddrPort, error) {
 	var a netip.Addr
 	switch b[13] {
 	case 4:
 		for _, z := range b[18:30] {
 			if z != 0 {
-				return time.Time{}, netip.AddrPort{}, errBadPayload
+				return netip.AddrPort{}, errBadPayload
 			}
 		}
 		a = netip.AddrFrom4([4]byte(b[14:18]))
@@ -153,16 +217,16 @@ func parseMsg1Payload(b []byte) (time.Time, netip.AddrPort, error) {
 		if a.Is4In6() {
 			// The client unmaps; a mapped address here is not
 			// something this version produces.
-			return time.Time{}, netip.AddrPort{}, errBadPayload
+			return netip.AddrPort{}, errBadPayload
 		}
 	default:
-		return time.Time{}, netip.AddrPort{}, errBadPayload
+		return netip.AddrPort{}, errBadPayload
 	}
 	port := binary.BigEndian.Uint16(b[30:32])
 	if port == 0 {
-		return time.Time{}, netip.AddrPort{}, errBadPayload
+		return netip.AddrPort{}, errBadPayload
 	}
-	return ts, netip.AddrPortFrom(a, port), nil
+	return netip.AddrPortFrom(a, port), nil
 }
 
 func putMsg2Payload(b []byte, v Verdict) {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/mpvpn/mpvpn/cgroup"
 	"github.com/mpvpn/mpvpn/client"
+	"github.com/mpvpn/mpvpn/dnsconf"
 	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/pathmgr"
 	"github.com/mpvpn/mpvpn/tun"
@@ -46,6 +47,8 @@ func clientCommand() *cli.Command {
 			&cli.BoolFlag{Name: "exec-cgroups", Value: true, Usage: "set up the cgroups of `mpvpn exec` and their rules"},
 			&cli.StringFlag{Name: "cgroup", Value: cgroup.DefaultName, Usage: "the top-level cgroup `NAME` of `mpvpn exec`'s cgroups (another one for a second client on the host, or a test)"},
 			&cli.StringFlag{Name: "tun", Value: client.DefaultTUN, Usage: "the TUN device's `NAME`"},
+			&cli.StringSliceFlag{Name: "dns-address", Usage: "answer DNS (UDP and TCP port 53) on this `IP`, through the tunnel to the concentrator's resolver (repeatable; routed into the TUN in every mode); default 10.77.77.53, and fd6d:7076::53 when the TUN has an IPv6 address"},
+			&cli.StringFlag{Name: "dns-hook", Usage: "point the system's resolver at the --dns-address values while the client runs: `MODE` auto (systemd-resolved when it runs, else /etc/resolv.conf), resolved, resolv.conf or off; put back on stop, `mpvpn down` and after a crash; default auto with --route-all, else off"},
 			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
@@ -133,6 +136,20 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 			return nil, usageError("--tun-addr %q: want an address with a prefix length, e.g. 10.77.77.1/32", t)
 		}
 		cfg.TUNAddrs = append(cfg.TUNAddrs, a)
+	}
+	for _, d := range c.StringSlice("dns-address") {
+		a, err := netip.ParseAddr(d)
+		if err != nil {
+			return nil, usageError("--dns-address %q: want an IP address, e.g. 10.77.77.53", d)
+		}
+		cfg.DNSAddrs = append(cfg.DNSAddrs, a)
+	}
+	if h := c.String("dns-hook"); h != "" {
+		m, err := dnsconf.ParseMode(h)
+		if err != nil {
+			return nil, usageError("--dns-hook: %v", err)
+		}
+		cfg.DNSHook = m
 	}
 	if m := c.Uint("mark"); m == 0 || m > 0xffffffff {
 		return nil, usageError("--mark %d: want 1 to 4294967295", m)

@@ -41,6 +41,8 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open", Value: 4096, Usage: "most connections not yet authenticated, in all; when full, the oldest is closed to make room"},
 			&cli.IntFlag{Name: "max-half-open-per-addr", Value: 32, Usage: "most connections not yet authenticated from one IPv4 address or IPv6 /64; over it, that source's oldest is closed"},
 			&cli.IntFlag{Name: "max-half-open-per-48", Value: 256, Usage: "most connections not yet authenticated from one IPv6 /48; over it, that /48's oldest is closed"},
+			&cli.StringFlag{Name: "dns-upstream", Usage: "answer the clients' DNS queries with the resolver at this `ADDR:PORT` (default: the first nameserver of this host's /etc/resolv.conf)"},
+			&cli.BoolFlag{Name: "no-dns", Usage: "do not resolve for the clients (their lookups through mpvpn then fail)"},
 			&cli.DurationFlag{Name: "frame-timeout", Value: 90 * time.Second, Usage: "close a flow whose client began a frame and did not finish it within this long (longer than the clients' --all-down-timeout)"},
 		}, append(controlFlags(defaultServerSocket), logFlags...)...),
 		Action: runServer,
@@ -102,6 +104,18 @@ func runServer(c *cli.Context) error {
 		}
 		deny = append(deny, p)
 	}
+	var dnsUp netip.AddrPort
+	if v := c.String("dns-upstream"); v != "" {
+		if dnsUp, err = netip.ParseAddrPort(v); err != nil || dnsUp.Port() == 0 {
+			if a, aerr := netip.ParseAddr(v); aerr == nil {
+				return usageError("--dns-upstream %q: give the port too, e.g. %s", v, netip.AddrPortFrom(a, 53))
+			}
+			return usageError("--dns-upstream %q: want ADDR:PORT, e.g. 192.0.2.53:53", v)
+		}
+		if c.Bool("no-dns") {
+			return usageError("--dns-upstream and --no-dns contradict each other")
+		}
+	}
 	srv, err := concentrator.Listen(c.Context, concentrator.Config{
 		Listen:             c.String("listen"),
 		Key:                key,
@@ -119,6 +133,8 @@ func runServer(c *cli.Context) error {
 		MaxHalfOpenPerAddr: c.Int("max-half-open-per-addr"),
 		MaxHalfOpenPerSite: c.Int("max-half-open-per-48"),
 		FrameTimeout:       c.Duration("frame-timeout"),
+		DNSUpstream:        dnsUp,
+		NoDNS:              c.Bool("no-dns"),
 		Logger:             log,
 	})
 	if err != nil {

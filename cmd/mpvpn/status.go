@@ -127,6 +127,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 			TimedOut:    cs.TimedOut,
 			NotAllowed:  cs.NotAllowed,
 		},
+		DNS: &control.DNS{Streams: cs.DNSStreams, Queries: cs.DNSQueries, Failed: cs.DNSFailed},
 	}
 	for _, p := range peers {
 		st.Peers = append(st.Peers, control.Peer{

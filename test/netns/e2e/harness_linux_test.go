@@ -132,7 +132,7 @@ func newEnv(t *testing.T, o options) *env {
 	// Status sockets in the test's own directory: tests never meet each
 	// other's (or a real mpvpn's) in /run/mpvpn.
 	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug",
-		"--control", e.serverSocket()}, o.serverArgs...)
+		"--control", e.serverSocket(), "--dns-upstream", netip.AddrPortFrom(topo.DestAddr, 53).String()}, o.serverArgs...)
 	e.srvArgs = args
 	e.server = e.tp.Start(e.tp.Conc, "server", args...)
 	e.server.WaitListen("0.0.0.0:7100")

@@ -86,8 +86,17 @@ func newSysEnv(t *testing.T, o options) *env {
 	if e.cgroupName() != name {
 		t.Fatalf("the harness names the client's cgroup %q, want %q", e.cgroupName(), name)
 	}
+	// The client namespace's own resolv.conf, which route-all's DNS hook
+	// rewrites while the client runs (never the host's).
+	if err := e.tp.SetResolvConf(e.tp.Client, clientResolvConf); err != nil {
+		t.Fatal(err)
+	}
 	return e
 }
+
+// clientResolvConf is the client namespace's resolv.conf before mpvpn: a
+// resolver on the LAN side of ISP A, as DHCP would leave it.
+const clientResolvConf = "# the client namespace's own (mpvpn's tests)\nnameserver 192.0.2.1\noptions timeout:1 attempts:1\n"
 
 // cgroupMount is where the host (this test process) sees cgroup v2.
 func cgroupMount(t *testing.T) string {
@@ -948,6 +957,7 @@ func (e *env) fullState(t *testing.T) string {
 	tp := e.tp
 	return hostState(t, tp, tp.Client) +
 		"$ nft list ruleset\n" + tp.Output(tp.Client, "nft", "list", "ruleset") +
+		"$ ls -l /etc/resolv.conf; cat /etc/resolv.conf\n" + tp.Output(tp.Client, "sh", "-c", "ls -ln /etc/resolv.conf | cut -d' ' -f1,3,4; cat /etc/resolv.conf") +
 		"$ cgroups of " + e.cgroupName() + "\n" + e.clientCgroups(t) + "\n"
 }
 
@@ -984,7 +994,7 @@ func TestCrashSafetyAllFeatures(t *testing.T) {
 			if crashed == before {
 				t.Fatal("the killed client left nothing behind: the test would prove nothing")
 			}
-			for _, want := range []string{"lookup 7100", "lookup 7200", "/proc/sys/net/mptcp/blackhole_timeout:0",
+			for _, want := range []string{"lookup 7100", "lookup 7200", "/proc/sys/net/mptcp/blackhole_timeout:0", "nameserver 10.77.77.53",
 				"table inet mpvpn-killswitch", "table inet mpvpn {", "/" + e.cgroupName() + "/tunnel"} {
 				if !strings.Contains(crashed, want) {
 					t.Errorf("after kill -9 the host lacks %q, which the client had set:\n%s", want, crashed)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strconv"
@@ -44,6 +45,13 @@ func Down(prefix string) error {
 		return err
 	}
 	err = deleteNamespaces(names)
+	// Files of namespaces already gone (a run killed between the two).
+	stale, _ := filepath.Glob(filepath.Join(etcNetns, prefix+"-*"))
+	for _, d := range stale {
+		if rerr := os.RemoveAll(d); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}
 	if rerr := os.RemoveAll(DefaultRunDir(prefix)); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
@@ -104,6 +112,9 @@ func deleteNamespaces(names []string) error {
 	}
 	for i := len(names) - 1; i >= 0; i-- {
 		ns := names[i]
+		if err := os.RemoveAll(etcDir(ns)); err != nil {
+			errs = append(errs, err)
+		}
 		if _, err := os.Stat(netns.Path(ns)); errors.Is(err, os.ErrNotExist) {
 			continue
 		}
@@ -112,6 +123,26 @@ func deleteNamespaces(names []string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// etcNetns is where `ip netns exec NS` finds files of NS's own to mount
+// over /etc's (iproute2's ip-netns(8)): /etc/netns/NS/resolv.conf.
+const etcNetns = "/etc/netns"
+
+func etcDir(ns string) string { return filepath.Join(etcNetns, ns) }
+
+// SetResolvConf gives namespace ns a resolv.conf of its own, which
+// `ip netns exec` mounts over /etc/resolv.conf for what it runs: the DNS
+// tests change that one, never the host's. Deleting the namespace (Close,
+// Down) removes it.
+func (tp *Topology) SetResolvConf(ns, content string) error {
+	if !strings.HasPrefix(ns, tp.Prefix+"-") {
+		return fmt.Errorf("topo: %s is not a namespace of this topology", ns)
+	}
+	if err := os.MkdirAll(etcDir(ns), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(etcDir(ns), "resolv.conf"), []byte(content), 0o644)
 }
 
 // nsPids lists the processes in namespace ns, never this one (a goroutine

@@ -1,0 +1,132 @@
+//go:build linux
+
+package client
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/mpvpn/mpvpn/dnsrelay"
+	"github.com/mpvpn/mpvpn/stack"
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// DefaultDNSAddr is where mpvpn's resolver answers (UDP and TCP port 53)
+// unless --dns-address says otherwise, next to the TUN's own address;
+// DefaultDNSAddr6 too when the TUN has an IPv6 address. Routing sends
+// them into the TUN in every mode; they never leave the host.
+var (
+	DefaultDNSAddr  = netip.MustParseAddr("10.77.77.53")
+	DefaultDNSAddr6 = netip.MustParseAddr("fd6d:7076::53")
+)
+
+// dnsPort is the only port the resolver addresses answer on.
+const dnsPort = 53
+
+// netstackDialer is the netstack's Dialer: a flow to a resolver address
+// is answered here, by the DNS forwarder; every other flow goes through
+// the tunnel, where the app's source address stays on this host and only
+// the destination travels.
+type netstackDialer struct {
+	c   *tunnel.Client
+	dns *dnsrelay.Forwarder
+	// resolvers are the --dns-address values.
+	resolvers []netip.Addr
+}
+
+func (d netstackDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net.Conn, error) {
+	if slices.Contains(d.resolvers, dst.Addr().Unmap()) {
+		if dst.Port() != dnsPort {
+			return nil, fmt.Errorf("%s is mpvpn's resolver, which answers on port %d only: %w", dst.Addr(), dnsPort, syscall.ECONNREFUSED)
+		}
+		app, mine := localPipe(dst)
+		go d.dns.ServeStream(mine)
+		return app, nil
+	}
+	c, err := d.c.DialTCP(ctx, dst)
+	if err != nil {
+		// Not a typed nil: the stack checks the interface against nil.
+		return nil, err
+	}
+	return c, nil
+}
+
+// resolverUDP hands the netstack's datagrams to the DNS forwarder: those
+// to port 53 of a resolver address. Every other datagram is refused (the
+// app gets a port unreachable): the tunnel carries no other UDP yet.
+type resolverUDP struct {
+	dns       *dnsrelay.Forwarder
+	resolvers []netip.Addr
+}
+
+func (r resolverUDP) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
+	if dst.Port() != dnsPort || !slices.Contains(r.resolvers, dst.Addr().Unmap()) {
+		return false
+	}
+	return r.dns.HandleUDP(src, dst, payload)
+}
+
+// newForwarder is the client's DNS forwarder: its queries go through the
+// tunnel to the concentrator's resolver, its UDP answers back into the
+// netstack once there is one (st is set before any route sends a packet
+// into the TUN).
+func newForwarder(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], cfg Config) (*dnsrelay.Forwarder, error) {
+	return dnsrelay.NewForwarder(dnsrelay.ForwarderConfig{
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			c, err := tc.DialService(ctx, tunnel.ServiceResolver)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		UDP: func(src, dst netip.AddrPort, payload []byte) error {
+			s := st.Load()
+			if s == nil {
+				return fmt.Errorf("no netstack yet")
+			}
+			return s.WriteUDP(src, dst, payload)
+		},
+		Logger: cfg.Logger.With("part", "dns"),
+	})
+}
+
+// localPipe is a connected pair of in-memory stream conns, as net.Pipe,
+// with half-close: an app that shuts down its sending side after its
+// query (as DNS over TCP allows) still reads the answer.
+func localPipe(addr netip.AddrPort) (app, mine net.Conn) {
+	ar, bw := io.Pipe() // mine → app
+	br, aw := io.Pipe() // app → mine
+	a := net.TCPAddrFromAddrPort(addr)
+	return &pipeConn{r: ar, w: aw, addr: a}, &pipeConn{r: br, w: bw, addr: a}
+}
+
+type pipeConn struct {
+	r    *io.PipeReader
+	w    *io.PipeWriter
+	addr net.Addr
+}
+
+func (p *pipeConn) Read(b []byte) (int, error)  { return p.r.Read(b) }
+func (p *pipeConn) Write(b []byte) (int, error) { return p.w.Write(b) }
+
+// CloseWrite ends this side's stream: the other side reads io.EOF.
+func (p *pipeConn) CloseWrite() error { return p.w.Close() }
+
+func (p *pipeConn) Close() error {
+	p.w.Close()
+	p.r.Close()
+	return nil
+}
+
+func (p *pipeConn) LocalAddr() net.Addr              { return p.addr }
+func (p *pipeConn) RemoteAddr() net.Addr             { return p.addr }
+func (p *pipeConn) SetDeadline(time.Time) error      { return nil }
+func (p *pipeConn) SetReadDeadline(time.Time) error  { return nil }
+func (p *pipeConn) SetWriteDeadline(time.Time) error { return nil }
