@@ -33,6 +33,10 @@
 #   setup     time_connect / time_starttransfer of a small HTTP reply, median of
 #             CURLS, direct TCP vs mpvpn (server default = no Fast Open) vs mpvpn
 #             with `mpvpn server --fast-open`            ms | in RTTs (ping over wan0)
+#   setup     DNS lookup time (dig's query time, median of CURLS) through mpvpn's
+#             resolver vs straight to the concentrator's resolver (dnsmasq on the
+#             concentrator), UDP and TCP, and mpvpn's first lookup
+#                                                         ms | in RTTs
 #   flood     the real client's new flows (newflows: connect → first byte of a
 #             small HTTP reply through the TUN), without and during a handshake
 #             flood (hsflood: 64 source addresses, silent and garbage
@@ -278,7 +282,8 @@ SERVER_N=0
 start_server() {
 	SERVER_N=$((SERVER_N + 1))
 	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" \
-		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 --handshake-rate 20000 --handshake-burst 20000 "$@"
+		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 --handshake-rate 20000 --handshake-burst 20000 \
+		--dns-upstream "$CONC_ADDR:53" "$@"
 	SERVER_PID=$BGPID
 	wait_listen "$NS_CONC" 7100 10 || { tail -20 "$WORK/server-$PREFIX-$SERVER_N.log" >&2; return 1; }
 }
@@ -338,7 +343,12 @@ shaped() {
 	bg iperf-inet "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
 	bg http-conc "$NS_CONC" "$PY" -m http.server 8080 --bind "$CONC_ADDR" --directory "$WORK/www"
 	bg http-inet "$NS_INET" "$PY" -m http.server 80 --bind "$DEST_ADDR" --directory "$WORK/www"
-	for x in "$NS_CONC 5201" "$NS_CONC 5202" "$NS_INET 5201" "$NS_CONC 8080" "$NS_INET 80"; do
+	# The concentrator's resolver (its --dns-upstream), answering at once
+	# for the one name the set-up rows look up: a lookup then costs the
+	# path to it and nothing else, through mpvpn or directly.
+	bg dnsmasq-conc "$NS_CONC" dnsmasq --no-daemon --no-resolv --no-hosts --no-poll --bind-interfaces --user=root --pid-file= \
+		--listen-address "$CONC_ADDR" --port 53 --address=/bench.mpvpn.test/"$DEST_ADDR"
+	for x in "$NS_CONC 5201" "$NS_CONC 5202" "$NS_INET 5201" "$NS_CONC 8080" "$NS_INET 80" "$NS_CONC 53"; do
 		# shellcheck disable=SC2086
 		wait_listen $x 10 || die "no listener: $x"
 	done
@@ -441,6 +451,33 @@ setup_latency() {
 	}
 	curl_case "direct TCP (client→concentrator)" "http://$CONC_ADDR:8080/hello"
 	curl_case "mpvpn, server default (no Fast Open)" "http://$DEST_ADDR/hello"
+	# dns_case NAME SERVER [DIG ARGS]: median of dig's query time (ms).
+	dns_case() {
+		local name=$1 server=$2 q=() t bad=0
+		shift 2
+		for _ in $(seq "$CURLS"); do
+			t=$(ip netns exec "$NS_CLI" dig +time=5 +tries=1 "@$server" "$@" bench.mpvpn.test A | awk '/^;; Query time:/{print $4}')
+			if isnum "${t:-x}"; then q+=("$t"); else bad=$((bad + 1)); fi
+			sleep 0.1
+		done
+		local m n="median of ${#q[@]}; RTT over wan0 $rtt ms (ping)"
+		m=$(median "${q[@]}")
+		[ $bad -gt 0 ] && n+="; **$bad without an answer**"
+		log "setup $name: $m ms"
+		if isnum "$m"; then row setup "$name" "$m ms" "$(calc "$m/$rtt" %.2f) RTT" "$n"; else row setup "$name" "FAIL" "-" "$n"; fi
+	}
+	# The first lookup opens the client's DNS flow to the concentrator.
+	local first
+	first=$(ip netns exec "$NS_CLI" dig +time=5 +tries=1 @10.77.77.53 bench.mpvpn.test A | awk '/^;; Query time:/{print $4}')
+	if isnum "${first:-x}"; then
+		row setup "DNS through mpvpn, first lookup (opens its tunnel flow)" "$first ms" "$(calc "$first/$rtt" %.2f) RTT" "one sample"
+	else
+		row setup "DNS through mpvpn, first lookup" "FAIL" "-" "no answer"
+	fi
+	dns_case "DNS direct, UDP (client→concentrator's resolver)" "$CONC_ADDR"
+	dns_case "DNS through mpvpn, UDP (10.77.77.53)" 10.77.77.53
+	dns_case "DNS direct, TCP" "$CONC_ADDR" +tcp
+	dns_case "DNS through mpvpn, TCP" 10.77.77.53 +tcp
 	stop_pid "$SERVER_PID"
 	if start_server --fast-open; then
 		# The first flows fetch the Fast Open cookie.

@@ -168,9 +168,12 @@ ReadWritePaths=/proc/sys/net
 PrivateDevices=no
 DevicePolicy=closed
 DeviceAllow=/dev/net/tun rw
-# Not ProtectControlGroups=: for per-app rules (a later step) the client is to
-# make cgroups and move apps into them. (ProtectKernelTunables= leaves
-# /sys/fs/cgroup writable.)
+# Not ProtectControlGroups=: for per-app rules the client makes cgroups and
+# moves apps into them. (ProtectKernelTunables= leaves /sys/fs/cgroup writable.)
+# route-all's DNS hook: systemd-resolved over D-Bus (its socket needs no
+# writable file system), or else /etc/resolv.conf, writable through this bind
+# mount (mpvpn then rewrites it in place, and puts it back when it stops).
+ReadWritePaths=-/etc/resolv.conf
 {{- else}}
 PrivateDevices=yes
 ProtectControlGroups=yes

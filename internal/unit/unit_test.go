@@ -18,7 +18,7 @@ func TestUnitRender(t *testing.T) {
 				"ExecStart=/usr/local/bin/mpvpn client --config /etc/mpvpn/client.toml\n",
 				"\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN\n",
 				"\nDeviceAllow=/dev/net/tun rw\n", "\nDevicePolicy=closed\n", "\nPrivateDevices=no\n",
-				"\nProtectKernelTunables=yes\n", "\nReadWritePaths=/proc/sys/net\n",
+				"\nProtectKernelTunables=yes\n", "\nReadWritePaths=/proc/sys/net\n", "\nReadWritePaths=-/etc/resolv.conf\n",
 				"\nRuntimeDirectory=mpvpn\n", "\nStateDirectory=mpvpn\n",
 				"\nWantedBy=multi-user.target\n",
 			},
@@ -33,7 +33,7 @@ func TestUnitRender(t *testing.T) {
 				"\nAmbientCapabilities=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE\n",
 				"\nPrivateDevices=yes\n", "\nProtectControlGroups=yes\n",
 			},
-			[]string{"DeviceAllow=", "/dev/net/tun"},
+			[]string{"DeviceAllow=", "/dev/net/tun", "ReadWritePaths=-/etc/resolv.conf"},
 		},
 	}
 	for _, tc := range tests {
