@@ -18,6 +18,10 @@ const (
 	unreachHost unreach = iota
 	// unreachNet: IPv4 code 0, IPv6 code 0 (no route); ENETUNREACH.
 	unreachNet
+	// unreachProhibited: IPv4 code 13 (communication administratively
+	// prohibited), IPv6 code 1 (administratively prohibited); Linux
+	// reports EHOSTUNREACH and EACCES.
+	unreachProhibited
 )
 
 // icmpTTL is the TTL / hop limit of the ICMP errors the stack sends; they
@@ -68,8 +72,11 @@ func unreachable(quote []byte, kind unreach) []byte {
 func unreachable4(quote []byte, kind unreach) []byte {
 	orig := header.IPv4(quote)
 	code := header.ICMPv4HostUnreachable
-	if kind == unreachNet {
+	switch kind {
+	case unreachNet:
 		code = header.ICMPv4NetUnreachable
+	case unreachProhibited:
+		code = header.ICMPv4AdminProhibited
 	}
 	total := header.IPv4MinimumSize + header.ICMPv4MinimumSize + len(quote)
 	b := make([]byte, total)
@@ -93,8 +100,11 @@ func unreachable4(quote []byte, kind unreach) []byte {
 func unreachable6(quote []byte, kind unreach) []byte {
 	orig := header.IPv6(quote)
 	code := header.ICMPv6AddressUnreachable
-	if kind == unreachNet {
+	switch kind {
+	case unreachNet:
 		code = header.ICMPv6NetworkUnreachable
+	case unreachProhibited:
+		code = header.ICMPv6Prohibited
 	}
 	b := make([]byte, header.IPv6MinimumSize+header.ICMPv6MinimumSize+len(quote))
 	ip := header.IPv6(b)

@@ -162,3 +162,48 @@ func (s *Stack) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 	s.udpOut.Add(1)
 	return nil
 }
+
+// RefuseUDP tells the application at app that its datagram to dst was
+// refused (the concentrator's destination policy): an ICMP destination
+// unreachable, administratively prohibited, from dst, quoting the IP and
+// UDP headers of such a datagram, which is all the kernel needs to find
+// the application's socket (a connected one's next call then fails with
+// EHOSTUNREACH over IPv4, EACCES over IPv6).
+func (s *Stack) RefuseUDP(app, dst netip.AddrPort) error {
+	app, dst = unmapAddrPort(app), unmapAddrPort(dst)
+	if !app.Addr().IsValid() || app.Addr().Is4() != dst.Addr().Is4() {
+		return fmt.Errorf("stack: refuse UDP %v → %v: not two addresses of one family", app, dst)
+	}
+	var quote []byte
+	if app.Addr().Is4() {
+		quote = make([]byte, header.IPv4MinimumSize+header.UDPMinimumSize)
+		ip := header.IPv4(quote)
+		ip.Encode(&header.IPv4Fields{
+			TotalLength: uint16(len(quote)),
+			TTL:         udpTTL,
+			Protocol:    uint8(header.UDPProtocolNumber),
+			SrcAddr:     tcpip.AddrFrom4(app.Addr().As4()),
+			DstAddr:     tcpip.AddrFrom4(dst.Addr().As4()),
+		})
+		ip.SetChecksum(^ip.CalculateChecksum())
+	} else {
+		quote = make([]byte, header.IPv6MinimumSize+header.UDPMinimumSize)
+		header.IPv6(quote).Encode(&header.IPv6Fields{
+			PayloadLength:     header.UDPMinimumSize,
+			TransportProtocol: header.UDPProtocolNumber,
+			HopLimit:          udpTTL,
+			SrcAddr:           tcpip.AddrFrom16(app.Addr().As16()),
+			DstAddr:           tcpip.AddrFrom16(dst.Addr().As16()),
+		})
+	}
+	u := header.UDP(quote[len(quote)-header.UDPMinimumSize:])
+	u.Encode(&header.UDPFields{SrcPort: app.Port(), DstPort: dst.Port(), Length: header.UDPMinimumSize})
+	if s.ctx.Err() != nil {
+		return fmt.Errorf("stack: refuse UDP: %w", net.ErrClosed)
+	}
+	return s.link.writeRaw(unreachable(quote, unreachProhibited))
+}
+
+func unmapAddrPort(a netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+}

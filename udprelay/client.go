@@ -1,0 +1,298 @@
+//go:build linux
+
+package udprelay
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	// Dial opens the datagram stream to the concentrator (the tunnel's
+	// DialService(ServiceDatagrams)).
+	Dial func(ctx context.Context) (net.Conn, error)
+	// Write sends a datagram back to an application: the netstack's
+	// WriteUDP, from src (the remote sender) to dst (the application).
+	Write func(src, dst netip.AddrPort, payload []byte) error
+	// Refused tells the application at app that its datagram to dst was
+	// refused by the concentrator's policy (an ICMP error); nil: nothing.
+	Refused     func(app, dst netip.AddrPort)
+	IdleTimeout time.Duration // 0: DefaultIdleTimeout
+	MaxFlows    int           // 0: DefaultMaxFlows
+	QueueBytes  int           // 0: DefaultQueueBytes
+	// DialTimeout bounds a dial of the stream; 0: 10 s.
+	DialTimeout time.Duration
+	Logger      *slog.Logger
+}
+
+// ClientStats are a Client's counters. Up is app → concentrator.
+type ClientStats struct {
+	Flows       int    // application sockets with a flow now
+	Up, Down    uint64 // datagrams sent into the stream, and written back to apps
+	Refused     uint64 // datagrams the concentrator's policy refused
+	Dropped     uint64 // datagrams dropped: a full queue, or no stream
+	Dials       uint64 // streams opened
+	DialsFailed uint64
+}
+
+// Client carries the applications' datagrams over one stream at a time,
+// dialled when the first datagram comes and again after the last one
+// failed.
+type Client struct {
+	cfg ClientConfig
+	log *slog.Logger
+	out *queue
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	start  time.Time
+
+	mu     sync.Mutex
+	byApp  map[netip.AddrPort]*cflow
+	byID   map[uint32]*cflow
+	nextID uint32
+
+	up, down, refused, dropped, dials, dialsFailed atomic.Uint64
+}
+
+// cflow is one application socket's flow.
+type cflow struct {
+	id   uint32
+	app  netip.AddrPort
+	dns  bool
+	last atomic.Int64 // nanoseconds since Client.start
+}
+
+// NewClient starts a Client; it dials nothing until the first datagram.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	if cfg.Dial == nil || cfg.Write == nil {
+		return nil, errors.New("udprelay: ClientConfig needs Dial and Write")
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	if cfg.MaxFlows <= 0 {
+		cfg.MaxFlows = DefaultMaxFlows
+	}
+	if cfg.QueueBytes <= 0 {
+		cfg.QueueBytes = DefaultQueueBytes
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = 10 * time.Second
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &Client{
+		cfg: cfg, log: log, out: newQueue(cfg.QueueBytes), done: make(chan struct{}), start: time.Now(),
+		byApp: map[netip.AddrPort]*cflow{}, byID: map[uint32]*cflow{},
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	go c.run()
+	return c, nil
+}
+
+// Close stops the Client and returns once its goroutines have ended.
+func (c *Client) Close() error {
+	c.cancel()
+	<-c.done
+	return nil
+}
+
+// Stats returns the counters.
+func (c *Client) Stats() ClientStats {
+	c.mu.Lock()
+	n := len(c.byApp)
+	c.mu.Unlock()
+	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), Refused: c.refused.Load(),
+		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load()}
+}
+
+func (c *Client) now() int64 { return int64(time.Since(c.start)) }
+
+// HandleUDP queues one datagram of the application at app for dst. It
+// never blocks: a datagram that finds the queue full is dropped (and
+// still counts as taken: UDP may lose it).
+func (c *Client) HandleUDP(app, dst netip.AddrPort, payload []byte) bool {
+	if c.ctx.Err() != nil {
+		return false
+	}
+	f := c.flow(app, dst.Port() == 53)
+	b, err := appendMsg(make([]byte, 0, headerSize+len(payload)), kindData, f.id, dst, payload)
+	if err != nil || !c.out.put(b) {
+		c.dropped.Add(1)
+		return true
+	}
+	c.up.Add(1)
+	return true
+}
+
+// flow is app's flow, made when needed; over MaxFlows the least recently
+// used one is forgotten.
+func (c *Client) flow(app netip.AddrPort, dns bool) *cflow {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f := c.byApp[app]; f != nil {
+		f.last.Store(c.now())
+		return f
+	}
+	if len(c.byApp) >= c.cfg.MaxFlows {
+		var lru *cflow
+		for _, f := range c.byApp {
+			if lru == nil || f.last.Load() < lru.last.Load() {
+				lru = f
+			}
+		}
+		delete(c.byApp, lru.app)
+		delete(c.byID, lru.id)
+	}
+	for {
+		c.nextID++
+		if _, taken := c.byID[c.nextID]; !taken && c.nextID != 0 {
+			break
+		}
+	}
+	f := &cflow{id: c.nextID, app: app, dns: dns}
+	f.last.Store(c.now())
+	c.byApp[app] = f
+	c.byID[f.id] = f
+	return f
+}
+
+// run keeps a stream while there are datagrams to carry.
+func (c *Client) run() {
+	defer close(c.done)
+	sweep := time.NewTicker(min(c.cfg.IdleTimeout, DefaultDNSIdleTimeout) / 4)
+	defer sweep.Stop()
+	backoff := time.Duration(0)
+	for {
+		// Wait for something to send.
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-sweep.C:
+			c.expire()
+			continue
+		case <-c.out.ready:
+		}
+		if backoff > 0 {
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.DialTimeout)
+		conn, err := c.cfg.Dial(ctx)
+		cancel()
+		if err != nil {
+			c.dialsFailed.Add(1)
+			// What waited is lost, as on a link that is down.
+			c.dropped.Add(uint64(c.out.reset()))
+			c.log.Debug("datagram stream: dial failed", "err", err)
+			backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
+			continue
+		}
+		c.dials.Add(1)
+		backoff = 0
+		c.serve(conn, sweep.C)
+	}
+}
+
+// serve carries datagrams over conn until it fails or the Client closes.
+func (c *Client) serve(conn net.Conn, sweep <-chan time.Time) {
+	ctx, cancel := context.WithCancel(c.ctx)
+	defer cancel()
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		c.read(conn)
+		cancel()
+	}()
+	// The queue's token was taken by run: drain at once.
+	select {
+	case c.out.ready <- struct{}{}:
+	default:
+	}
+	writeDone := make(chan error, 1)
+	go func() { writeDone <- c.out.drain(ctx, conn) }()
+	for {
+		select {
+		case <-sweep:
+			c.expire()
+			continue
+		case err := <-writeDone:
+			if ctx.Err() == nil {
+				c.log.Debug("datagram stream: write failed", "err", err)
+			}
+		case <-ctx.Done():
+			<-writeDone
+		}
+		break
+	}
+	cancel()
+	conn.Close()
+	<-readDone
+}
+
+// read writes the concentrator's datagrams back to the applications.
+func (c *Client) read(conn net.Conn) {
+	buf := make([]byte, 2+maxMessage)
+	for {
+		m, err := readMsg(conn, buf)
+		if err != nil {
+			if c.ctx.Err() == nil {
+				c.log.Debug("datagram stream ended", "err", err)
+			}
+			return
+		}
+		c.mu.Lock()
+		f := c.byID[m.flow]
+		c.mu.Unlock()
+		if f == nil {
+			c.dropped.Add(1) // a flow forgotten meanwhile
+			continue
+		}
+		switch m.kind {
+		case kindData:
+			f.last.Store(c.now())
+			if err := c.cfg.Write(m.addr, f.app, m.payload); err != nil {
+				c.dropped.Add(1)
+				continue
+			}
+			c.down.Add(1)
+		case kindRefused:
+			c.refused.Add(1)
+			if c.cfg.Refused != nil {
+				c.cfg.Refused(f.app, m.addr)
+			}
+		}
+	}
+}
+
+// expire forgets the flows idle past their timeout (the concentrator
+// closes their sockets on its own clock).
+func (c *Client) expire() {
+	now := c.now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for app, f := range c.byApp {
+		limit := c.cfg.IdleTimeout
+		if f.dns {
+			limit = min(limit, DefaultDNSIdleTimeout)
+		}
+		if time.Duration(now-f.last.Load()) > limit {
+			delete(c.byApp, app)
+			delete(c.byID, f.id)
+		}
+	}
+}
