@@ -254,12 +254,17 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	undos = append(undos, fwd.Close)
+	relay, err := newRelay(tc, &netstack, cfg)
+	if err != nil {
+		return err
+	}
+	undos = append(undos, relay.Close)
 
 	st2, err := stack.New(stack.Config{
 		Device: dev.Inner(),
 		MTU:    cfg.MTU,
 		Dialer: netstackDialer{c: tc, dns: fwd, resolvers: cfg.DNSAddrs},
-		UDP:    resolverUDP{dns: fwd, resolvers: cfg.DNSAddrs},
+		UDP:    udpHandler{dns: fwd, relay: relay, resolvers: cfg.DNSAddrs, quicBlock: cfg.QUIC == QUICBlock},
 		Logger: log,
 	})
 	if err != nil {
@@ -302,7 +307,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		log.Info("system DNS points at mpvpn", "how", dst.Backend, "servers", fmt.Sprint(cfg.DNSAddrs))
 	}
 
-	stats := &stats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: started, srv: cfg.Server, version: cfg.Version, netstack: st2.Stats, dns: fwd.Stats}
+	stats := &stats{tc: tc, pm: pm, pr: pr, meter: uplinkstats.New(), start: started, srv: cfg.Server, version: cfg.Version, netstack: st2.Stats, dns: fwd.Stats, udp: relay.Stats}
 	undos = append(undos, goUntil(func(ctx context.Context) { stats.run(ctx, time.Second) }))
 	f := stats.status
 	status.Store(&f)
@@ -320,7 +325,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
 	}
 	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes),
-		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch, "dns", fmt.Sprint(cfg.DNSAddrs), "dns_hook", cfg.DNSHook)
+		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch, "dns", fmt.Sprint(cfg.DNSAddrs), "dns_hook", cfg.DNSHook, "quic", cfg.QUIC)
 	<-ctx.Done()
 	log.Info("client shutting down")
 	return nil

@@ -30,6 +30,12 @@ import (
 	"github.com/mpvpn/mpvpn/tunnel"
 )
 
+// QUIC policies.
+const (
+	QUICBlock  = "block"
+	QUICTunnel = "tunnel"
+)
+
 // Defaults of a Config.
 const (
 	// DefaultMark is the SO_MARK on every socket of mpvpn's ("mp" in
@@ -83,8 +89,12 @@ type Config struct {
 	// RouteAll, dnsconf.Off otherwise.
 	DNSHook    dnsconf.Mode
 	ResolvConf string // "": /etc/resolv.conf
-	MTU        int
-	Mark       uint32
+	// QUIC is what UDP to port 443 gets (--quic): QUICBlock (the
+	// default) a port unreachable at once, so browsers use TCP, which
+	// mpvpn spreads over every uplink; QUICTunnel the UDP relay.
+	QUIC string
+	MTU  int
+	Mark uint32
 	// Table is the first routing table and rule priority mpvpn owns; it
 	// owns it and the next 199.
 	Table          int
@@ -126,6 +136,9 @@ func (c Config) withDefaults() Config {
 		if c.RouteAll {
 			c.DNSHook = dnsconf.Auto
 		}
+	}
+	if c.QUIC == "" {
+		c.QUIC = QUICBlock
 	}
 	if c.MTU == 0 {
 		c.MTU = tun.DefaultMTU
@@ -222,6 +235,9 @@ func (c Config) Validate() error {
 				bad("--dns-address %s is inside --exclude %s: its queries would leave outside the tunnel", a, p)
 			}
 		}
+	}
+	if c.QUIC != QUICBlock && c.QUIC != QUICTunnel {
+		bad("--quic %q: want %s or %s", c.QUIC, QUICBlock, QUICTunnel)
 	}
 	if _, err := dnsconf.ParseMode(string(c.DNSHook)); err != nil {
 		errs = append(errs, fmt.Errorf("--dns-hook: %w", err))

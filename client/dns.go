@@ -16,6 +16,7 @@ import (
 	"github.com/mpvpn/mpvpn/dnsrelay"
 	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/udprelay"
 )
 
 // DefaultDNSAddr is where mpvpn's resolver answers (UDP and TCP port 53)
@@ -58,19 +59,59 @@ func (d netstackDialer) DialTCP(ctx context.Context, _, dst netip.AddrPort) (net
 	return c, nil
 }
 
-// resolverUDP hands the netstack's datagrams to the DNS forwarder: those
-// to port 53 of a resolver address. Every other datagram is refused (the
-// app gets a port unreachable): the tunnel carries no other UDP yet.
-type resolverUDP struct {
+// udpHandler takes the netstack's datagrams: those to port 53 of a
+// resolver address go to the DNS forwarder; with QUIC blocked, those to
+// port 443 are refused at once (a port unreachable), so browsers fall
+// back to TCP, which mpvpn spreads over every uplink; the rest go to the
+// UDP relay.
+type udpHandler struct {
 	dns       *dnsrelay.Forwarder
+	relay     *udprelay.Client
 	resolvers []netip.Addr
+	quicBlock bool
 }
 
-func (r resolverUDP) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
-	if dst.Port() != dnsPort || !slices.Contains(r.resolvers, dst.Addr().Unmap()) {
+func (h udpHandler) HandleUDP(src, dst netip.AddrPort, payload []byte) bool {
+	if slices.Contains(h.resolvers, dst.Addr().Unmap()) {
+		if dst.Port() != dnsPort {
+			return false
+		}
+		return h.dns.HandleUDP(src, dst, payload)
+	}
+	if h.quicBlock && dst.Port() == quicPort {
 		return false
 	}
-	return r.dns.HandleUDP(src, dst, payload)
+	return h.relay.HandleUDP(src, dst, payload)
+}
+
+// quicPort is where browsers speak QUIC (HTTP/3).
+const quicPort = 443
+
+// newRelay is the client's UDP relay: its datagrams go through the
+// tunnel's datagram service, the answers back into the netstack.
+func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], cfg Config) (*udprelay.Client, error) {
+	return udprelay.NewClient(udprelay.ClientConfig{
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			c, err := tc.DialService(ctx, tunnel.ServiceDatagrams)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		Write: func(src, dst netip.AddrPort, payload []byte) error {
+			s := st.Load()
+			if s == nil {
+				return fmt.Errorf("no netstack yet")
+			}
+			return s.WriteUDP(src, dst, payload)
+		},
+		Refused: func(app, dst netip.AddrPort) {
+			if s := st.Load(); s != nil {
+				s.RefuseUDP(app, dst)
+			}
+		},
+		Logger: cfg.Logger.With("part", "udp"),
+	})
 }
 
 // newForwarder is the client's DNS forwarder: its queries go through the

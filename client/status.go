@@ -15,6 +15,7 @@ import (
 	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/udprelay"
 )
 
 // stats samples the subflows of every open flow once per interval,
@@ -32,6 +33,7 @@ type stats struct {
 	// so that the mapping can be tested without a TUN.
 	netstack func() stack.Stats
 	dns      func() dnsrelay.ForwarderStats
+	udp      func() udprelay.ClientStats
 }
 
 func (s *stats) run(ctx context.Context, every time.Duration) {
@@ -86,6 +88,10 @@ func (s *stats) status() control.Status {
 	if s.dns != nil {
 		d := s.dns()
 		st.DNS = &control.DNS{Streams: d.Dials, Queries: d.Queries, Failed: d.Failed, Dropped: d.Dropped}
+	}
+	if s.udp != nil {
+		u := s.udp()
+		st.UDP = &control.UDP{Streams: u.Dials, Flows: int64(u.Flows), Up: u.Up, Down: u.Down, UpBytes: u.UpBytes, DownBytes: u.DownBytes, Refused: u.Refused, Dropped: u.Dropped}
 	}
 	for _, u := range s.pm.Status() {
 		cu := control.Uplink{

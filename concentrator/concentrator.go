@@ -23,6 +23,7 @@ import (
 	"github.com/mpvpn/mpvpn/dnsrelay"
 	"github.com/mpvpn/mpvpn/internal/relay"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/udprelay"
 )
 
 // Config configures a concentrator.
@@ -60,8 +61,12 @@ type Config struct {
 	// ResolvConf. NoDNS turns the service off.
 	DNSUpstream netip.AddrPort
 	NoDNS       bool
-	ResolvConf  string // "": /etc/resolv.conf
-	Logger      *slog.Logger
+	// UDPIdleTimeout and MaxUDPFlowsPerClient bound the datagram
+	// service's flows (udprelay.ServerConfig); 0 takes its defaults.
+	UDPIdleTimeout       time.Duration
+	MaxUDPFlowsPerClient int
+	ResolvConf           string // "": /etc/resolv.conf
+	Logger               *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -75,9 +80,11 @@ type Stats struct {
 	NotAllowed  uint64 // refused by policy; no dial was made
 	// DNS: the resolver service's streams and queries.
 	DNSStreams, DNSQueries, DNSFailed uint64
-	BytesUp                           uint64 // client → destination
-	BytesDown                         uint64 // destination → client
-	Tunnel                            tunnel.ServerStats
+	// UDP: the datagram service (Up: client → destination).
+	UDP       udprelay.Stats
+	BytesUp   uint64 // client → destination
+	BytesDown uint64 // destination → client
+	Tunnel    tunnel.ServerStats
 }
 
 // Server is a running concentrator.
@@ -95,6 +102,7 @@ type Server struct {
 	bytesUp, bytesDown                                   atomic.Uint64
 	dns                                                  *dnsrelay.Upstream // nil: no resolver service
 	dnsStreams, dnsQueries, dnsFailed                    atomic.Uint64
+	udp                                                  udprelay.Counters
 }
 
 // Listen binds the listener and prepares the server; nothing is served
@@ -280,6 +288,10 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 // services: today the resolver, when there is one.
 func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	log := s.log.With("peer", f.Peer.String(), "service", f.Service.String())
+	if f.Service == tunnel.ServiceDatagrams {
+		s.handleDatagrams(ctx, f, log)
+		return
+	}
 	if f.Service != tunnel.ServiceResolver || s.dns == nil {
 		s.denied.Add(1)
 		log.Info("service refused: not offered here")
@@ -304,6 +316,33 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	s.dnsFailed.Add(st.Failed)
 	if err != nil {
 		log.Debug("resolver stream ended with error", "err", err, "queries", st.Queries)
+	}
+}
+
+// handleDatagrams relays a client's UDP datagrams (package udprelay),
+// each destination checked against the policy.
+func (s *Server) handleDatagrams(ctx context.Context, f *tunnel.Flow, log *slog.Logger) {
+	c, err := f.Accept()
+	if err != nil {
+		log.Debug("accept failed", "err", err)
+		return
+	}
+	defer c.Close()
+	c.SetFrameTimeout(s.cfg.FrameTimeout)
+	s.connected.Add(1)
+	s.active.Add(1)
+	defer s.active.Add(-1)
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	err = udprelay.ServeStream(ctx, c, udprelay.ServerConfig{
+		Check:       s.policy.Check,
+		IdleTimeout: s.cfg.UDPIdleTimeout,
+		MaxFlows:    s.cfg.MaxUDPFlowsPerClient,
+		Counters:    &s.udp,
+		Logger:      log,
+	})
+	if err != nil {
+		log.Debug("datagram stream ended with error", "err", err)
 	}
 }
 
@@ -339,6 +378,7 @@ func (s *Server) Stats() Stats {
 		DNSStreams:  s.dnsStreams.Load(),
 		DNSQueries:  s.dnsQueries.Load(),
 		DNSFailed:   s.dnsFailed.Load(),
+		UDP:         s.udp.Stats(),
 		BytesUp:     s.bytesUp.Load(),
 		BytesDown:   s.bytesDown.Load(),
 		Tunnel:      s.tun.Stats(),

@@ -82,6 +82,10 @@ var (
 		"SYNs the client's netstack is forwarding now.", nil, nil)
 	descStackSYNLimited = prometheus.NewDesc("mpvpn_stack_syn_limited_total",
 		"SYNs the client's netstack answered with a reset because too many were in flight.", nil, nil)
+	descUDP = prometheus.NewDesc("mpvpn_udp_datagrams_total",
+		"The UDP relay, by counter: tunnel streams of the datagram service; datagrams up (to the destinations) and down, and their bytes; refused by the concentrator's policy; dropped (a full queue, no stream); the server's sockets opened, flows evicted, send errors.", []string{"counter"}, nil)
+	descUDPFlows = prometheus.NewDesc("mpvpn_udp_flows",
+		"Application UDP sockets with a relay flow now.", nil, nil)
 	descDNS = prometheus.NewDesc("mpvpn_dns_total",
 		"mpvpn's resolver, by counter: tunnel streams to the resolver, queries, queries failed (SERVFAIL), queries dropped (client, too many waiting).", []string{"counter"}, nil)
 
@@ -106,7 +110,7 @@ var allDescs = []*prometheus.Desc{
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
-	descStackInFlight, descStackSYNLimited, descDNS,
+	descStackInFlight, descStackSYNLimited, descDNS, descUDP, descUDPFlows,
 	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
@@ -212,6 +216,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		for _, c := range d.Counts() {
 			counter(descDNS, float64(c.Value), c.Name)
 		}
+	}
+	if u := s.UDP; u != nil {
+		for _, c := range u.Counts() {
+			counter(descUDP, float64(c.Value), c.Name)
+		}
+		gauge(descUDPFlows, float64(u.Flows))
 	}
 
 	clear(seen)

@@ -31,6 +31,34 @@ type Status struct {
 	// DNS is mpvpn's resolver: on a client, the apps' queries it
 	// forwarded; on a server, the queries it resolved for its clients.
 	DNS *DNS `json:"dns,omitempty"`
+	// UDP is the datagram relay: the applications' UDP datagrams
+	// carried (Up: towards the destinations).
+	UDP *UDP `json:"udp,omitempty"`
+}
+
+// UDP counts the datagrams mpvpn relayed.
+type UDP struct {
+	Streams   uint64 `json:"streams"` // tunnel flows of the datagram service
+	Flows     int64  `json:"flows"`   // application sockets with a flow now
+	Up        uint64 `json:"up"`      // datagrams towards the destinations
+	Down      uint64 `json:"down"`
+	UpBytes   uint64 `json:"up_bytes"` // their payload
+	DownBytes uint64 `json:"down_bytes"`
+	Refused   uint64 `json:"refused"` // refused by the concentrator's policy
+	Dropped   uint64 `json:"dropped"` // dropped: a full queue, no stream, a sender the policy refuses
+	// The server's: sockets opened (one per flow and address family),
+	// flows closed to make room for new ones, datagrams the kernel did
+	// not send.
+	Sockets    uint64 `json:"sockets,omitempty"`
+	Evicted    uint64 `json:"evicted,omitempty"`
+	SendErrors uint64 `json:"send_errors,omitempty"`
+}
+
+// Counts lists the UDP counters, in a fixed order, with the names of the
+// JSON and of the metrics' label.
+func (u UDP) Counts() []Count {
+	return []Count{{"streams", u.Streams}, {"up", u.Up}, {"down", u.Down}, {"up_bytes", u.UpBytes}, {"down_bytes", u.DownBytes},
+		{"refused", u.Refused}, {"dropped", u.Dropped}, {"sockets", u.Sockets}, {"evicted", u.Evicted}, {"send_errors", u.SendErrors}}
 }
 
 // DNS counts the DNS queries mpvpn carried.

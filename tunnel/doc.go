@@ -25,7 +25,8 @@
 //	          or, asking for one of the concentrator's own services:
 //	            12  1  protocol   0 (service)
 //	            13  1  service    1 (resolver: DNS over TCP framing on
-//	                              the flow, RFC 1035 4.2.2 / RFC 7766)
+//	                              the flow, RFC 1035 4.2.2 / RFC 7766),
+//	                              2 (datagrams: UDP, package udprelay)
 //	            14 18  zero
 //	  128 16  mac1              BLAKE2s-128 keyed with
 //	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),

@@ -127,7 +127,7 @@ func TestMsg1Payload(t *testing.T) {
 		t.Fatalf("resolver request: got %v %v %v", gts, got, err)
 	}
 	for name, m := range map[string]func(b []byte){
-		"unknown service": func(b []byte) { b[13] = 2 },
+		"unknown service": func(b []byte) { b[13] = 3 },
 		"service 0":       func(b []byte) { b[13] = 0 },
 		"address bytes":   func(b []byte) { b[14] = 1 },
 		"port bytes":      func(b []byte) { b[31] = 53 },

@@ -59,14 +59,19 @@ const (
 	// ServiceResolver is the concentrator's DNS resolver, spoken as DNS
 	// over TCP (RFC 1035 4.2.2 framing, RFC 7766 pipelining) on the flow.
 	ServiceResolver Service = 1
+	// ServiceDatagrams carries the client's UDP datagrams, framed (see
+	// package udprelay), to and from the concentrator's UDP sockets.
+	ServiceDatagrams Service = 2
 )
 
-func (s Service) valid() bool { return s == ServiceResolver }
+func (s Service) valid() bool { return s == ServiceResolver || s == ServiceDatagrams }
 
 func (s Service) String() string {
 	switch s {
 	case ServiceResolver:
 		return "resolver"
+	case ServiceDatagrams:
+		return "datagrams"
 	}
 	return fmt.Sprintf("service(%d)", uint8(s))
 }

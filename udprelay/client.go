@@ -36,6 +36,8 @@ type ClientConfig struct {
 type ClientStats struct {
 	Flows       int    // application sockets with a flow now
 	Up, Down    uint64 // datagrams sent into the stream, and written back to apps
+	UpBytes     uint64 // their payload bytes
+	DownBytes   uint64
 	Refused     uint64 // datagrams the concentrator's policy refused
 	Dropped     uint64 // datagrams dropped: a full queue, or no stream
 	Dials       uint64 // streams opened
@@ -60,7 +62,7 @@ type Client struct {
 	byID   map[uint32]*cflow
 	nextID uint32
 
-	up, down, refused, dropped, dials, dialsFailed atomic.Uint64
+	up, down, upBytes, downBytes, refused, dropped, dials, dialsFailed atomic.Uint64
 }
 
 // cflow is one application socket's flow.
@@ -113,7 +115,7 @@ func (c *Client) Stats() ClientStats {
 	c.mu.Lock()
 	n := len(c.byApp)
 	c.mu.Unlock()
-	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), Refused: c.refused.Load(),
+	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(), Refused: c.refused.Load(),
 		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load()}
 }
 
@@ -133,6 +135,7 @@ func (c *Client) HandleUDP(app, dst netip.AddrPort, payload []byte) bool {
 		return true
 	}
 	c.up.Add(1)
+	c.upBytes.Add(uint64(len(payload)))
 	return true
 }
 
@@ -270,6 +273,7 @@ func (c *Client) read(conn net.Conn) {
 				continue
 			}
 			c.down.Add(1)
+			c.downBytes.Add(uint64(len(m.payload)))
 		case kindRefused:
 			c.refused.Add(1)
 			if c.cfg.Refused != nil {

@@ -43,7 +43,10 @@ type ServerConfig struct {
 	IdleTimeout time.Duration // 0: DefaultIdleTimeout
 	MaxFlows    int           // 0: DefaultMaxFlows
 	QueueBytes  int           // 0: DefaultQueueBytes
-	Logger      *slog.Logger
+	// Counters, shared by every stream of a concentrator, count what
+	// they carry as they carry it; nil: a stream's own.
+	Counters *Counters
+	Logger   *slog.Logger
 }
 
 func (c *ServerConfig) defaults() {
@@ -59,10 +62,14 @@ func (c *ServerConfig) defaults() {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	if c.Counters == nil {
+		c.Counters = &Counters{}
+	}
 }
 
 // Stats count what a stream carried. Up is client → destination.
 type Stats struct {
+	Streams                   uint64 // streams served
 	Flows                     uint64 // sockets opened (a flow has one per family it used)
 	Up, Down                  uint64 // datagrams relayed
 	UpBytes, DownBytes        uint64 // their payload bytes
@@ -72,15 +79,16 @@ type Stats struct {
 	ActiveFlows, EvictedFlows int64  // open now; closed over MaxFlows
 }
 
-// counters is Stats in atomics, shared by a stream's goroutines.
-type counters struct {
-	flows, up, down, upBytes, downBytes, refused, dropped, sendErrors atomic.Uint64
-	active, evicted                                                   atomic.Int64
+// Counters is Stats in atomics, shared by streams and their goroutines.
+type Counters struct {
+	streams, flows, up, down, upBytes, downBytes, refused, dropped, sendErrors atomic.Uint64
+	active, evicted                                                            atomic.Int64
 }
 
-func (c *counters) stats() Stats {
+// Stats returns the counters now.
+func (c *Counters) Stats() Stats {
 	return Stats{
-		Flows: c.flows.Load(), Up: c.up.Load(), Down: c.down.Load(),
+		Streams: c.streams.Load(), Flows: c.flows.Load(), Up: c.up.Load(), Down: c.down.Load(),
 		UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(),
 		Refused: c.refused.Load(), Dropped: c.dropped.Load(), SendErrors: c.sendErrors.Load(),
 		ActiveFlows: c.active.Load(), EvictedFlows: c.evicted.Load(),
@@ -92,7 +100,7 @@ type server struct {
 	cfg   ServerConfig
 	ctx   context.Context
 	out   *queue
-	n     *counters
+	n     *Counters
 	start time.Time
 	wg    sync.WaitGroup
 
@@ -115,12 +123,14 @@ type sflow struct {
 // ServeStream relays the datagrams of one client's datagram stream rw
 // until it ends (nil for a clean end), fails, or ctx is done; it closes
 // every socket it opened and returns once every goroutine it started has
-// ended, with what it carried. The caller closes rw when ctx is done.
-func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) (Stats, error) {
+// ended. What it carries is counted in cfg.Counters as it goes. The
+// caller closes rw when ctx is done.
+func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error {
 	cfg.defaults()
+	cfg.Counters.streams.Add(1)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	s := &server{cfg: cfg, ctx: ctx, out: newQueue(cfg.QueueBytes), n: &counters{}, start: time.Now(), flows: map[uint32]*sflow{}}
+	s := &server{cfg: cfg, ctx: ctx, out: newQueue(cfg.QueueBytes), n: cfg.Counters, start: time.Now(), flows: map[uint32]*sflow{}}
 
 	var werr error
 	writerDone := make(chan struct{})
@@ -160,7 +170,7 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) (Stats
 	if rerr == nil && ctx.Err() != nil && werr != nil && !errors.Is(werr, context.Canceled) {
 		rerr = werr
 	}
-	return s.n.stats(), rerr
+	return rerr
 }
 
 func (s *server) now() int64 { return int64(time.Since(s.start)) }

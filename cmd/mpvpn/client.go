@@ -49,6 +49,7 @@ func clientCommand() *cli.Command {
 			&cli.StringFlag{Name: "tun", Value: client.DefaultTUN, Usage: "the TUN device's `NAME`"},
 			&cli.StringSliceFlag{Name: "dns-address", Usage: "answer DNS (UDP and TCP port 53) on this `IP`, through the tunnel to the concentrator's resolver (repeatable; routed into the TUN in every mode); default 10.77.77.53, and fd6d:7076::53 when the TUN has an IPv6 address"},
 			&cli.StringFlag{Name: "dns-hook", Usage: "point the system's resolver at the --dns-address values while the client runs: `MODE` auto (systemd-resolved when it runs, else /etc/resolv.conf), resolved, resolv.conf or off; put back on stop, `mpvpn down` and after a crash; default auto with --route-all, else off"},
+			&cli.StringFlag{Name: "quic", Value: "block", Usage: "what UDP to port 443 (QUIC, HTTP/3) gets: `block` (a port unreachable at once, so browsers fall back to TCP, which mpvpn spreads over every uplink) or tunnel (relayed like other UDP)"},
 			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
@@ -144,6 +145,7 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		}
 		cfg.DNSAddrs = append(cfg.DNSAddrs, a)
 	}
+	cfg.QUIC = c.String("quic")
 	if h := c.String("dns-hook"); h != "" {
 		m, err := dnsconf.ParseMode(h)
 		if err != nil {

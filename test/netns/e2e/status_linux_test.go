@@ -45,6 +45,14 @@ type statusJSON struct {
 		Key        string `json:"key"`
 		TotalFlows uint64 `json:"total_flows"`
 	} `json:"peers"`
+	UDP *struct {
+		Streams uint64 `json:"streams"`
+		Flows   int    `json:"flows"`
+		Up      uint64 `json:"up"`
+		Down    uint64 `json:"down"`
+		Refused uint64 `json:"refused"`
+		Dropped uint64 `json:"dropped"`
+	} `json:"udp"`
 }
 
 func (e *env) status(t *testing.T, args ...string) (statusJSON, string) {
