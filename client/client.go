@@ -265,6 +265,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		MTU:    cfg.MTU,
 		Dialer: netstackDialer{c: tc, dns: fwd, resolvers: cfg.DNSAddrs},
 		UDP:    udpHandler{dns: fwd, relay: relay, resolvers: cfg.DNSAddrs, quicBlock: cfg.QUIC == QUICBlock},
+		Echo:   relay,
 		Logger: log,
 	})
 	if err != nil {

@@ -110,6 +110,13 @@ func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], cfg Config) (*
 				s.RefuseUDP(app, dst)
 			}
 		},
+		EchoReply: func(src, dst netip.Addr, id, seq uint16, data []byte) error {
+			s := st.Load()
+			if s == nil {
+				return fmt.Errorf("no netstack yet")
+			}
+			return s.WriteEchoReply(src, dst, id, seq, data)
+		},
 		Logger: cfg.Logger.With("part", "udp"),
 	})
 }

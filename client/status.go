@@ -91,7 +91,8 @@ func (s *stats) status() control.Status {
 	}
 	if s.udp != nil {
 		u := s.udp()
-		st.UDP = &control.UDP{Streams: u.Dials, Flows: int64(u.Flows), Up: u.Up, Down: u.Down, UpBytes: u.UpBytes, DownBytes: u.DownBytes, Refused: u.Refused, Dropped: u.Dropped}
+		st.UDP = &control.UDP{Streams: u.Dials, Flows: int64(u.Flows), Up: u.Up, Down: u.Down, UpBytes: u.UpBytes, DownBytes: u.DownBytes, Refused: u.Refused, Dropped: u.Dropped,
+			Pings: u.Pings, Echoes: u.Echoes}
 	}
 	for _, u := range s.pm.Status() {
 		cu := control.Uplink{

@@ -61,8 +61,8 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 		fmt.Fprintf(&b, "dns: %d queries, %d failed, %d dropped, %d tunnel streams\n", d.Queries, d.Failed, d.Dropped, d.Streams)
 	}
 	if u := s.UDP; u != nil {
-		fmt.Fprintf(&b, "udp: %d flows; %d datagrams up (%s), %d down (%s), %d refused, %d dropped; %d tunnel streams\n",
-			u.Flows, u.Up, humanBytes(u.UpBytes), u.Down, humanBytes(u.DownBytes), u.Refused, u.Dropped, u.Streams)
+		fmt.Fprintf(&b, "udp: %d flows; %d datagrams up (%s), %d down (%s), %d refused, %d dropped; %d pings, %d echoes; %d tunnel streams\n",
+			u.Flows, u.Up, humanBytes(u.UpBytes), u.Down, humanBytes(u.DownBytes), u.Refused, u.Dropped, u.Pings, u.Echoes, u.Streams)
 	}
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return err

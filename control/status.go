@@ -52,13 +52,17 @@ type UDP struct {
 	Sockets    uint64 `json:"sockets,omitempty"`
 	Evicted    uint64 `json:"evicted,omitempty"`
 	SendErrors uint64 `json:"send_errors,omitempty"`
+	// Pings are the echo requests carried, Echoes the replies.
+	Pings  uint64 `json:"pings"`
+	Echoes uint64 `json:"echoes"`
 }
 
 // Counts lists the UDP counters, in a fixed order, with the names of the
 // JSON and of the metrics' label.
 func (u UDP) Counts() []Count {
 	return []Count{{"streams", u.Streams}, {"up", u.Up}, {"down", u.Down}, {"up_bytes", u.UpBytes}, {"down_bytes", u.DownBytes},
-		{"refused", u.Refused}, {"dropped", u.Dropped}, {"sockets", u.Sockets}, {"evicted", u.Evicted}, {"send_errors", u.SendErrors}}
+		{"refused", u.Refused}, {"dropped", u.Dropped}, {"sockets", u.Sockets}, {"evicted", u.Evicted}, {"send_errors", u.SendErrors},
+		{"pings", u.Pings}, {"echoes", u.Echoes}}
 }
 
 // DNS counts the DNS queries mpvpn carried.

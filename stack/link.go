@@ -60,6 +60,10 @@ type link struct {
 
 	rxPackets, txPackets atomic.Uint64
 	rxErrors, txErrors   atomic.Uint64
+
+	// echo takes the ICMP echo requests before gVisor sees them (set
+	// before start; nil: they are dropped).
+	echo EchoHandler
 }
 
 var _ stack.LinkEndpoint = (*link)(nil)
@@ -202,6 +206,13 @@ func (l *link) deliver(v *buffer.View, b []byte) (tookView bool) {
 		return false
 	}
 	l.rxPackets.Add(1)
+	// Pings never reach gVisor, which would answer every one itself.
+	if src, dst, id, seq, data, ok := echoRequest(b); ok {
+		if l.echo != nil {
+			l.echo.HandleEcho(src, dst, id, seq, data)
+		}
+		return false
+	}
 	// A large packet keeps its read buffer (no copy of the payload); a
 	// small one (an ACK, say) is copied into a right-sized buffer so that
 	// a 64 KiB buffer is never held, possibly for long in a receive queue,

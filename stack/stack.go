@@ -72,7 +72,10 @@ type Config struct {
 	// UDP receives the UDP datagrams. nil refuses them all: each gets an
 	// ICMP port unreachable, so that an application falls back (QUIC to
 	// TCP) at once rather than after its timeouts.
-	UDP    UDPHandler
+	UDP UDPHandler
+	// Echo takes the applications' pings (ICMP echo requests); nil:
+	// they are dropped, never answered by the netstack itself.
+	Echo   EchoHandler
 	Logger *slog.Logger // nil: discard
 	// MaxInFlight caps the SYNs being forwarded at once (dial under way or
 	// app handshake not yet done), over all sources. A SYN beyond it gets
@@ -200,6 +203,7 @@ func New(cfg Config) (*Stack, error) {
 	s.ip.SetTransportProtocolHandler(udp.ProtocolNumber, s.handleUDP)
 
 	s.link = newLink(cfg.Device, mtu, log)
+	s.link.echo = cfg.Echo
 	if err := s.ip.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun"}); err != nil {
 		return fail(fmt.Errorf("stack: create NIC: %s", err))
 	}

@@ -23,7 +23,11 @@ type ClientConfig struct {
 	Write func(src, dst netip.AddrPort, payload []byte) error
 	// Refused tells the application at app that its datagram to dst was
 	// refused by the concentrator's policy (an ICMP error); nil: nothing.
-	Refused     func(app, dst netip.AddrPort)
+	Refused func(app, dst netip.AddrPort)
+	// EchoReply writes an echo reply back to the application that
+	// pinged: the netstack's WriteEchoReply, from src (the host that
+	// answered) to dst; nil: pings are not carried.
+	EchoReply   func(src, dst netip.Addr, id, seq uint16, data []byte) error
 	IdleTimeout time.Duration // 0: DefaultIdleTimeout
 	MaxFlows    int           // 0: DefaultMaxFlows
 	QueueBytes  int           // 0: DefaultQueueBytes
@@ -42,6 +46,8 @@ type ClientStats struct {
 	Dropped     uint64 // datagrams dropped: a full queue, or no stream
 	Dials       uint64 // streams opened
 	DialsFailed uint64
+	Pings       uint64 // echo requests sent on
+	Echoes      uint64 // echo replies written back
 }
 
 // Client carries the applications' datagrams over one stream at a time,
@@ -59,17 +65,21 @@ type Client struct {
 
 	mu     sync.Mutex
 	byApp  map[netip.AddrPort]*cflow
+	byEcho map[netip.AddrPort]*cflow // by the pinging address and its identifier
 	byID   map[uint32]*cflow
 	nextID uint32
 
 	up, down, upBytes, downBytes, refused, dropped, dials, dialsFailed atomic.Uint64
+	pings, echoes                                                      atomic.Uint64
 }
 
-// cflow is one application socket's flow.
+// cflow is one application socket's flow, or one pinging socket's (app
+// then holds its address and identifier).
 type cflow struct {
 	id   uint32
 	app  netip.AddrPort
-	dns  bool
+	dns  bool // the short timeout: DNS, and pings
+	echo bool
 	last atomic.Int64 // nanoseconds since Client.start
 }
 
@@ -96,7 +106,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	c := &Client{
 		cfg: cfg, log: log, out: newQueue(cfg.QueueBytes), done: make(chan struct{}), start: time.Now(),
-		byApp: map[netip.AddrPort]*cflow{}, byID: map[uint32]*cflow{},
+		byApp: map[netip.AddrPort]*cflow{}, byEcho: map[netip.AddrPort]*cflow{}, byID: map[uint32]*cflow{},
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	go c.run()
@@ -116,7 +126,8 @@ func (c *Client) Stats() ClientStats {
 	n := len(c.byApp)
 	c.mu.Unlock()
 	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(), Refused: c.refused.Load(),
-		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load()}
+		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load(),
+		Pings: c.pings.Load(), Echoes: c.echoes.Load()}
 }
 
 func (c *Client) now() int64 { return int64(time.Since(c.start)) }
@@ -139,23 +150,43 @@ func (c *Client) HandleUDP(app, dst netip.AddrPort, payload []byte) bool {
 	return true
 }
 
+// HandleEcho queues an application's ping (an echo request from src to
+// dst); the reply, if the destination answers the concentrator, comes
+// back through EchoReply. It never blocks.
+func (c *Client) HandleEcho(src, dst netip.Addr, id, seq uint16, data []byte) {
+	if c.ctx.Err() != nil || c.cfg.EchoReply == nil {
+		return
+	}
+	f := c.flowIn(c.byEcho, netip.AddrPortFrom(src, id), true, true)
+	b, err := appendMsg(make([]byte, 0, headerSize+len(data)), kindEcho, f.id, netip.AddrPortFrom(dst, seq), data)
+	if err != nil || !c.out.put(b) {
+		c.dropped.Add(1)
+		return
+	}
+	c.pings.Add(1)
+}
+
 // flow is app's flow, made when needed; over MaxFlows the least recently
 // used one is forgotten.
 func (c *Client) flow(app netip.AddrPort, dns bool) *cflow {
+	return c.flowIn(c.byApp, app, dns, false)
+}
+
+func (c *Client) flowIn(table map[netip.AddrPort]*cflow, app netip.AddrPort, dns, echo bool) *cflow {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if f := c.byApp[app]; f != nil {
+	if f := table[app]; f != nil {
 		f.last.Store(c.now())
 		return f
 	}
-	if len(c.byApp) >= c.cfg.MaxFlows {
+	if len(table) >= c.cfg.MaxFlows {
 		var lru *cflow
-		for _, f := range c.byApp {
+		for _, f := range table {
 			if lru == nil || f.last.Load() < lru.last.Load() {
 				lru = f
 			}
 		}
-		delete(c.byApp, lru.app)
+		delete(table, lru.app)
 		delete(c.byID, lru.id)
 	}
 	for {
@@ -164,9 +195,9 @@ func (c *Client) flow(app netip.AddrPort, dns bool) *cflow {
 			break
 		}
 	}
-	f := &cflow{id: c.nextID, app: app, dns: dns}
+	f := &cflow{id: c.nextID, app: app, dns: dns, echo: echo}
 	f.last.Store(c.now())
-	c.byApp[app] = f
+	table[app] = f
 	c.byID[f.id] = f
 	return f
 }
@@ -266,7 +297,20 @@ func (c *Client) read(conn net.Conn) {
 			continue
 		}
 		switch m.kind {
+		case kindEcho:
+			if !f.echo || c.cfg.EchoReply == nil {
+				continue
+			}
+			f.last.Store(c.now())
+			if err := c.cfg.EchoReply(m.addr.Addr(), f.app.Addr(), f.app.Port(), m.addr.Port(), m.payload); err != nil {
+				c.dropped.Add(1)
+				continue
+			}
+			c.echoes.Add(1)
 		case kindData:
+			if f.echo {
+				continue
+			}
 			f.last.Store(c.now())
 			if err := c.cfg.Write(m.addr, f.app, m.payload); err != nil {
 				c.dropped.Add(1)
@@ -289,14 +333,16 @@ func (c *Client) expire() {
 	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for app, f := range c.byApp {
-		limit := c.cfg.IdleTimeout
-		if f.dns {
-			limit = min(limit, DefaultDNSIdleTimeout)
-		}
-		if time.Duration(now-f.last.Load()) > limit {
-			delete(c.byApp, app)
-			delete(c.byID, f.id)
+	for _, table := range []map[netip.AddrPort]*cflow{c.byApp, c.byEcho} {
+		for app, f := range table {
+			limit := c.cfg.IdleTimeout
+			if f.dns {
+				limit = min(limit, DefaultDNSIdleTimeout)
+			}
+			if time.Duration(now-f.last.Load()) > limit {
+				delete(table, app)
+				delete(c.byID, f.id)
+			}
 		}
 	}
 }

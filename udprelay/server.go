@@ -77,11 +77,13 @@ type Stats struct {
 	Dropped                   uint64 // datagrams dropped: a full queue, or a sender the policy refuses
 	SendErrors                uint64 // datagrams the kernel did not send (no route, ...)
 	ActiveFlows, EvictedFlows int64  // open now; closed over MaxFlows
+	Pings, Echoes             uint64 // echo requests sent for the clients, replies passed back
 }
 
 // Counters is Stats in atomics, shared by streams and their goroutines.
 type Counters struct {
 	streams, flows, up, down, upBytes, downBytes, refused, dropped, sendErrors atomic.Uint64
+	pings, echoes                                                              atomic.Uint64
 	active, evicted                                                            atomic.Int64
 }
 
@@ -91,6 +93,7 @@ func (c *Counters) Stats() Stats {
 		Streams: c.streams.Load(), Flows: c.flows.Load(), Up: c.up.Load(), Down: c.down.Load(),
 		UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(),
 		Refused: c.refused.Load(), Dropped: c.dropped.Load(), SendErrors: c.sendErrors.Load(),
+		Pings: c.pings.Load(), Echoes: c.echoes.Load(),
 		ActiveFlows: c.active.Load(), EvictedFlows: c.evicted.Load(),
 	}
 }
@@ -104,8 +107,10 @@ type server struct {
 	start time.Time
 	wg    sync.WaitGroup
 
-	mu    sync.Mutex
-	flows map[uint32]*sflow
+	mu      sync.Mutex
+	flows   map[uint32]*sflow
+	echoers [2]*echoer // IPv4, IPv6; opened on the first ping
+	noEcho  [2]bool    // could not open one: said once
 }
 
 // sflow is one application socket of the client's: a UDP socket per
@@ -152,11 +157,17 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error 
 			}
 			break
 		}
-		if m.kind != kindData {
+		switch m.kind {
+		case kindData:
+			s.send(m)
+		case kindEcho:
+			s.ping(m)
+		default:
 			rerr = errMalformed
+		}
+		if rerr != nil {
 			break
 		}
-		s.send(m)
 	}
 	cancel()
 	s.mu.Lock()
@@ -164,6 +175,11 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error 
 		s.closeFlow(f)
 	}
 	s.flows = nil
+	for _, e := range s.echoers {
+		if e != nil {
+			e.close()
+		}
+	}
 	s.mu.Unlock()
 	s.wg.Wait()
 	<-writerDone
@@ -203,6 +219,41 @@ func (s *server) send(m msg) {
 	}
 	s.n.up.Add(1)
 	s.n.upBytes.Add(uint64(len(m.payload)))
+}
+
+// ping sends the client's echo request to its destination.
+func (s *server) ping(m msg) {
+	// The policy judges a destination by its address (its port matters
+	// only for the concentrator's own listener): a ping is checked as a
+	// datagram to the echo port, 7.
+	if s.cfg.Check != nil && s.cfg.Check(netip.AddrPortFrom(m.addr.Addr(), 7)) != nil {
+		s.n.refused.Add(1)
+		return // a host that may not be reached does not answer
+	}
+	i := 1
+	if m.addr.Addr().Is4() {
+		i = 0
+	}
+	s.mu.Lock()
+	e := s.echoers[i]
+	if e == nil && !s.noEcho[i] && s.flows != nil {
+		var err error
+		if e, err = newEchoer(s, i == 0); err != nil {
+			s.noEcho[i] = true
+			s.cfg.Logger.Warn("cannot ping for the clients: their pings go unanswered (allow this group in net.ipv4.ping_group_range, or give CAP_NET_RAW)", "err", err)
+		}
+		s.echoers[i] = e
+	}
+	s.mu.Unlock()
+	if e == nil {
+		s.n.dropped.Add(1)
+		return
+	}
+	if err := e.send(m.flow, m.addr.Port(), m.addr.Addr(), m.payload); err != nil {
+		s.n.sendErrors.Add(1)
+		return
+	}
+	s.n.pings.Add(1)
 }
 
 // flow returns flow id, opening it (and closing the least recently used

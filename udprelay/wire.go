@@ -111,7 +111,7 @@ func readMsg(r io.Reader, buf []byte) (msg, error) {
 		return msg{}, err
 	}
 	m := msg{kind: b[0], flow: binary.BigEndian.Uint32(b[1:5])}
-	if m.kind != kindData && m.kind != kindRefused {
+	if m.kind != kindData && m.kind != kindRefused && m.kind != kindEcho {
 		return msg{}, errMalformed
 	}
 	var a netip.Addr

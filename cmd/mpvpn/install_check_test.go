@@ -289,8 +289,8 @@ func TestUnitVerify(t *testing.T) {
 		maxExposure      string // systemd-analyze security --threshold, in tenths
 	}{
 		{"client", "client", f.clientConf, "CAP_NET_ADMIN CAP_SYS_ADMIN", "35"},
-		{"server", "server", f.serverConf, "CAP_NET_ADMIN CAP_SYS_ADMIN", "30"},
-		{"server on port 443", "server", f.server(t, "s443.toml", "listen = \"0.0.0.0:443\"\n"), "CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE", "30"},
+		{"server", "server", f.serverConf, "CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_RAW", "30"},
+		{"server on port 443", "server", f.server(t, "s443.toml", "listen = \"0.0.0.0:443\"\n"), "CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE", "30"},
 		{"client with metrics on port 80", "client", f.client(t, "c80.toml", "metrics = \"127.0.0.1:80\"\n"), "CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE", "35"},
 	}
 	for _, tc := range tests {

@@ -52,9 +52,15 @@ func Capabilities(s Spec) []string {
 	// even the one the thread is already in. The unit takes back what
 	// CAP_SYS_ADMIN could do to the sandbox (mount(2), new namespaces)
 	// with SystemCallFilter= and RestrictNamespaces=.
-	// Not CAP_NET_RAW: mpvpn opens no raw or packet socket, and SO_MARK
-	// accepts CAP_NET_ADMIN. Not CAP_DAC_OVERRIDE: all it opens is root's.
+	// CAP_NET_RAW, the server only: it pings for its clients, with an
+	// unprivileged ICMP socket where net.ipv4.ping_group_range includes
+	// root's group (the default "1 0" includes nobody), else with a raw
+	// one. The client opens no raw or packet socket, and SO_MARK accepts
+	// CAP_NET_ADMIN. Not CAP_DAC_OVERRIDE: all it opens is root's.
 	caps := []string{"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+	if s.Role == "server" {
+		caps = append(caps, "CAP_NET_RAW")
+	}
 	if s.BindLowPort {
 		caps = append(caps, "CAP_NET_BIND_SERVICE")
 	}
@@ -129,7 +135,9 @@ RestartSec=5s
 # Root, bounded to these capabilities (mpvpn's internal/unit says why each):
 # CAP_NET_ADMIN for netlink, {{if eq .Role "client"}}the TUN device, SO_MARK, {{end}}MPTCP and net.* sysctls;
 # CAP_SYS_ADMIN only because mpvpn joins its own network namespace (setns) to
-# open netlink sockets{{if .BindLowPort}}; CAP_NET_BIND_SERVICE for a port below 1024{{end}}.
+# open netlink sockets{{if eq .Role "server"}}; CAP_NET_RAW to ping for the clients (raw ICMP, where
+# net.ipv4.ping_group_range does not let root's group use ping sockets){{end}}{{if .BindLowPort}};
+# CAP_NET_BIND_SERVICE for a port below 1024{{end}}.
 User=root
 CapabilityBoundingSet={{.Caps}}
 # The same set, should User= ever be changed from root.

@@ -29,8 +29,8 @@ func TestUnitRender(t *testing.T) {
 			Spec{Role: "server", Exec: "/usr/bin/mpvpn", Config: "/etc/mpvpn/server.toml", BindLowPort: true},
 			[]string{
 				"ExecStart=/usr/bin/mpvpn server --config /etc/mpvpn/server.toml\n",
-				"\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE\n",
-				"\nAmbientCapabilities=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_BIND_SERVICE\n",
+				"\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n",
+				"\nAmbientCapabilities=CAP_NET_ADMIN CAP_SYS_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n",
 				"\nPrivateDevices=yes\n", "\nProtectControlGroups=yes\n",
 			},
 			[]string{"DeviceAllow=", "/dev/net/tun", "ReadWritePaths=-/etc/resolv.conf"},

@@ -52,6 +52,8 @@ type statusJSON struct {
 		Down    uint64 `json:"down"`
 		Refused uint64 `json:"refused"`
 		Dropped uint64 `json:"dropped"`
+		Pings   uint64 `json:"pings"`
+		Echoes  uint64 `json:"echoes"`
 	} `json:"udp"`
 }
 

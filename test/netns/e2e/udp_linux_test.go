@@ -282,3 +282,55 @@ print("per-second", " ".join(map(str, per)), flush=True)`
 		t.Errorf("%d of 400 replies in all", total)
 	}
 }
+
+// TestPing: ping through the tunnel gets the destination's own answer,
+// with the real round trip (the links' delay, not the TUN's), IPv4 and
+// IPv6; an address with no host gets no answer, and neither does one the
+// concentrator's policy refuses.
+func TestPing(t *testing.T) {
+	needTools(t, "ping")
+	e := newSysEnv(t, options{topo: shaped(), serverArgs: []string{"--deny", udpDenied.String() + "/32"}})
+	e.addIPv6Internet(t)
+	e.noRoute = true
+	e.startClient(t, e.key(), "--route-all")
+	rtt := regexp.MustCompile(`rtt min/avg/max/mdev = ([\d.]+)/`)
+	for _, tt := range []struct {
+		name string
+		args []string
+	}{
+		{"IPv4", []string{"-c", "3", "-i", "0.3", "-W", "3", topo.DestAddr.String()}},
+		{"IPv6", []string{"-6", "-c", "3", "-i", "0.3", "-W", "3", dest6.String()}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, _ := e.run(t, append([]string{"ping", "-n"}, tt.args...)...)
+			if code != 0 || !strings.Contains(out, "3 received") {
+				t.Fatalf("ping: exit %d\n%s", code, out)
+			}
+			m := rtt.FindStringSubmatch(out)
+			if m == nil {
+				t.Fatalf("no rtt line:\n%s", out)
+			}
+			// A's round trip is 20 ms (10 ms each way): an answer any
+			// faster came from this side of the links.
+			if min, _ := strconv.ParseFloat(m[1], 64); min < 15 {
+				t.Errorf("ping's fastest round trip %s ms: faster than the links, so not the destination's answer\n%s", m[1], out)
+			}
+			t.Logf("ping %s: rtt min %s ms", tt.name, m[1])
+		})
+	}
+	for _, tt := range []struct{ name, addr string }{
+		{"no host there", "198.51.100.77"},
+		{"refused by the concentrator", udpDenied.String()},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, _ := e.run(t, "ping", "-n", "-c", "2", "-i", "0.3", "-W", "2", tt.addr)
+			if code == 0 || !strings.Contains(out, " 0 received") {
+				t.Errorf("ping %s: exit %d, want no answer\n%s", tt.addr, code, out)
+			}
+		})
+	}
+	st, raw := e.status(t, "--socket", e.serverSocket())
+	if st.UDP == nil || st.UDP.Pings < 6 || st.UDP.Echoes < 6 {
+		t.Errorf("the concentrator's ping counters:\n%s", raw)
+	}
+}
