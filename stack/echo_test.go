@@ -60,7 +60,9 @@ type echoReq struct {
 
 type echoFunc func(src, dst netip.Addr, id, seq uint16, data []byte)
 
-func (f echoFunc) HandleEcho(src, dst netip.Addr, id, seq uint16, data []byte) { f(src, dst, id, seq, data) }
+func (f echoFunc) HandleEcho(src, dst netip.Addr, id, seq uint16, data []byte) {
+	f(src, dst, id, seq, data)
+}
 
 // TestEcho: an echo request reaches the handler and is never answered by
 // the netstack itself (with or without a handler); WriteEchoReply writes
