@@ -254,7 +254,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	undos = append(undos, fwd.Close)
-	relay, err := newRelay(tc, &netstack, cfg)
+	relay, err := newRelay(tc, &netstack, pr, cfg)
 	if err != nil {
 		return err
 	}
@@ -326,7 +326,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		names = append(names, fmt.Sprintf("%s(%s via %s)", u.Name, u.Addr, u.Gateway))
 	}
 	log.Info("client up", "server", cfg.Server.String(), "tun", cfg.TUN, "uplinks", strings.Join(names, " "), "routes", fmt.Sprint(cfg.Routes),
-		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch, "dns", fmt.Sprint(cfg.DNSAddrs), "dns_hook", cfg.DNSHook, "quic", cfg.QUIC)
+		"route_all", cfg.RouteAll, "exclude", fmt.Sprint(cfg.Exclude), "allow_lan", cfg.AllowLAN, "rules", len(cfg.Rules), "kill_switch", cfg.KillSwitch, "dns", fmt.Sprint(cfg.DNSAddrs), "dns_hook", cfg.DNSHook, "quic", cfg.QUIC, "udp_transport", cfg.UDPTransport)
 	<-ctx.Done()
 	log.Info("client shutting down")
 	return nil

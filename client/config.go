@@ -28,7 +28,12 @@ import (
 	"github.com/mpvpn/mpvpn/routing"
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/udprelay"
 )
+
+// DefaultUDPTransport is how datagrams cross by default (README,
+// Decisions: chosen by measurement).
+const DefaultUDPTransport = udprelay.TransportStream
 
 // QUIC policies.
 const (
@@ -93,8 +98,15 @@ type Config struct {
 	// default) a port unreachable at once, so browsers use TCP, which
 	// mpvpn spreads over every uplink; QUICTunnel the UDP relay.
 	QUIC string
-	MTU  int
-	Mark uint32
+	// UDPTransport carries the UDP datagrams and pings:
+	// udprelay.TransportStream (in one tunnel flow) or TransportUplinks
+	// (as packets over the live uplink with the lowest RTT); "": the
+	// default, DefaultUDPTransport. UDPDuplicate > 0 sends datagrams of
+	// at most that many bytes over the two best uplinks (uplinks only).
+	UDPTransport string
+	UDPDuplicate int
+	MTU          int
+	Mark         uint32
 	// Table is the first routing table and rule priority mpvpn owns; it
 	// owns it and the next 199.
 	Table          int
@@ -139,6 +151,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.QUIC == "" {
 		c.QUIC = QUICBlock
+	}
+	if c.UDPTransport == "" {
+		c.UDPTransport = DefaultUDPTransport
 	}
 	if c.MTU == 0 {
 		c.MTU = tun.DefaultMTU
@@ -235,6 +250,15 @@ func (c Config) Validate() error {
 				bad("--dns-address %s is inside --exclude %s: its queries would leave outside the tunnel", a, p)
 			}
 		}
+	}
+	if c.UDPTransport != udprelay.TransportStream && c.UDPTransport != udprelay.TransportUplinks {
+		bad("--udp-transport %q: want %s or %s", c.UDPTransport, udprelay.TransportStream, udprelay.TransportUplinks)
+	}
+	if c.UDPDuplicate < 0 || c.UDPDuplicate > 65535 {
+		bad("--udp-duplicate %d: want 0 (off) to 65535 bytes", c.UDPDuplicate)
+	}
+	if c.UDPDuplicate > 0 && c.UDPTransport != udprelay.TransportUplinks {
+		bad("--udp-duplicate needs --udp-transport %s: the stream carries each datagram once, over every uplink", udprelay.TransportUplinks)
 	}
 	if c.QUIC != QUICBlock && c.QUIC != QUICTunnel {
 		bad("--quic %q: want %s or %s", c.QUIC, QUICBlock, QUICTunnel)

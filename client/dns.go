@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mpvpn/mpvpn/dnsrelay"
+	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tunnel"
 	"github.com/mpvpn/mpvpn/udprelay"
@@ -89,8 +90,23 @@ const quicPort = 443
 
 // newRelay is the client's UDP relay: its datagrams go through the
 // tunnel's datagram service, the answers back into the netstack.
-func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], cfg Config) (*udprelay.Client, error) {
+func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], pr *probe.Prober, cfg Config) (*udprelay.Client, error) {
 	return udprelay.NewClient(udprelay.ClientConfig{
+		Transport:      cfg.UDPTransport,
+		Server:         cfg.Server,
+		Mark:           cfg.Mark,
+		DuplicateBelow: cfg.UDPDuplicate,
+		// The live uplinks, as the liveness probes judge them: a path
+		// the probes find dead is left within about half a second.
+		Paths: func() []udprelay.Path {
+			var ps []udprelay.Path
+			for _, s := range pr.Status() {
+				if s.Known && s.Alive && s.Src.IsValid() {
+					ps = append(ps, udprelay.Path{Name: s.Name, Addr: s.Src, RTT: s.RTT})
+				}
+			}
+			return ps
+		},
 		Dial: func(ctx context.Context) (net.Conn, error) {
 			c, err := tc.DialService(ctx, tunnel.ServiceDatagrams)
 			if err != nil {

@@ -80,11 +80,13 @@ type Stats struct {
 	NotAllowed  uint64 // refused by policy; no dial was made
 	// DNS: the resolver service's streams and queries.
 	DNSStreams, DNSQueries, DNSFailed uint64
-	// UDP: the datagram service (Up: client → destination).
-	UDP       udprelay.Stats
-	BytesUp   uint64 // client → destination
-	BytesDown uint64 // destination → client
-	Tunnel    tunnel.ServerStats
+	// UDP: the datagram service (Up: client → destination); of it, the
+	// packets on the uplinks' paths accepted and rejected.
+	UDP                             udprelay.Stats
+	UDPPathPackets, UDPPathRejected uint64
+	BytesUp                         uint64 // client → destination
+	BytesDown                       uint64 // destination → client
+	Tunnel                          tunnel.ServerStats
 }
 
 // Server is a running concentrator.
@@ -103,7 +105,13 @@ type Server struct {
 	dns                                                  *dnsrelay.Upstream // nil: no resolver service
 	dnsStreams, dnsQueries, dnsFailed                    atomic.Uint64
 	udp                                                  udprelay.Counters
+	sessions                                             udprelay.Sessions
 }
+
+// UDPSessions are the datagram streams' path sessions, whose packets
+// arrive on the UDP port the probes use: the probe responder hands them
+// over (HandlePacket) and sends for them (Send, to be set before Serve).
+func (s *Server) UDPSessions() *udprelay.Sessions { return &s.sessions }
 
 // Listen binds the listener and prepares the server; nothing is served
 // until Serve. A port in use fails here, before anything else happens.
@@ -339,6 +347,7 @@ func (s *Server) handleDatagrams(ctx context.Context, f *tunnel.Flow, log *slog.
 		IdleTimeout: s.cfg.UDPIdleTimeout,
 		MaxFlows:    s.cfg.MaxUDPFlowsPerClient,
 		Counters:    &s.udp,
+		Sessions:    &s.sessions,
 		Logger:      log,
 	})
 	if err != nil {
@@ -367,21 +376,24 @@ func (s *Server) verdictFor(err error) tunnel.Verdict {
 
 // Stats returns a snapshot of the counters.
 func (s *Server) Stats() Stats {
+	pathIn, pathRejected := s.sessions.Stats()
 	return Stats{
-		Active:      s.active.Load(),
-		Flows:       s.flows.Load(),
-		Connected:   s.connected.Load(),
-		Refused:     s.refused.Load(),
-		Unreachable: s.unreach.Load(),
-		TimedOut:    s.timedOut.Load(),
-		NotAllowed:  s.denied.Load(),
-		DNSStreams:  s.dnsStreams.Load(),
-		DNSQueries:  s.dnsQueries.Load(),
-		DNSFailed:   s.dnsFailed.Load(),
-		UDP:         s.udp.Stats(),
-		BytesUp:     s.bytesUp.Load(),
-		BytesDown:   s.bytesDown.Load(),
-		Tunnel:      s.tun.Stats(),
+		UDPPathPackets:  pathIn,
+		UDPPathRejected: pathRejected,
+		Active:          s.active.Load(),
+		Flows:           s.flows.Load(),
+		Connected:       s.connected.Load(),
+		Refused:         s.refused.Load(),
+		Unreachable:     s.unreach.Load(),
+		TimedOut:        s.timedOut.Load(),
+		NotAllowed:      s.denied.Load(),
+		DNSStreams:      s.dnsStreams.Load(),
+		DNSQueries:      s.dnsQueries.Load(),
+		DNSFailed:       s.dnsFailed.Load(),
+		UDP:             s.udp.Stats(),
+		BytesUp:         s.bytesUp.Load(),
+		BytesDown:       s.bytesDown.Load(),
+		Tunnel:          s.tun.Stats(),
 	}
 }
 

@@ -55,6 +55,13 @@ type UDP struct {
 	// Pings are the echo requests carried, Echoes the replies.
 	Pings  uint64 `json:"pings"`
 	Echoes uint64 `json:"echoes"`
+	// PathOut and PathIn are the packets sent and accepted on the
+	// uplinks' own paths (--udp-transport uplinks) rather than in the
+	// stream; PathRejected those the server dropped (no session, failed
+	// authentication, replayed).
+	PathOut      uint64 `json:"path_out"`
+	PathIn       uint64 `json:"path_in"`
+	PathRejected uint64 `json:"path_rejected,omitempty"`
 }
 
 // Counts lists the UDP counters, in a fixed order, with the names of the
@@ -62,7 +69,7 @@ type UDP struct {
 func (u UDP) Counts() []Count {
 	return []Count{{"streams", u.Streams}, {"up", u.Up}, {"down", u.Down}, {"up_bytes", u.UpBytes}, {"down_bytes", u.DownBytes},
 		{"refused", u.Refused}, {"dropped", u.Dropped}, {"sockets", u.Sockets}, {"evicted", u.Evicted}, {"send_errors", u.SendErrors},
-		{"pings", u.Pings}, {"echoes", u.Echoes}}
+		{"pings", u.Pings}, {"echoes", u.Echoes}, {"path_out", u.PathOut}, {"path_in", u.PathIn}, {"path_rejected", u.PathRejected}}
 }
 
 // DNS counts the DNS queries mpvpn carried.

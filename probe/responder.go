@@ -56,6 +56,13 @@ type ResponderConfig struct {
 	// DefaultGlobalRate).
 	ClientRate, ClientBurst int
 	GlobalRate              int
+
+	// Other takes the datagrams on the socket that are not probe
+	// requests (any other size): the UDP relay's packets share the port.
+	// It runs on Serve's goroutine, so it must not block, and must copy
+	// pkt to keep it; to is the local address it was sent to (invalid
+	// when unknown). nil: they are dropped as malformed.
+	Other func(pkt []byte, from netip.AddrPort, to netip.Addr)
 }
 
 // ResponderStats counts what a Responder did with the datagrams it read.
@@ -91,6 +98,9 @@ type Responder struct {
 
 	requests, replies, malformed, unknownID, badMAC, stale,
 	replayed, clientLimit, globalLimit, writeErrors atomic.Uint64
+
+	other func(pkt []byte, from netip.AddrPort, to netip.Addr)
+	conn  atomic.Pointer[sendConn] // while Serve runs on a *net.UDPConn
 }
 
 // peer is one client. Everything mutable is behind mu; opening a request
@@ -142,6 +152,7 @@ func NewResponder(cfg ResponderConfig) (*Responder, error) {
 		now:     cfg.Now,
 		horizon: cfg.Horizon,
 		global:  tokenbucket.New(cfg.GlobalRate, max(cfg.GlobalRate/10, 1)),
+		other:   cfg.Other,
 	}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -287,9 +298,19 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 			r.log.Warn("probe: replies leave from the routed source address, not the one asked", "err", err)
 		}
 	}
+	if uc != nil {
+		r.conn.Store(&sendConn{uc: uc, pi: pi})
+		defer r.conn.Store(nil)
+	}
 	var oob [128]byte
-	var to netip.Addr            // the address the request was sent to
-	var in [RequestSize + 1]byte // one byte more, so a longer datagram shows as such
+	var to netip.Addr // the address the request was sent to
+	// One byte more than a request, so a longer datagram shows as such;
+	// the largest datagram when others share the port.
+	inBuf := make([]byte, RequestSize+1)
+	if r.other != nil {
+		inBuf = make([]byte, 65536)
+	}
+	in := inBuf
 	var out [ReplySize]byte
 	var fails int
 	for {
@@ -330,6 +351,12 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 			continue
 		}
 		fails = 0
+		if n != RequestSize && r.other != nil {
+			if from.IsValid() {
+				r.other(in[:n], from, to)
+			}
+			continue
+		}
 		b := r.handle(in[:n], out[:])
 		if b == nil {
 			continue
@@ -347,6 +374,31 @@ func (r *Responder) Serve(ctx context.Context, pc net.PacketConn) error {
 			r.writeErrors.Add(1)
 		}
 	}
+}
+
+// sendConn is the socket Serve reads, for Send.
+type sendConn struct {
+	uc *net.UDPConn
+	pi *pktinfo
+}
+
+// Send writes b to dst from the socket Serve reads (from the local
+// address src, when valid and the socket allows it): how the UDP relay
+// answers over the port it shares with the probes.
+func (r *Responder) Send(b []byte, dst netip.AddrPort, src netip.Addr) error {
+	c := r.conn.Load()
+	if c == nil {
+		return fmt.Errorf("probe: send: %w", net.ErrClosed)
+	}
+	var o []byte
+	if c.pi != nil && src.IsValid() {
+		// A copy: Serve builds its replies' control messages in the
+		// shared one's buffer.
+		pi := *c.pi
+		o = pi.src(src)
+	}
+	_, _, err := c.uc.WriteMsgUDPAddrPort(b, o, dst)
+	return err
 }
 
 // Stats returns the counters since NewResponder.

@@ -37,6 +37,12 @@
 #             resolver vs straight to the concentrator's resolver (dnsmasq on the
 #             concentrator), UDP and TCP, and mpvpn's first lookup
 #                                                         ms | in RTTs
+#   udp       issue 10's transport choice, on the shaped links with 1 % loss on A:
+#             a voice-like stream (voicebench: 50 datagrams/s of 160 bytes, echoed)
+#             with A lossy, during a 5 s outage of A (blackhole: carrier up) and
+#             after it, for --udp-transport stream, uplinks, and uplinks with
+#             --udp-duplicate: p50 / p99 round trip in ms | loss %; and iperf3 -u
+#             at a fixed offered rate: received Mbit/s | loss %
 #   flood     the real client's new flows (newflows: connect → first byte of a
 #             small HTTP reply through the TUN), without and during a handshake
 #             flood (hsflood: 64 source addresses, silent and garbage
@@ -65,12 +71,13 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup flood memory outage"}
+ONLY=${ONLY:-"agg unshaped setup flood memory outage udp"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FLOWS=${FLOWS:-"1000 10000"}
 if [ -z "${PEERS:-}" ]; then
-	if [ -f scripts/peers.sh ]; then PEERS=scripts/peers.sh; else PEERS=/work/shared/bench/peers.sh; fi
+	# ../shared beside the repository (the script runs from its root).
+	if [ -f scripts/peers.sh ]; then PEERS=scripts/peers.sh; else PEERS=../shared/bench/peers.sh; fi
 fi
 PA_WORK=${PA_WORK:-/tmp/pa-work}
 T0=$(date +%s)
@@ -251,6 +258,7 @@ go build -o "$BIN/mpvpn-topo" ./test/netns/cmd/mpvpn-topo || die "go build mpvpn
 go build -o "$BIN/bench-idleflows" ./test/netns/cmd/bench-idleflows || die "go build bench-idleflows"
 go build -o "$BIN/hsflood" ./test/netns/cmd/hsflood || die "go build hsflood"
 go build -o "$BIN/newflows" ./test/netns/cmd/newflows || die "go build newflows"
+go build -o "$BIN/voicebench" ./test/netns/cmd/voicebench || die "go build voicebench"
 MPVPN=$BIN/mpvpn
 (umask 077 && "$MPVPN" keygen >"$WORK/server.key" && "$MPVPN" keygen >"$WORK/client.key") || die "mpvpn keygen"
 chmod 600 "$WORK"/*.key
@@ -702,10 +710,59 @@ memory() {
 	stop_pid "$SERVER_PID"
 }
 
+# ------------------------------------------------------------------ udp: the datagram transport
+VOICE_RATE=${VOICE_RATE:-20M}
+udp_section() {
+	topo_up --rate-a 40mbit --delay-a 10ms --loss-a 1% --rate-b 20mbit --delay-b 25ms || { row udp "topology" "FAIL" "-" "mpvpn-topo up"; return; }
+	bg voice-inet "$NS_INET" "$BIN/voicebench" -listen "$DEST_ADDR:7007"
+	bg iperfu-inet "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
+	wait_listen "$NS_INET" 5201 10 || die "no iperf3 server"
+	start_server || die "mpvpn server did not start"
+	local name args out l
+	for name in "stream" "uplinks" "uplinks, duplicated"; do
+		case $name in
+		stream) args=(--udp-transport stream) ;;
+		uplinks) args=(--udp-transport uplinks) ;;
+		*) args=(--udp-transport uplinks --udp-duplicate 400) ;;
+		esac
+		start_client "${args[@]}" || { row udp "$name" "FAIL" "-" "client did not come up"; continue; }
+		# Warm: the datagram stream and its session.
+		ip netns exec "$NS_CLI" "$BIN/voicebench" -to "$DEST_ADDR:7007" -duration 2s >/dev/null 2>&1
+		log "udp $name: voice 30 s, A lossy (1 %), dark from 10 s to 15 s"
+		out=$WORK/voice-$CLIENT_N.json
+		ip netns exec "$NS_CLI" "$BIN/voicebench" -to "$DEST_ADDR:7007" -duration 30s -phases "A 1% loss:0-10,A dark:10-15,after:15-30" >"$out" 2>&1 &
+		local vp=$!
+		sleep 10
+		"$BIN/mpvpn-topo" link --prefix "$PREFIX" --uplink a --blackhole on >&2
+		sleep 5
+		"$BIN/mpvpn-topo" link --prefix "$PREFIX" --uplink a --blackhole off >&2
+		wait $vp
+		while read -r l; do
+			local ph p50 p99 loss
+			ph=$(echo "$l" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["phase"])' 2>/dev/null) || continue
+			read -r p50 p99 loss < <(echo "$l" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("%.1f %.1f %.1f" % (d["p50_ms"], d["p99_ms"], d["loss_pct"]))')
+			log "  $ph: p50 $p50 ms, p99 $p99 ms, loss $loss %"
+			row udp "voice, $name: $ph" "p50 $p50 ms, p99 $p99 ms" "loss $loss %" "50/s × 160 B; RTT A 20 ms, B 50 ms"
+		done <"$out"
+		log "udp $name: iperf3 -u -b $VOICE_RATE, A lossy"
+		local j=$WORK/iperfu-$CLIENT_N.json
+		if ip netns exec "$NS_CLI" iperf3 -u -c "$DEST_ADDR" -p 5201 -b "$VOICE_RATE" -l 1200 -t "$T" -J >"$j" 2>/dev/null; then
+			read -r mbps lossp < <("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1]))["end"]["sum"]; print("%.1f %.2f" % (d["bits_per_second"]*(1-d["lost_percent"]/100)/1e6, d["lost_percent"]))' "$j")
+			row udp "iperf3 -u at $VOICE_RATE, $name" "$mbps Mbit/s received" "loss $lossp %" "1200-byte datagrams, $T s; A 1 % loss"
+		else
+			row udp "iperf3 -u at $VOICE_RATE, $name" "FAIL" "-" "iperf3 failed"
+		fi
+		stop_pid "$CLIENT_PID"
+	done
+	stop_pid "$SERVER_PID"
+	topo_down "$PREFIX"
+}
+
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
 if want agg || want setup || want flood; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
+if want udp; then udp_section; fi
 if want outage; then
 	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"
 	bash scripts/bench_outage.sh >"$WORK/outage.md" || log "outage bench failed (exit $?)"

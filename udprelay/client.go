@@ -5,6 +5,7 @@ package udprelay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -33,7 +34,18 @@ type ClientConfig struct {
 	QueueBytes  int           // 0: DefaultQueueBytes
 	// DialTimeout bounds a dial of the stream; 0: 10 s.
 	DialTimeout time.Duration
-	Logger      *slog.Logger
+	// Transport is TransportStream ("" too) or TransportUplinks; with
+	// the latter, Paths lists the live uplinks (the prober's), Server is
+	// the concentrator's address and Mark the SO_MARK of the path
+	// sockets. DuplicateBelow: a datagram of at most this many bytes of
+	// payload goes over the two best paths (0: none), and so do its
+	// answers.
+	Transport      string
+	Paths          func() []Path
+	Server         netip.AddrPort
+	Mark           uint32
+	DuplicateBelow int
+	Logger         *slog.Logger
 }
 
 // ClientStats are a Client's counters. Up is app → concentrator.
@@ -48,6 +60,9 @@ type ClientStats struct {
 	DialsFailed uint64
 	Pings       uint64 // echo requests sent on
 	Echoes      uint64 // echo replies written back
+	// PathOut and PathIn count the packets sent and accepted over the
+	// uplinks (TransportUplinks); the rest went in the stream.
+	PathOut, PathIn uint64
 }
 
 // Client carries the applications' datagrams over one stream at a time,
@@ -70,7 +85,10 @@ type Client struct {
 	nextID uint32
 
 	up, down, upBytes, downBytes, refused, dropped, dials, dialsFailed atomic.Uint64
-	pings, echoes                                                      atomic.Uint64
+	pings, echoes, pathOut, pathIn                                     atomic.Uint64
+
+	sess  atomic.Pointer[session] // the stream's path session
+	paths *clientPaths
 }
 
 // cflow is one application socket's flow, or one pinging socket's (app
@@ -100,6 +118,17 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = 10 * time.Second
 	}
+	switch cfg.Transport {
+	case "":
+		cfg.Transport = TransportStream
+	case TransportStream:
+	case TransportUplinks:
+		if cfg.Paths == nil || !cfg.Server.IsValid() {
+			return nil, errors.New("udprelay: the uplinks transport needs Paths and Server")
+		}
+	default:
+		return nil, fmt.Errorf("udprelay: transport %q: want %s or %s", cfg.Transport, TransportStream, TransportUplinks)
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -108,6 +137,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		cfg: cfg, log: log, out: newQueue(cfg.QueueBytes), done: make(chan struct{}), start: time.Now(),
 		byApp: map[netip.AddrPort]*cflow{}, byEcho: map[netip.AddrPort]*cflow{}, byID: map[uint32]*cflow{},
 	}
+	c.paths = &clientPaths{c: c, socks: map[netip.Addr]*pathSock{}}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	go c.run()
 	return c, nil
@@ -127,7 +157,7 @@ func (c *Client) Stats() ClientStats {
 	c.mu.Unlock()
 	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(), Refused: c.refused.Load(),
 		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load(),
-		Pings: c.pings.Load(), Echoes: c.echoes.Load()}
+		Pings: c.pings.Load(), Echoes: c.echoes.Load(), PathOut: c.pathOut.Load(), PathIn: c.pathIn.Load()}
 }
 
 func (c *Client) now() int64 { return int64(time.Since(c.start)) }
@@ -141,6 +171,12 @@ func (c *Client) HandleUDP(app, dst netip.AddrPort, payload []byte) bool {
 	}
 	f := c.flow(app, dst.Port() == 53)
 	b, err := appendMsg(make([]byte, 0, headerSize+len(payload)), kindData, f.id, dst, payload)
+	if err == nil && c.sendPaths(b, len(payload) <= c.cfg.DuplicateBelow) {
+		c.pathOut.Add(1)
+		c.up.Add(1)
+		c.upBytes.Add(uint64(len(payload)))
+		return true
+	}
 	if err != nil || !c.out.put(b) {
 		c.dropped.Add(1)
 		return true
@@ -159,6 +195,11 @@ func (c *Client) HandleEcho(src, dst netip.Addr, id, seq uint16, data []byte) {
 	}
 	f := c.flowIn(c.byEcho, netip.AddrPortFrom(src, id), true, true)
 	b, err := appendMsg(make([]byte, 0, headerSize+len(data)), kindEcho, f.id, netip.AddrPortFrom(dst, seq), data)
+	if err == nil && c.sendPaths(b, len(data) <= c.cfg.DuplicateBelow) {
+		c.pathOut.Add(1)
+		c.pings.Add(1)
+		return
+	}
 	if err != nil || !c.out.put(b) {
 		c.dropped.Add(1)
 		return
@@ -205,8 +246,12 @@ func (c *Client) flowIn(table map[netip.AddrPort]*cflow, app netip.AddrPort, dns
 // run keeps a stream while there are datagrams to carry.
 func (c *Client) run() {
 	defer close(c.done)
+	defer c.paths.close()
 	sweep := time.NewTicker(min(c.cfg.IdleTimeout, DefaultDNSIdleTimeout) / 4)
 	defer sweep.Stop()
+	// The paths follow the prober's verdicts within this long.
+	paths := time.NewTicker(100 * time.Millisecond)
+	defer paths.Stop()
 	backoff := time.Duration(0)
 	for {
 		// Wait for something to send.
@@ -215,6 +260,9 @@ func (c *Client) run() {
 			return
 		case <-sweep.C:
 			c.expire()
+			continue
+		case <-paths.C:
+			c.paths.refresh()
 			continue
 		case <-c.out.ready:
 		}
@@ -238,12 +286,14 @@ func (c *Client) run() {
 		}
 		c.dials.Add(1)
 		backoff = 0
-		c.serve(conn, sweep.C)
+		c.serve(conn, sweep.C, paths.C)
+		// Its session went with it.
+		c.sess.Store(nil)
 	}
 }
 
 // serve carries datagrams over conn until it fails or the Client closes.
-func (c *Client) serve(conn net.Conn, sweep <-chan time.Time) {
+func (c *Client) serve(conn net.Conn, sweep, paths <-chan time.Time) {
 	ctx, cancel := context.WithCancel(c.ctx)
 	defer cancel()
 	readDone := make(chan struct{})
@@ -263,6 +313,9 @@ func (c *Client) serve(conn net.Conn, sweep <-chan time.Time) {
 		select {
 		case <-sweep:
 			c.expire()
+			continue
+		case <-paths:
+			c.paths.refresh()
 			continue
 		case err := <-writeDone:
 			if ctx.Err() == nil {
@@ -289,40 +342,63 @@ func (c *Client) read(conn net.Conn) {
 			}
 			return
 		}
-		c.mu.Lock()
-		f := c.byID[m.flow]
-		c.mu.Unlock()
-		if f == nil {
-			c.dropped.Add(1) // a flow forgotten meanwhile
+		if m.kind == kindSession {
+			if len(m.payload) != sessionKeys {
+				c.log.Debug("datagram stream: a malformed session")
+				continue
+			}
+			// The client sends with the first key, receives with the
+			// second (copied: the payload is the read buffer).
+			keys := append([]byte(nil), m.payload...)
+			s, err := newSession(m.flow, keys[:32], keys[32:])
+			if err != nil {
+				continue
+			}
+			c.sess.Store(s)
 			continue
 		}
-		switch m.kind {
-		case kindEcho:
-			if !f.echo || c.cfg.EchoReply == nil {
-				continue
-			}
-			f.last.Store(c.now())
-			if err := c.cfg.EchoReply(m.addr.Addr(), f.app.Addr(), f.app.Port(), m.addr.Port(), m.payload); err != nil {
-				c.dropped.Add(1)
-				continue
-			}
-			c.echoes.Add(1)
-		case kindData:
-			if f.echo {
-				continue
-			}
-			f.last.Store(c.now())
-			if err := c.cfg.Write(m.addr, f.app, m.payload); err != nil {
-				c.dropped.Add(1)
-				continue
-			}
-			c.down.Add(1)
-			c.downBytes.Add(uint64(len(m.payload)))
-		case kindRefused:
-			c.refused.Add(1)
-			if c.cfg.Refused != nil {
-				c.cfg.Refused(f.app, m.addr)
-			}
+		c.dispatch(m)
+	}
+}
+
+// dispatch hands one message of the concentrator's, from the stream or
+// a path, to the application it is for.
+func (c *Client) dispatch(m msg) {
+	c.mu.Lock()
+	f := c.byID[m.flow]
+	c.mu.Unlock()
+	if f == nil {
+		if m.kind != kindKeepalive {
+			c.dropped.Add(1) // a flow forgotten meanwhile
+		}
+		return
+	}
+	switch m.kind {
+	case kindEcho:
+		if !f.echo || c.cfg.EchoReply == nil {
+			return
+		}
+		f.last.Store(c.now())
+		if err := c.cfg.EchoReply(m.addr.Addr(), f.app.Addr(), f.app.Port(), m.addr.Port(), m.payload); err != nil {
+			c.dropped.Add(1)
+			return
+		}
+		c.echoes.Add(1)
+	case kindData:
+		if f.echo {
+			return
+		}
+		f.last.Store(c.now())
+		if err := c.cfg.Write(m.addr, f.app, m.payload); err != nil {
+			c.dropped.Add(1)
+			return
+		}
+		c.down.Add(1)
+		c.downBytes.Add(uint64(len(m.payload)))
+	case kindRefused:
+		c.refused.Add(1)
+		if c.cfg.Refused != nil {
+			c.cfg.Refused(f.app, m.addr)
 		}
 	}
 }

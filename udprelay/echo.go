@@ -187,7 +187,7 @@ func (e *echoer) receive() {
 			continue
 		}
 		out, err := appendMsg(nil, kindEcho, p.flow, netip.AddrPortFrom(src, p.seq), b[8:])
-		if err != nil || !e.s.out.put(out) {
+		if err != nil || !e.s.deliver(out) {
 			e.s.n.dropped.Add(1)
 			continue
 		}

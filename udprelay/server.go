@@ -46,6 +46,10 @@ type ServerConfig struct {
 	// Counters, shared by every stream of a concentrator, count what
 	// they carry as they carry it; nil: a stream's own.
 	Counters *Counters
+	// Sessions, when set, opens a path session for each stream, so that
+	// its client may send and receive its datagrams as UDP packets over
+	// each uplink instead of in the stream.
+	Sessions *Sessions
 	Logger   *slog.Logger
 }
 
@@ -111,6 +115,16 @@ type server struct {
 	flows   map[uint32]*sflow
 	echoers [2]*echoer // IPv4, IPv6; opened on the first ping
 	noEcho  [2]bool    // could not open one: said once
+	sess    *serverSession
+}
+
+// deliver sends a message to the client: over its paths when it uses
+// them, else in the stream. False: dropped (a full queue).
+func (s *server) deliver(m []byte) bool {
+	if s.sess != nil && s.sess.deliver(s.cfg.Sessions, m) {
+		return true
+	}
+	return s.out.put(m)
 }
 
 // sflow is one application socket of the client's: a UDP socket per
@@ -137,6 +151,13 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error 
 	defer cancel()
 	s := &server{cfg: cfg, ctx: ctx, out: newQueue(cfg.QueueBytes), n: cfg.Counters, start: time.Now(), flows: map[uint32]*sflow{}}
 
+	if cfg.Sessions != nil {
+		if err := s.openSession(); err != nil {
+			cfg.Logger.Warn("no path session for this client: its datagrams stay in the stream", "err", err)
+		} else {
+			defer cfg.Sessions.remove(s.sess)
+		}
+	}
 	var werr error
 	writerDone := make(chan struct{})
 	go func() {
@@ -156,6 +177,9 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error 
 				rerr = err
 			}
 			break
+		}
+		if s.sess != nil {
+			s.sess.viaStream()
 		}
 		switch m.kind {
 		case kindData:
@@ -191,12 +215,41 @@ func ServeStream(ctx context.Context, rw io.ReadWriter, cfg ServerConfig) error 
 
 func (s *server) now() int64 { return int64(time.Since(s.start)) }
 
+// openSession makes the stream's path session and sends its index and
+// keys to the client, first thing on the stream.
+func (s *server) openSession() error {
+	for range 8 { // a free index: 2^32 of them, so at once
+		idx, keys, err := newSessionKeys()
+		if err != nil {
+			return err
+		}
+		c2s, s2c := keys[:32], keys[32:]
+		ses, err := newSession(idx, s2c, c2s)
+		if err != nil {
+			return err
+		}
+		ss := &serverSession{session: ses, srv: s}
+		if !s.cfg.Sessions.add(ss) {
+			continue
+		}
+		m, err := appendMsg(nil, kindSession, idx, netip.AddrPortFrom(netip.IPv4Unspecified(), 0), keys[:])
+		if err != nil {
+			s.cfg.Sessions.remove(ss)
+			return err
+		}
+		s.out.put(m)
+		s.sess = ss
+		return nil
+	}
+	return errors.New("udprelay: no free session index")
+}
+
 // send sends one datagram of the client's to its destination.
 func (s *server) send(m msg) {
 	if s.cfg.Check != nil {
 		if err := s.cfg.Check(m.addr); err != nil {
 			s.n.refused.Add(1)
-			if b, err := appendMsg(nil, kindRefused, m.flow, m.addr, nil); err == nil && !s.out.put(b) {
+			if b, err := appendMsg(nil, kindRefused, m.flow, m.addr, nil); err == nil && !s.deliver(b) {
 				s.n.dropped.Add(1)
 			}
 			return
@@ -375,7 +428,7 @@ func (s *server) receive(f *sflow, c *net.UDPConn) {
 			continue
 		}
 		f.last.Store(s.now())
-		if !s.out.put(out) {
+		if !s.deliver(out) {
 			s.n.dropped.Add(1)
 			continue
 		}

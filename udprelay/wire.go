@@ -110,8 +110,18 @@ func readMsg(r io.Reader, buf []byte) (msg, error) {
 		}
 		return msg{}, err
 	}
+	return parseBody(b)
+}
+
+// parseBody decodes a message without its length field.
+func parseBody(b []byte) (msg, error) {
+	if len(b) < headerSize-2 {
+		return msg{}, errMalformed
+	}
 	m := msg{kind: b[0], flow: binary.BigEndian.Uint32(b[1:5])}
-	if m.kind != kindData && m.kind != kindRefused && m.kind != kindEcho {
+	switch m.kind {
+	case kindData, kindRefused, kindEcho, kindSession, kindKeepalive:
+	default:
 		return msg{}, errMalformed
 	}
 	var a netip.Addr

@@ -50,6 +50,8 @@ func clientCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "dns-address", Usage: "answer DNS (UDP and TCP port 53) on this `IP`, through the tunnel to the concentrator's resolver (repeatable; routed into the TUN in every mode); default 10.77.77.53, and fd6d:7076::53 when the TUN has an IPv6 address"},
 			&cli.StringFlag{Name: "dns-hook", Usage: "point the system's resolver at the --dns-address values while the client runs: `MODE` auto (systemd-resolved when it runs, else /etc/resolv.conf), resolved, resolv.conf or off; put back on stop, `mpvpn down` and after a crash; default auto with --route-all, else off"},
 			&cli.StringFlag{Name: "quic", Value: "block", Usage: "what UDP to port 443 (QUIC, HTTP/3) gets: `block` (a port unreachable at once, so browsers fall back to TCP, which mpvpn spreads over every uplink) or tunnel (relayed like other UDP)"},
+			&cli.StringFlag{Name: "udp-transport", Usage: "how UDP datagrams and pings cross: `MODE` stream (in one tunnel flow over every uplink) or uplinks (as packets over the live uplink with the lowest round-trip time); default " + client.DefaultUDPTransport},
+			&cli.IntFlag{Name: "udp-duplicate", Usage: "with --udp-transport uplinks, send datagrams of at most `BYTES` over the two best uplinks, and have their answers sent so too (voice, games); 0: off"},
 			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
@@ -146,6 +148,8 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		cfg.DNSAddrs = append(cfg.DNSAddrs, a)
 	}
 	cfg.QUIC = c.String("quic")
+	cfg.UDPTransport = c.String("udp-transport")
+	cfg.UDPDuplicate = c.Int("udp-duplicate")
 	if h := c.String("dns-hook"); h != "" {
 		m, err := dnsconf.ParseMode(h)
 		if err != nil {

@@ -28,11 +28,15 @@ func serveProbes(ctx context.Context, srv *concentrator.Server, key tunnel.Priva
 	if err != nil {
 		return nil, fmt.Errorf("liveness probes on udp %s: %w", ta, err)
 	}
-	r, err := probe.NewResponder(probe.ResponderConfig{Key: key, Peers: peers, Logger: log, Now: srv.Now, Horizon: srv.Horizon})
+	// The UDP relay's packets over the clients' uplinks share the port.
+	sessions := srv.UDPSessions()
+	r, err := probe.NewResponder(probe.ResponderConfig{Key: key, Peers: peers, Logger: log, Now: srv.Now, Horizon: srv.Horizon,
+		Other: sessions.HandlePacket})
 	if err != nil {
 		pc.Close()
 		return nil, err
 	}
+	sessions.Send = r.Send
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {

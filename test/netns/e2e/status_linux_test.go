@@ -54,6 +54,8 @@ type statusJSON struct {
 		Dropped uint64 `json:"dropped"`
 		Pings   uint64 `json:"pings"`
 		Echoes  uint64 `json:"echoes"`
+		PathOut uint64 `json:"path_out"`
+		PathIn  uint64 `json:"path_in"`
 	} `json:"udp"`
 }
 

@@ -100,6 +100,16 @@ const pathMTUPayload = 1500 - 20 - 8
 // unreachable at once; a destination the concentrator's policy refuses is
 // refused at once; the concentrator counts what it carried.
 func TestUDP(t *testing.T) {
+	for _, tr := range udpTransports {
+		t.Run(tr, func(t *testing.T) { testUDP(t, tr) })
+	}
+}
+
+// udpTransports are --udp-transport's two values: every UDP test runs
+// over both.
+var udpTransports = []string{"stream", "uplinks"}
+
+func testUDP(t *testing.T, transport string) {
 	e := newSysEnv(t, options{topo: topo.Options{NoEmu: true}, serverArgs: []string{"--deny", udpDenied.String() + "/32"}})
 	tp := e.tp
 	tp.Exec(tp.Inet, "ip", "addr", "add", netip.PrefixFrom(dest2, 32).String(), "dev", "lo")
@@ -107,7 +117,7 @@ func TestUDP(t *testing.T) {
 	e.waitLog(t, srv, "listening", 10*time.Second)
 	iperf := tp.Start(tp.Inet, "iperf3-server", "iperf3", "-s", "-B", topo.DestAddr.String(), "-p", "5201")
 	iperf.WaitListen(netip.AddrPortFrom(topo.DestAddr, 5201).String())
-	e.startClient(t, e.key())
+	e.startClient(t, e.key(), "--udp-transport", transport)
 
 	t.Run("10000 datagrams of mixed sizes, intact", func(t *testing.T) {
 		code, out, _ := e.run(t, "python3", "-c", udpEcho, topo.DestAddr.String(), "10000", strconv.Itoa(pathMTUPayload), "32")
@@ -192,6 +202,13 @@ except OSError as e:
 		if cst.UDP == nil || cst.UDP.Up < 10000 || cst.UDP.Flows < 1 {
 			t.Errorf("the client's UDP counters do not show the traffic:\n%s", craw)
 		}
+		// Over the uplinks, nearly everything went as packets on the
+		// paths (the first datagrams ride the stream that opens the
+		// session); in the stream, nothing did.
+		onPaths := cst.UDP != nil && cst.UDP.PathOut > cst.UDP.Up*9/10 && cst.UDP.PathIn > cst.UDP.Down*9/10
+		if (transport == "uplinks") != onPaths {
+			t.Errorf("--udp-transport %s, but the client's path counters say otherwise:\n%s", transport, craw)
+		}
 	})
 }
 
@@ -225,11 +242,17 @@ print(s.recv(100).decode())`
 // uplink A in which the link stays up and nothing gets through: its
 // datagrams keep coming back (over B) during the outage.
 func TestUDPOutage(t *testing.T) {
+	for _, tr := range udpTransports {
+		t.Run(tr, func(t *testing.T) { testUDPOutage(t, tr) })
+	}
+}
+
+func testUDPOutage(t *testing.T, transport string) {
 	e := newSysEnv(t, options{topo: shaped()})
 	tp := e.tp
 	srv := tp.Start(tp.Inet, "udp-server", "python3", "-c", udpServer, topo.DestAddr.String(), topo.DestAddr.String())
 	e.waitLog(t, srv, "listening", 10*time.Second)
-	e.startClient(t, e.key())
+	e.startClient(t, e.key(), "--udp-transport", transport)
 	// 50 a second for 8 s; it prints, per second, how many replies came.
 	stream := `import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
