@@ -33,7 +33,7 @@ import (
 
 // DefaultUDPTransport is how datagrams cross by default (README,
 // Decisions: chosen by measurement).
-const DefaultUDPTransport = udprelay.TransportStream
+const DefaultUDPTransport = udprelay.TransportUplinks
 
 // QUIC policies.
 const (
