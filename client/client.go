@@ -232,6 +232,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		FastOpen:  cfg.FastOpen,
 		Source:    pm.PreferredSource,
 		Now:       concentratorClock(pr, time.Now()),
+		Horizon:   pr.ServerHorizon,
 		Logger:    log,
 	})
 	if err != nil {

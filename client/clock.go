@@ -11,14 +11,19 @@ import "time"
 // the client started, a flow waits for that first reply (one round trip)
 // rather than stamp with a clock that may be off: the concentrator is
 // silent to a stamp it refuses, and the app would see a reset after the
-// handshake timeout instead.
-func concentratorClock(pr interface{ ServerNow() (time.Time, bool) }, started time.Time) func() time.Time {
+// handshake timeout instead. For the same reason, when the latest reply
+// is older than staleReply (the concentrator stopped answering for a
+// moment: restarting, say, when its next reply carries a new horizon), a
+// flow waits up to staleWait for a fresh one.
+func concentratorClock(pr serverClock, started time.Time) func() time.Time {
 	return func() time.Time {
+		first := time.Now()
 		for {
-			if t, ok := pr.ServerNow(); ok {
+			t, age, ok := pr.ServerNowAge()
+			if ok && (age < staleReply || time.Since(first) >= staleWait) {
 				return t
 			}
-			if time.Since(started) >= firstReplyWait {
+			if !ok && time.Since(started) >= firstReplyWait {
 				return time.Now()
 			}
 			time.Sleep(10 * time.Millisecond)
@@ -26,6 +31,18 @@ func concentratorClock(pr interface{ ServerNow() (time.Time, bool) }, started ti
 	}
 }
 
-// firstReplyWait: how long after start new flows wait for the first probe
-// reply, when none has come yet.
-const firstReplyWait = 2 * time.Second
+// serverClock is the prober's view of the concentrator's clock.
+type serverClock interface {
+	ServerNowAge() (time.Time, time.Duration, bool)
+}
+
+const (
+	// firstReplyWait: how long after start new flows wait for the first
+	// probe reply, when none has come yet.
+	firstReplyWait = 2 * time.Second
+	// staleReply: a reply older than this is stale, three probe
+	// intervals (100 ms each, on every path).
+	staleReply = 300 * time.Millisecond
+	// staleWait: how long a new flow waits for a fresh reply then.
+	staleWait = time.Second
+)

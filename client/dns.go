@@ -126,6 +126,22 @@ func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], pr *probe.Prob
 				s.RefuseUDP(app, dst)
 			}
 		},
+		Unreachable: func(app, dst netip.AddrPort, why int) {
+			s := st.Load()
+			if s == nil {
+				return
+			}
+			w := stack.UnreachableProhibited
+			switch why {
+			case udprelay.UnreachablePort:
+				w = stack.UnreachablePort
+			case udprelay.UnreachableHost:
+				w = stack.UnreachableHost
+			case udprelay.UnreachableNet:
+				w = stack.UnreachableNet
+			}
+			s.UnreachableUDP(app, dst, w)
+		},
 		EchoReply: func(src, dst netip.Addr, id, seq uint16, data []byte) error {
 			s := st.Load()
 			if s == nil {

@@ -92,7 +92,7 @@ func (s *stats) status() control.Status {
 	if s.udp != nil {
 		u := s.udp()
 		st.UDP = &control.UDP{Streams: u.Dials, Flows: int64(u.Flows), Up: u.Up, Down: u.Down, UpBytes: u.UpBytes, DownBytes: u.DownBytes, Refused: u.Refused, Dropped: u.Dropped,
-			Pings: u.Pings, Echoes: u.Echoes, PathOut: u.PathOut, PathIn: u.PathIn}
+			Pings: u.Pings, Echoes: u.Echoes, PathOut: u.PathOut, PathIn: u.PathIn, Unreachable: u.Unreachable}
 	}
 	for _, u := range s.pm.Status() {
 		cu := control.Uplink{

@@ -293,14 +293,32 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 }
 
 // handleService serves a flow that asks for one of the concentrator's
-// services: today the resolver, when there is one.
+// services: the UDP relay, and the resolver when there is one.
 func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	log := s.log.With("peer", f.Peer.String(), "service", f.Service.String())
-	if f.Service == tunnel.ServiceDatagrams {
-		s.handleDatagrams(ctx, f, log)
-		return
-	}
-	if f.Service != tunnel.ServiceResolver || s.dns == nil {
+	var serve func(c *tunnel.Conn) error
+	switch {
+	case f.Service == tunnel.ServiceDatagrams:
+		// Each datagram's destination meets the policy.
+		serve = func(c *tunnel.Conn) error {
+			return udprelay.ServeStream(ctx, c, udprelay.ServerConfig{
+				Check:       s.policy.Check,
+				IdleTimeout: s.cfg.UDPIdleTimeout,
+				MaxFlows:    s.cfg.MaxUDPFlowsPerClient,
+				Counters:    &s.udp,
+				Sessions:    &s.sessions,
+				Logger:      log,
+			})
+		}
+	case f.Service == tunnel.ServiceResolver && s.dns != nil:
+		serve = func(c *tunnel.Conn) error {
+			s.dnsStreams.Add(1)
+			st, err := dnsrelay.ServeStream(ctx, c, s.dns, 0, log)
+			s.dnsQueries.Add(st.Queries)
+			s.dnsFailed.Add(st.Failed)
+			return err
+		}
+	default:
 		s.denied.Add(1)
 		log.Info("service refused: not offered here")
 		f.Refuse(tunnel.NotAllowed)
@@ -314,44 +332,14 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	defer c.Close()
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
-	s.dnsStreams.Add(1)
 	s.active.Add(1)
 	defer s.active.Add(-1)
+	// The services read until the stream ends: closing it is how a stop
+	// reaches them.
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
-	st, err := dnsrelay.ServeStream(ctx, c, s.dns, 0, log)
-	s.dnsQueries.Add(st.Queries)
-	s.dnsFailed.Add(st.Failed)
-	if err != nil {
-		log.Debug("resolver stream ended with error", "err", err, "queries", st.Queries)
-	}
-}
-
-// handleDatagrams relays a client's UDP datagrams (package udprelay),
-// each destination checked against the policy.
-func (s *Server) handleDatagrams(ctx context.Context, f *tunnel.Flow, log *slog.Logger) {
-	c, err := f.Accept()
-	if err != nil {
-		log.Debug("accept failed", "err", err)
-		return
-	}
-	defer c.Close()
-	c.SetFrameTimeout(s.cfg.FrameTimeout)
-	s.connected.Add(1)
-	s.active.Add(1)
-	defer s.active.Add(-1)
-	stop := context.AfterFunc(ctx, func() { c.Close() })
-	defer stop()
-	err = udprelay.ServeStream(ctx, c, udprelay.ServerConfig{
-		Check:       s.policy.Check,
-		IdleTimeout: s.cfg.UDPIdleTimeout,
-		MaxFlows:    s.cfg.MaxUDPFlowsPerClient,
-		Counters:    &s.udp,
-		Sessions:    &s.sessions,
-		Logger:      log,
-	})
-	if err != nil {
-		log.Debug("datagram stream ended with error", "err", err)
+	if err := serve(c); err != nil {
+		log.Debug("service stream ended with error", "err", err)
 	}
 }
 

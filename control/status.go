@@ -62,6 +62,9 @@ type UDP struct {
 	PathOut      uint64 `json:"path_out"`
 	PathIn       uint64 `json:"path_in"`
 	PathRejected uint64 `json:"path_rejected,omitempty"`
+	// Unreachable are the ICMP errors for datagrams that the server got
+	// back from the destinations and the client passed on to the apps.
+	Unreachable uint64 `json:"unreachable"`
 }
 
 // Counts lists the UDP counters, in a fixed order, with the names of the
@@ -69,7 +72,7 @@ type UDP struct {
 func (u UDP) Counts() []Count {
 	return []Count{{"streams", u.Streams}, {"up", u.Up}, {"down", u.Down}, {"up_bytes", u.UpBytes}, {"down_bytes", u.DownBytes},
 		{"refused", u.Refused}, {"dropped", u.Dropped}, {"sockets", u.Sockets}, {"evicted", u.Evicted}, {"send_errors", u.SendErrors},
-		{"pings", u.Pings}, {"echoes", u.Echoes}, {"path_out", u.PathOut}, {"path_in", u.PathIn}, {"path_rejected", u.PathRejected}}
+		{"pings", u.Pings}, {"echoes", u.Echoes}, {"path_out", u.PathOut}, {"path_in", u.PathIn}, {"path_rejected", u.PathRejected}, {"unreachable", u.Unreachable}}
 }
 
 // DNS counts the DNS queries mpvpn carried.

@@ -103,12 +103,19 @@ func (c *serverClock) add(server, horizon int64, at time.Time) {
 // reading), and the horizon of the latest reply; ok is false when there is
 // no sample of the last clockMaxAge.
 func (c *serverClock) at(now time.Time) (server, horizon int64, ok bool) {
+	server, horizon, _, ok = c.atAge(now)
+	return server, horizon, ok
+}
+
+// atAge is at, with how long ago the latest reply arrived.
+func (c *serverClock) atAge(now time.Time) (server, horizon int64, age time.Duration, ok bool) {
 	t := c.since(now)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.have || t-c.last.at > int64(clockMaxAge) {
-		return 0, 0, false
+		return 0, 0, 0, false
 	}
+	age = time.Duration(t - c.last.at)
 	// The latest sample counts even when it is older than the window,
 	// so that a minute of silence still gives an estimate.
 	best := c.last.off
@@ -122,7 +129,7 @@ func (c *serverClock) at(now time.Time) (server, horizon int64, ok bool) {
 	if h := c.last.horizon; h != 0 && server < h+int64(horizonMargin) {
 		server = h + int64(horizonMargin)
 	}
-	return server, c.last.horizon, true
+	return server, c.last.horizon, age, true
 }
 
 // ServerNow returns the concentrator's clock as this client knows it from
@@ -142,6 +149,18 @@ func (p *Prober) ServerNow() (time.Time, bool) {
 		return time.Time{}, false
 	}
 	return time.Unix(0, server), true
+}
+
+// ServerNowAge is ServerNow, with how long ago the latest reply came:
+// replies come every probe interval on every live path, so an old one
+// means the concentrator is not answering (it may be restarting, with a
+// new horizon that a stamp made now would miss).
+func (p *Prober) ServerNowAge() (time.Time, time.Duration, bool) {
+	server, _, age, ok := p.clock.atAge(time.Now())
+	if !ok {
+		return time.Time{}, 0, false
+	}
+	return time.Unix(0, server), age, true
 }
 
 // ServerHorizon returns the replay horizon of the latest authenticated

@@ -22,6 +22,9 @@ const (
 	// prohibited), IPv6 code 1 (administratively prohibited); Linux
 	// reports EHOSTUNREACH and EACCES.
 	unreachProhibited
+	// unreachPort: IPv4 code 3, IPv6 code 4 (port unreachable);
+	// ECONNREFUSED.
+	unreachPort
 )
 
 // icmpTTL is the TTL / hop limit of the ICMP errors the stack sends; they
@@ -77,6 +80,8 @@ func unreachable4(quote []byte, kind unreach) []byte {
 		code = header.ICMPv4NetUnreachable
 	case unreachProhibited:
 		code = header.ICMPv4AdminProhibited
+	case unreachPort:
+		code = header.ICMPv4PortUnreachable
 	}
 	total := header.IPv4MinimumSize + header.ICMPv4MinimumSize + len(quote)
 	b := make([]byte, total)
@@ -105,6 +110,8 @@ func unreachable6(quote []byte, kind unreach) []byte {
 		code = header.ICMPv6NetworkUnreachable
 	case unreachProhibited:
 		code = header.ICMPv6Prohibited
+	case unreachPort:
+		code = header.ICMPv6PortUnreachable
 	}
 	b := make([]byte, header.IPv6MinimumSize+header.ICMPv6MinimumSize+len(quote))
 	ip := header.IPv6(b)

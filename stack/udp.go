@@ -163,13 +163,41 @@ func (s *Stack) WriteUDP(src, dst netip.AddrPort, payload []byte) error {
 	return nil
 }
 
-// RefuseUDP tells the application at app that its datagram to dst was
-// refused (the concentrator's destination policy): an ICMP destination
-// unreachable, administratively prohibited, from dst, quoting the IP and
-// UDP headers of such a datagram, which is all the kernel needs to find
-// the application's socket (a connected one's next call then fails with
-// EHOSTUNREACH over IPv4, EACCES over IPv6).
+// Why a UDP destination could not be reached, for UnreachableUDP.
+type Unreachable int
+
+const (
+	// UnreachableProhibited: administratively prohibited (the
+	// concentrator's policy): EHOSTUNREACH over IPv4, EACCES over IPv6.
+	UnreachableProhibited Unreachable = iota
+	// UnreachablePort: nothing listens there: ECONNREFUSED.
+	UnreachablePort
+	// UnreachableHost: no such host: EHOSTUNREACH.
+	UnreachableHost
+	// UnreachableNet: no route: ENETUNREACH.
+	UnreachableNet
+)
+
+// RefuseUDP is UnreachableUDP(app, dst, UnreachableProhibited).
 func (s *Stack) RefuseUDP(app, dst netip.AddrPort) error {
+	return s.UnreachableUDP(app, dst, UnreachableProhibited)
+}
+
+// UnreachableUDP tells the application at app that its datagram to dst
+// did not get there, and why: an ICMP destination unreachable from dst,
+// quoting the IP and UDP headers of such a datagram, which is all the
+// kernel needs to find the application's socket (a connected one's next
+// call then fails with the matching errno).
+func (s *Stack) UnreachableUDP(app, dst netip.AddrPort, why Unreachable) error {
+	kind := unreachProhibited
+	switch why {
+	case UnreachablePort:
+		kind = unreachPort
+	case UnreachableHost:
+		kind = unreachHost
+	case UnreachableNet:
+		kind = unreachNet
+	}
 	app, dst = unmapAddrPort(app), unmapAddrPort(dst)
 	if !app.Addr().IsValid() || app.Addr().Is4() != dst.Addr().Is4() {
 		return fmt.Errorf("stack: refuse UDP %v → %v: not two addresses of one family", app, dst)
@@ -201,7 +229,7 @@ func (s *Stack) RefuseUDP(app, dst netip.AddrPort) error {
 	if s.ctx.Err() != nil {
 		return fmt.Errorf("stack: refuse UDP: %w", net.ErrClosed)
 	}
-	return s.link.writeRaw(unreachable(quote, unreachProhibited))
+	return s.link.writeRaw(unreachable(quote, kind))
 }
 
 func unmapAddrPort(a netip.AddrPort) netip.AddrPort {

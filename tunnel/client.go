@@ -54,8 +54,14 @@ type ClientConfig struct {
 	// ReplayWindow behind): that way a client whose clock is wrong still
 	// connects, and the concentrator can refuse every message recorded
 	// before it restarted.
-	Now    func() time.Time
-	Logger *slog.Logger
+	Now func() time.Time
+	// Horizon, when set, is the latest replay horizon the client knows of
+	// (the prober's ServerHorizon). A handshake the concentrator closed
+	// without answering, stamped at or before a horizon learned since
+	// (the concentrator restarted after the stamp was made), is tried
+	// once more with a fresh stamp.
+	Horizon func() time.Time
+	Logger  *slog.Logger
 }
 
 // ClientStats are a Client's counters.
@@ -210,7 +216,13 @@ func (c *Client) DialService(ctx context.Context, svc Service) (*Conn, error) {
 
 func (c *Client) open(ctx context.Context, t target) (*Conn, error) {
 	c.dials.Add(1)
-	conn, err := c.dial(ctx, t)
+	conn, stamp, err := c.dial(ctx, t)
+	if err != nil && c.cfg.Horizon != nil && errors.Is(err, errNoAnswer) && ctx.Err() == nil {
+		if h := c.cfg.Horizon(); !h.IsZero() && !stamp.After(h) {
+			c.log.Debug("handshake refused after a concentrator restart; again, stamped past its new horizon", "stamp", stamp, "horizon", h)
+			conn, _, err = c.dial(ctx, t)
+		}
+	}
 	if err != nil {
 		if _, ok := errors.AsType[*VerdictError](err); ok {
 			c.rejected.Add(1)
@@ -229,7 +241,17 @@ var errHandshakeTimeout = errors.New("handshake timeout")
 // Read or Write at once.
 var aLongTimeAgo = time.Unix(1, 0)
 
-func (c *Client) dial(ctx context.Context, dst target) (*Conn, error) {
+// errNoAnswer marks a handshake the concentrator closed without an answer.
+var errNoAnswer = errors.New("closed the connection without answering")
+
+// dial makes one attempt, and says what it stamped msg1 with.
+func (c *Client) dial(ctx context.Context, dst target) (*Conn, time.Time, error) {
+	var stamp time.Time
+	conn, err := c.dialOnce(ctx, dst, &stamp)
+	return conn, stamp, err
+}
+
+func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*Conn, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
 	defer cancel()
 
@@ -248,10 +270,11 @@ func (c *Client) dial(ctx context.Context, dst target) (*Conn, error) {
 	// unauthenticated, and under load it evicts such connections, oldest
 	// first. Its timestamp is then older by the connect's duration, well
 	// within the concentrator's ReplayWindow.
-	hs, msg1, err := c.msg1For(dst)
+	hs, msg1, ts, err := c.msg1For(dst)
 	if err != nil {
 		return nil, err
 	}
+	*stamp = ts
 	// With TCP_FASTOPEN_CONNECT and a cached cookie, this returns before
 	// any packet is sent; connect errors then show on Write or Read.
 	raw, err := d.DialContext(ctx, "tcp", c.server)
@@ -337,8 +360,8 @@ func (c *Client) failed(ctx context.Context, stage string, err error) error {
 		return fmt.Errorf("tunnel: %s %s: %w", stage, c.server, context.Cause(ctx))
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
 		if stage == "handshake with" {
-			return fmt.Errorf("%w with %s: the concentrator closed the connection without answering; check that ServerKey is its key, that it lists this client's public key, and that the clocks agree: %w",
-				ErrHandshake, c.server, err)
+			return fmt.Errorf("%w with %s: the concentrator %w; check that ServerKey is its key, that it lists this client's public key, and that the clocks agree: %w",
+				ErrHandshake, c.server, errNoAnswer, err)
 		}
 	}
 	return fmt.Errorf("tunnel: %s concentrator %s: %w", stage, c.server, err)
@@ -358,30 +381,32 @@ func (c *Client) warnFallback(msg string, args ...any) {
 
 // msg1 builds the first handshake message for dst.
 func (c *Client) msg1(dst netip.AddrPort) (*noise.HandshakeState, []byte, error) {
-	return c.msg1For(target{dst: dst})
+	hs, m, _, err := c.msg1For(target{dst: dst})
+	return hs, m, err
 }
 
-// msg1For builds the first handshake message for t.
-func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, error) {
+// msg1For builds the first handshake message for t, and returns its stamp.
+func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, time.Time, error) {
 	hs, err := newHandshake(true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), c.rand)
 	if err != nil {
-		return nil, nil, fmt.Errorf("tunnel: handshake state: %w", err)
+		return nil, nil, time.Time{}, fmt.Errorf("tunnel: handshake state: %w", err)
 	}
 	now := time.Now
 	if c.now != nil {
 		now = c.now
 	}
+	ts := now()
 	var payload [msg1PayloadSize]byte
-	putMsg1Payload(payload[:], now(), dst)
+	putMsg1Payload(payload[:], ts, dst)
 	msg, _, _, err := hs.WriteMessage(make([]byte, 0, msg1Size), payload[:])
 	if err != nil {
-		return nil, nil, fmt.Errorf("tunnel: handshake: %w", err)
+		return nil, nil, time.Time{}, fmt.Errorf("tunnel: handshake: %w", err)
 	}
 	if len(msg) != msg1NoiseSize {
-		return nil, nil, fmt.Errorf("tunnel: msg1 is %d bytes, want %d", len(msg), msg1NoiseSize)
+		return nil, nil, time.Time{}, fmt.Errorf("tunnel: msg1 is %d bytes, want %d", len(msg), msg1NoiseSize)
 	}
 	m := mac1(&c.mac1, msg)
-	return hs, append(msg, m[:]...), nil
+	return hs, append(msg, m[:]...), ts, nil
 }
 
 // readMsg2 authenticates the concentrator's answer and returns the

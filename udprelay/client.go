@@ -25,6 +25,9 @@ type ClientConfig struct {
 	// Refused tells the application at app that its datagram to dst was
 	// refused by the concentrator's policy (an ICMP error); nil: nothing.
 	Refused func(app, dst netip.AddrPort)
+	// Unreachable tells it that an ICMP error came back for its
+	// datagram to dst: why is UnreachablePort, Host, Net or Prohibited.
+	Unreachable func(app, dst netip.AddrPort, why int)
 	// EchoReply writes an echo reply back to the application that
 	// pinged: the netstack's WriteEchoReply, from src (the host that
 	// answered) to dst; nil: pings are not carried.
@@ -48,6 +51,14 @@ type ClientConfig struct {
 	Logger         *slog.Logger
 }
 
+// What Unreachable's why says.
+const (
+	UnreachablePort       = unreachPort
+	UnreachableHost       = unreachHost
+	UnreachableNet        = unreachNet
+	UnreachableProhibited = unreachProhibited
+)
+
 // ClientStats are a Client's counters. Up is app → concentrator.
 type ClientStats struct {
 	Flows       int    // application sockets with a flow now
@@ -63,6 +74,7 @@ type ClientStats struct {
 	// PathOut and PathIn count the packets sent and accepted over the
 	// uplinks (TransportUplinks); the rest went in the stream.
 	PathOut, PathIn uint64
+	Unreachable     uint64 // ICMP errors passed on to applications
 }
 
 // Client carries the applications' datagrams over one stream at a time,
@@ -85,7 +97,7 @@ type Client struct {
 	nextID uint32
 
 	up, down, upBytes, downBytes, refused, dropped, dials, dialsFailed atomic.Uint64
-	pings, echoes, pathOut, pathIn                                     atomic.Uint64
+	pings, echoes, pathOut, pathIn, unreachable                        atomic.Uint64
 
 	sess  atomic.Pointer[session] // the stream's path session
 	paths *clientPaths
@@ -157,7 +169,7 @@ func (c *Client) Stats() ClientStats {
 	c.mu.Unlock()
 	return ClientStats{Flows: n, Up: c.up.Load(), Down: c.down.Load(), UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(), Refused: c.refused.Load(),
 		Dropped: c.dropped.Load(), Dials: c.dials.Load(), DialsFailed: c.dialsFailed.Load(),
-		Pings: c.pings.Load(), Echoes: c.echoes.Load(), PathOut: c.pathOut.Load(), PathIn: c.pathIn.Load()}
+		Pings: c.pings.Load(), Echoes: c.echoes.Load(), PathOut: c.pathOut.Load(), PathIn: c.pathIn.Load(), Unreachable: c.unreachable.Load()}
 }
 
 func (c *Client) now() int64 { return int64(time.Since(c.start)) }
@@ -399,6 +411,14 @@ func (c *Client) dispatch(m msg) {
 		c.refused.Add(1)
 		if c.cfg.Refused != nil {
 			c.cfg.Refused(f.app, m.addr)
+		}
+	case kindUnreachable:
+		if f.echo || len(m.payload) != 1 {
+			return
+		}
+		c.unreachable.Add(1)
+		if c.cfg.Unreachable != nil {
+			c.cfg.Unreachable(f.app, m.addr, int(m.payload[0]))
 		}
 	}
 }

@@ -82,12 +82,13 @@ type Stats struct {
 	SendErrors                uint64 // datagrams the kernel did not send (no route, ...)
 	ActiveFlows, EvictedFlows int64  // open now; closed over MaxFlows
 	Pings, Echoes             uint64 // echo requests sent for the clients, replies passed back
+	Unreachable               uint64 // ICMP errors for the clients' datagrams, passed back
 }
 
 // Counters is Stats in atomics, shared by streams and their goroutines.
 type Counters struct {
 	streams, flows, up, down, upBytes, downBytes, refused, dropped, sendErrors atomic.Uint64
-	pings, echoes                                                              atomic.Uint64
+	pings, echoes, unreachable                                                 atomic.Uint64
 	active, evicted                                                            atomic.Int64
 }
 
@@ -97,7 +98,7 @@ func (c *Counters) Stats() Stats {
 		Streams: c.streams.Load(), Flows: c.flows.Load(), Up: c.up.Load(), Down: c.down.Load(),
 		UpBytes: c.upBytes.Load(), DownBytes: c.downBytes.Load(),
 		Refused: c.refused.Load(), Dropped: c.dropped.Load(), SendErrors: c.sendErrors.Load(),
-		Pings: c.pings.Load(), Echoes: c.echoes.Load(),
+		Pings: c.pings.Load(), Echoes: c.echoes.Load(), Unreachable: c.unreachable.Load(),
 		ActiveFlows: c.active.Load(), EvictedFlows: c.evicted.Load(),
 	}
 }
@@ -372,6 +373,9 @@ func (f *sflow) sock(s *server, v4 bool) (*net.UDPConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { recvErr(int(fd), v4) })
+	}
 	f.socks[i] = c
 	s.n.flows.Add(1)
 	s.wg.Add(1)
@@ -392,6 +396,7 @@ func (s *server) receive(f *sflow, c *net.UDPConn) {
 			out  []byte
 			from netip.AddrPort
 			rerr error
+			errs []icmpErr
 		)
 		err := rc.Read(func(fd uintptr) bool {
 			bp := bufPool.Get().(*[]byte)
@@ -402,6 +407,9 @@ func (s *server) receive(f *sflow, c *net.UDPConn) {
 				return false
 			}
 			if err != nil {
+				// An ICMP error (IP_RECVERR): its details wait in the
+				// error queue.
+				errs = readErrQueue(int(fd))
 				rerr = err
 				return true
 			}
@@ -417,10 +425,12 @@ func (s *server) receive(f *sflow, c *net.UDPConn) {
 		if err != nil {
 			return // closed
 		}
-		if rerr != nil || out == nil {
-			if rerr != nil && !errors.Is(rerr, unix.ECONNREFUSED) {
-				s.cfg.Logger.Debug("udp receive", "err", rerr)
+		for _, e := range errs {
+			if b, err := appendMsg(nil, kindUnreachable, f.id, e.dst, []byte{e.what}); err == nil && s.deliver(b) {
+				s.n.unreachable.Add(1)
 			}
+		}
+		if rerr != nil || out == nil {
 			continue
 		}
 		if s.cfg.Check != nil && s.cfg.Check(from) != nil {

@@ -120,7 +120,7 @@ func parseBody(b []byte) (msg, error) {
 	}
 	m := msg{kind: b[0], flow: binary.BigEndian.Uint32(b[1:5])}
 	switch m.kind {
-	case kindData, kindRefused, kindEcho, kindSession, kindKeepalive:
+	case kindData, kindRefused, kindEcho, kindSession, kindKeepalive, kindUnreachable:
 	default:
 		return msg{}, errMalformed
 	}

@@ -131,7 +131,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 		UDP: &control.UDP{Streams: cs.UDP.Streams, Flows: cs.UDP.ActiveFlows, Up: cs.UDP.Up, Down: cs.UDP.Down,
 			UpBytes: cs.UDP.UpBytes, DownBytes: cs.UDP.DownBytes, Refused: cs.UDP.Refused, Dropped: cs.UDP.Dropped,
 			Sockets: cs.UDP.Flows, Evicted: uint64(cs.UDP.EvictedFlows), SendErrors: cs.UDP.SendErrors,
-			Pings: cs.UDP.Pings, Echoes: cs.UDP.Echoes, PathIn: cs.UDPPathPackets, PathRejected: cs.UDPPathRejected},
+			Pings: cs.UDP.Pings, Echoes: cs.UDP.Echoes, PathIn: cs.UDPPathPackets, PathRejected: cs.UDPPathRejected, Unreachable: cs.UDP.Unreachable},
 	}
 	for _, p := range peers {
 		st.Peers = append(st.Peers, control.Peer{

@@ -46,16 +46,17 @@ type statusJSON struct {
 		TotalFlows uint64 `json:"total_flows"`
 	} `json:"peers"`
 	UDP *struct {
-		Streams uint64 `json:"streams"`
-		Flows   int    `json:"flows"`
-		Up      uint64 `json:"up"`
-		Down    uint64 `json:"down"`
-		Refused uint64 `json:"refused"`
-		Dropped uint64 `json:"dropped"`
-		Pings   uint64 `json:"pings"`
-		Echoes  uint64 `json:"echoes"`
-		PathOut uint64 `json:"path_out"`
-		PathIn  uint64 `json:"path_in"`
+		Streams     uint64 `json:"streams"`
+		Flows       int    `json:"flows"`
+		Up          uint64 `json:"up"`
+		Down        uint64 `json:"down"`
+		Refused     uint64 `json:"refused"`
+		Dropped     uint64 `json:"dropped"`
+		Pings       uint64 `json:"pings"`
+		Echoes      uint64 `json:"echoes"`
+		PathOut     uint64 `json:"path_out"`
+		PathIn      uint64 `json:"path_in"`
+		Unreachable uint64 `json:"unreachable"`
 	} `json:"udp"`
 }
 

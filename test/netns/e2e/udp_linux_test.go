@@ -193,9 +193,21 @@ except OSError as e:
 		t.Log(strings.TrimSpace(out))
 	})
 
+	t.Run("a closed port's ICMP error reaches the app", func(t *testing.T) {
+		// The destination answers port unreachable to the concentrator,
+		// which passes it on: ECONNREFUSED, after one round trip.
+		code, out, _ := e.run(t, "python3", "-c", refusedScript, topo.DestAddr.String(), "9999")
+		if code != 0 || !strings.Contains(out, "error Connection refused") {
+			t.Fatalf("UDP to a closed port of the destination: want connection refused (exit %d):\n%s", code, out)
+		}
+		t.Log(strings.TrimSpace(out))
+	})
+
 	t.Run("counted", func(t *testing.T) {
 		st, raw := e.status(t, "--socket", e.serverSocket())
-		if st.UDP == nil || st.UDP.Up < 10000 || st.UDP.Down < 10000 || st.UDP.Refused < 1 || st.UDP.Streams < 1 {
+		// Unreachable: the closed port's ICMP error came from the
+		// destination, through the concentrator, not from this side.
+		if st.UDP == nil || st.UDP.Up < 10000 || st.UDP.Down < 10000 || st.UDP.Refused < 1 || st.UDP.Streams < 1 || st.UDP.Unreachable < 1 {
 			t.Errorf("the concentrator's UDP counters do not show the traffic:\n%s", raw)
 		}
 		cst, craw := e.status(t, "--socket", e.clientSocket())
