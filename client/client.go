@@ -105,7 +105,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		log.Info("metrics", "url", "http://"+ms.Addr().String()+"/metrics")
 	}
 	if len(cfg.Uplinks) == 0 {
-		if cfg.Uplinks, err = pathmgr.DiscoverUplinks(cfg.TUN); err != nil {
+		discover := pathmgr.DiscoverUplinks
+		if !cfg.Server.Addr().Unmap().Is4() {
+			discover = pathmgr.DiscoverUplinks6
+		}
+		if cfg.Uplinks, err = discover(cfg.TUN); err != nil {
 			return err
 		}
 		log.Info("uplinks discovered from the default routes", "uplinks", fmt.Sprint(cfg.Uplinks))

@@ -274,7 +274,8 @@ func (c Config) Validate() error {
 
 // pathmgr is the path manager's Config for c (without uplinks).
 func (c Config) pathmgr() pathmgr.Config {
-	return pathmgr.Config{Uplinks: c.Uplinks, TableBase: c.Table, RulePrio: c.Table, Mark: c.Mark, Logger: c.Logger}
+	return pathmgr.Config{Uplinks: c.Uplinks, TableBase: c.Table, RulePrio: c.Table, Mark: c.Mark, Logger: c.Logger,
+		IPv6: c.Server.IsValid() && !c.Server.Addr().Unmap().Is4()}
 }
 
 // routing is routing's Config for c: its table and rules 100 above the

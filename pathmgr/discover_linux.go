@@ -15,7 +15,21 @@ import (
 // client's own TUN) are left out; so is anything beyond MaxUplinks, with
 // an error, since the kernel could not hold their endpoints.
 func DiscoverUplinks(exclude ...string) ([]UplinkConfig, error) {
-	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	return discover(netlink.FAMILY_V4, exclude)
+}
+
+// DiscoverUplinks6 is DiscoverUplinks for a concentrator reached over
+// IPv6: the interfaces with an IPv6 default route.
+func DiscoverUplinks6(exclude ...string) ([]UplinkConfig, error) {
+	return discover(netlink.FAMILY_V6, exclude)
+}
+
+func discover(family int, exclude []string) ([]UplinkConfig, error) {
+	fam := "IPv4"
+	if family == netlink.FAMILY_V6 {
+		fam = "IPv6"
+	}
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("pathmgr: list routes: %w", err)
 	}
@@ -47,7 +61,7 @@ func DiscoverUplinks(exclude ...string) ([]UplinkConfig, error) {
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("no interface has an IPv4 default route; name the uplinks with --uplink")
+		return nil, fmt.Errorf("no interface has an %s default route; name the uplinks with --uplink", fam)
 	}
 	if len(out) > MaxUplinks {
 		return nil, fmt.Errorf("%d interfaces have a default route: the kernel holds at most %d MPTCP endpoints; name the uplinks with --uplink", len(out), MaxEndpoints)

@@ -131,6 +131,12 @@ type Config struct {
 	// match every socket, as before Mark existed: only for tools without
 	// mpvpn's marked sockets, never with routing's route-all.
 	Mark   uint32
+	// IPv6: the concentrator is reached over IPv6, so each uplink needs
+	// a global IPv6 address and an IPv6 default route (IPv4 is then
+	// optional), its MPTCP endpoint is on the IPv6 address, and Status
+	// and Uplinks report that address as Addr (and its next hop as
+	// Gateway). Otherwise IPv4 is the must, and IPv6 optional.
+	IPv6   bool
 	Logger *slog.Logger // nil: discard
 	// Journal, if set, is told each kernel setting pathmgr changes, with
 	// its value before, ahead of the change (an error leaves the setting
@@ -150,8 +156,8 @@ type Config struct {
 type Uplink struct {
 	Name       string
 	Index      int        // ifindex
-	Addr       netip.Addr // IPv4 source address; subflows leave from it
-	Gateway    netip.Addr // IPv4 next hop; invalid for a point-to-point default (`default dev ppp0`)
+	Addr       netip.Addr // the source address subflows and probes leave from: IPv4 (IPv6 with Config.IPv6)
+	Gateway    netip.Addr // its next hop; invalid for a point-to-point default (`default dev ppp0`)
 	Addr6      netip.Addr // global IPv6 address, if the uplink has one and an IPv6 default route
 	Gateway6   netip.Addr // IPv6 next hop (usually link-local), with Addr6
 	Table      int

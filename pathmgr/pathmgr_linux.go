@@ -118,6 +118,9 @@ type uplinkState struct {
 	conn4, conn6 []netlink.Route // connected routes copied from main
 	onlink4      bool            // the main default route had `onlink`
 	onlink6      bool
+	// Inside, Addr and Gateway are always IPv4 (invalid when there is
+	// none); v6 makes Addr6 the uplink's primary address (Config.IPv6).
+	v6 bool
 
 	routes   []netlink.Route // added to the uplink's table
 	rules    []netlink.Rule  // added
@@ -128,7 +131,25 @@ type uplinkState struct {
 func (u *uplinkState) plumbed() bool { return len(u.routes) > 0 || len(u.rules) > 0 }
 
 func (u *uplinkState) status() Status {
-	return Status{Uplink: u.Uplink, State: u.state, Reason: u.reason, Since: u.since, Transitions: u.transitions, Damped: u.damp.suppressed}
+	return Status{Uplink: u.public(), State: u.state, Reason: u.reason, Since: u.since, Transitions: u.transitions, Damped: u.damp.suppressed}
+}
+
+// public is the Uplink as Status and Uplinks report it: Addr is the
+// primary address.
+func (u *uplinkState) public() Uplink {
+	up := u.Uplink
+	if u.v6 {
+		up.Addr, up.Gateway = u.Addr6, u.Gateway6
+	}
+	return up
+}
+
+// primary is the address the uplink's endpoint is on.
+func (u *uplinkState) primary() netip.Addr {
+	if u.v6 {
+		return u.Addr6
+	}
+	return u.Addr
 }
 
 // Start validates every uplink (interface exists and is up, has an IPv4
@@ -181,6 +202,7 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		m.uplinks = append(m.uplinks, &uplinkState{
 			Uplink: Uplink{Name: uc.Name, Index: o.index, Table: cfg.TableBase + i, RulePrio: cfg.RulePrio + i, Backup: uc.Backup},
+			v6:     cfg.IPv6,
 			pos:    i,
 			since:  m.now(),
 			reason: "starting",
@@ -376,13 +398,14 @@ func (m *Manager) observeAll(h *netlink.Handle, names []string) (obs []observati
 		m.hooks.observing()
 	}
 	for i, name := range names {
-		obs[i], errs[i] = observe(h, t, name)
+		obs[i], errs[i] = observe(h, t, name, m.cfg.IPv6)
 	}
 	return obs, errs
 }
 
-// observe reads one uplink: its link through h, the rest from t.
-func observe(h *netlink.Handle, t hostTables, name string) (observation, error) {
+// observe reads one uplink: its link through h, the rest from t. The
+// concentrator's family (IPv6 when v6) is a must, the other optional.
+func observe(h *netlink.Handle, t hostTables, name string, v6 bool) (observation, error) {
 	var o observation
 	link, err := h.LinkByName(name)
 	if err != nil {
@@ -399,23 +422,29 @@ func observe(h *netlink.Handle, t hostTables, name string) (observation, error) 
 		return o, nil
 	}
 
-	// IPv4 is a must: the concentrator is reached over it.
 	gw, src, onlink, ok := defaultVia(t.routes[netlink.FAMILY_V4], o.index)
 	addr, conn := pickAddr(t, o.index, netlink.FAMILY_V4, src)
-	switch {
-	case !addr.IsValid():
-		o.err = fmt.Errorf("no IPv4 address on %s (MPTCP subflows and source routing need one)", name)
-		return o, nil
-	case !ok:
-		o.err = fmt.Errorf("no IPv4 default route on %s in the main table (mpvpn sends each uplink's traffic to the gateway the host already uses there, e.g. the one DHCP installed)", name)
-		return o, nil
-	}
-	o.addr, o.gw, o.onlink, o.conn4 = addr, gw, onlink, conn
-
-	// IPv6 is optional: source routing only, when the uplink has both a
-	// global address and a default route.
 	gw6, src6, onlink6, ok6 := defaultVia(t.routes[netlink.FAMILY_V6], o.index)
 	addr6, conn6 := pickAddr(t, o.index, netlink.FAMILY_V6, src6)
+	// The concentrator's family is a must: subflows and probes leave
+	// from that address.
+	must, mustOK, fam := addr, ok, "IPv4"
+	if v6 {
+		must, mustOK, fam = addr6, ok6, "IPv6"
+	}
+	switch {
+	case !must.IsValid():
+		o.err = fmt.Errorf("no %s address on %s (the concentrator is reached over %s; MPTCP subflows and source routing need one)", fam, name, fam)
+		return o, nil
+	case !mustOK:
+		o.err = fmt.Errorf("no %s default route on %s in the main table (mpvpn sends each uplink's traffic to the gateway the host already uses there, e.g. the one DHCP installed)", fam, name)
+		return o, nil
+	}
+	// The other family: source routing only, when the uplink has both an
+	// address and a default route.
+	if addr.IsValid() && ok {
+		o.addr, o.gw, o.onlink, o.conn4 = addr, gw, onlink, conn
+	}
 	if addr6.IsValid() && ok6 {
 		o.addr6, o.gw6, o.onlink6, o.conn6 = addr6, gw6, onlink6, conn6
 	}
@@ -507,7 +536,7 @@ func (m *Manager) applyAt(u *uplinkState, o observation, now time.Time) (retry t
 		if u.damp.suppressed {
 			lvl = slog.LevelDebug // a flapping link would flood the log
 		}
-		m.log.Log(context.Background(), lvl, "uplink "+state.String(), "uplink", u.Name, "addr", u.Addr.String(), "reason", reason, "endpoint", u.EndpointID)
+		m.log.Log(context.Background(), lvl, "uplink "+state.String(), "uplink", u.Name, "addr", u.primary().String(), "reason", reason, "endpoint", u.EndpointID)
 	}
 	return retry, errors.Join(errs...)
 }
@@ -731,7 +760,10 @@ func (m *Manager) plumb(u *uplinkState, o observation) error {
 	u.Index = o.index
 	u.Addr, u.Gateway, u.onlink4, u.conn4 = o.addr, o.gw, o.onlink, o.conn4
 	u.Addr6, u.Gateway6, u.onlink6, u.conn6 = o.addr6, o.gw6, o.onlink6, o.conn6
-	families := []int{netlink.FAMILY_V4}
+	var families []int
+	if u.Addr.IsValid() {
+		families = append(families, netlink.FAMILY_V4)
+	}
 	if u.Addr6.IsValid() {
 		families = append(families, netlink.FAMILY_V6)
 	}
@@ -796,7 +828,7 @@ func (m *Manager) addEndpoint(u *uplinkState) error {
 		flags |= FlagBackup
 	}
 	m.changes.Add(1)
-	ep, err := m.pm.AddEndpoint(Endpoint{Addr: u.Addr, Flags: flags, IfIndex: u.Index})
+	ep, err := m.pm.AddEndpoint(Endpoint{Addr: u.primary(), Flags: flags, IfIndex: u.Index})
 	if err != nil {
 		return err
 	}

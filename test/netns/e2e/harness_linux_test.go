@@ -90,6 +90,9 @@ type env struct {
 	// DestNet (for --route-all and rule-only clients).
 	clientWrap []string
 	noRoute    bool
+	// serverAddr is the concentrator's address the client dials (zero:
+	// topo.ConcAddr:7100).
+	serverAddr netip.AddrPort
 }
 
 // options for newEnv.
@@ -190,8 +193,12 @@ func (e *env) pubkey(t *testing.T, path string) string {
 // and waits until its routes are in place.
 func (e *env) startClient(t *testing.T, key string, extra ...string) {
 	t.Helper()
+	server := e.serverAddr
+	if !server.IsValid() {
+		server = netip.AddrPortFrom(topo.ConcAddr, 7100)
+	}
 	args := append(append([]string(nil), e.clientWrap...), bin.mpvpn, "client",
-		"--server", netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
+		"--server", server.String(),
 		"--server-key", e.serverPub, "--key", key,
 		"--log-level", "debug", "--control", e.clientSocket(), "--journal", e.clientJournal(),
 		"--cgroup", e.cgroupName())
