@@ -109,8 +109,24 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if !cfg.Server.Addr().Unmap().Is4() {
 			discover = pathmgr.DiscoverUplinks6
 		}
-		if cfg.Uplinks, err = discover(cfg.TUN); err != nil {
+		if cfg.Uplinks, err = discover(cfg.TUN); err != nil && !cfg.ServerAlt.IsValid() {
 			return err
+		}
+		if cfg.ServerAlt.IsValid() {
+			// Either family will do: the other's default routes too.
+			other := pathmgr.DiscoverUplinks6
+			if !cfg.Server.Addr().Unmap().Is4() {
+				other = pathmgr.DiscoverUplinks
+			}
+			more, oerr := other(cfg.TUN)
+			if err != nil && oerr != nil {
+				return err
+			}
+			for _, u := range more {
+				if !slices.ContainsFunc(cfg.Uplinks, func(x pathmgr.UplinkConfig) bool { return x.Name == u.Name }) {
+					cfg.Uplinks = append(cfg.Uplinks, u)
+				}
+			}
 		}
 		log.Info("uplinks discovered from the default routes", "uplinks", fmt.Sprint(cfg.Uplinks))
 	}
@@ -196,6 +212,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// about half a second, and restored as quickly when it answers again.
 	pr, err := probe.NewProber(probe.ProberConfig{
 		Server:    cfg.Server,
+		ServerAlt: cfg.ServerAlt,
 		Key:       cfg.Key,
 		ServerKey: cfg.ServerKey,
 		Mark:      cfg.Mark,

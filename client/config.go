@@ -63,7 +63,12 @@ var (
 
 // Config is what a client runs with. Zero values take the defaults.
 type Config struct {
-	Server    netip.AddrPort
+	Server netip.AddrPort
+	// ServerAlt, when set, is the concentrator's IPv4 address, Server
+	// being its IPv6 one (--server-alt; the concentrator announces it,
+	// mpvpn server --announce): each uplink then needs only one family,
+	// and the IPv4 ones join the flows over it.
+	ServerAlt netip.AddrPort
 	ServerKey tunnel.PublicKey
 	Key       tunnel.PrivateKey
 	// Uplinks to carry flows over; empty: every interface with a
@@ -200,6 +205,15 @@ func (c Config) Validate() error {
 	if !c.Server.IsValid() || c.Server.Port() == 0 {
 		bad("--server is required (the concentrator's ADDR:PORT)")
 	}
+	if c.ServerAlt.IsValid() {
+		// The kernel joins a subflow of either family only to a
+		// connection whose socket is IPv6 (dual-stack); one opened over
+		// IPv4 takes IPv4 subflows only (mptcp_pm_addr_families_match,
+		// Linux 6.18).
+		if c.ServerAlt.Port() == 0 || !c.ServerAlt.Addr().Unmap().Is4() || c.Server.Addr().Unmap().Is4() {
+			bad("--server-alt %s: with both families, --server is the concentrator's IPv6 ADDR:PORT and --server-alt its IPv4 one (a flow opened over IPv4 cannot take IPv6 subflows)", c.ServerAlt)
+		}
+	}
 	if c.ServerKey.IsZero() {
 		bad("--server-key is required (the concentrator's public key)")
 	}
@@ -275,7 +289,7 @@ func (c Config) Validate() error {
 // pathmgr is the path manager's Config for c (without uplinks).
 func (c Config) pathmgr() pathmgr.Config {
 	return pathmgr.Config{Uplinks: c.Uplinks, TableBase: c.Table, RulePrio: c.Table, Mark: c.Mark, Logger: c.Logger,
-		IPv6: c.Server.IsValid() && !c.Server.Addr().Unmap().Is4()}
+		IPv6: c.Server.IsValid() && !c.Server.Addr().Unmap().Is4(), AnyFamily: c.ServerAlt.IsValid()}
 }
 
 // routing is routing's Config for c: its table and rules 100 above the

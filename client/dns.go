@@ -94,6 +94,7 @@ func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], pr *probe.Prob
 	return udprelay.NewClient(udprelay.ClientConfig{
 		Transport:      cfg.UDPTransport,
 		Server:         cfg.Server,
+		ServerAlt:      cfg.ServerAlt,
 		Mark:           cfg.Mark,
 		DuplicateBelow: cfg.UDPDuplicate,
 		// The live uplinks, as the liveness probes judge them: a path

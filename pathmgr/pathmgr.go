@@ -130,14 +130,21 @@ type Config struct {
 	// probes'); the `from <addr>` rules match it only. 0 makes them
 	// match every socket, as before Mark existed: only for tools without
 	// mpvpn's marked sockets, never with routing's route-all.
-	Mark   uint32
+	Mark uint32
 	// IPv6: the concentrator is reached over IPv6, so each uplink needs
 	// a global IPv6 address and an IPv6 default route (IPv4 is then
 	// optional), its MPTCP endpoint is on the IPv6 address, and Status
 	// and Uplinks report that address as Addr (and its next hop as
 	// Gateway). Otherwise IPv4 is the must, and IPv6 optional.
-	IPv6   bool
-	Logger *slog.Logger // nil: discard
+	IPv6 bool
+	// AnyFamily: the concentrator is reachable over both families (it
+	// announces its address of the other one: ADD_ADDR), so an uplink
+	// needs either; its primary address is of the concentrator's family
+	// (IPv6) when it has one, else of the other. Endpoints are then
+	// fullmesh, so each pairs with the concentrator's address of its own
+	// family, and the connections accept the announcement.
+	AnyFamily bool
+	Logger    *slog.Logger // nil: discard
 	// Journal, if set, is told each kernel setting pathmgr changes, with
 	// its value before, ahead of the change (an error leaves the setting
 	// alone and fails Start): kind JournalSysctl, name the sysctl (in

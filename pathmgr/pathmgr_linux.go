@@ -89,7 +89,7 @@ func (m *Manager) publish() {
 	for i, u := range m.uplinks {
 		st[i] = u.status()
 	}
-	m.view.Store(&view{status: st, preferred: preferredSource(st)})
+	m.view.Store(&view{status: st, preferred: preferredSource(st, m.cfg.IPv6)})
 }
 
 // current is the view to read: the last published one, or an empty one
@@ -230,7 +230,12 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 	// old one is still closing. The kernel default is 2, and 2 is kept as a
 	// floor so a single-uplink client behaves like the kernel's default.
 	want := uint32(max(len(m.uplinks), 2))
-	lc, err := raiseLimits(m.pm, Limits{Subflows: want}, m.cfg.Journal)
+	var accept uint32
+	if m.cfg.AnyFamily {
+		// The concentrator announces its address of the other family.
+		accept = 2
+	}
+	lc, err := raiseLimits(m.pm, Limits{Subflows: want, AddAddrAccepted: accept}, m.cfg.Journal)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("pathmgr: %w", err), m.Close())
 	}
@@ -324,6 +329,7 @@ type observation struct {
 	onlink   bool
 	conn4    []netlink.Route
 	addr6    netip.Addr
+	v6       bool // the primary address is addr6
 	gw6      netip.Addr
 	onlink6  bool
 	conn6    []netlink.Route
@@ -398,14 +404,14 @@ func (m *Manager) observeAll(h *netlink.Handle, names []string) (obs []observati
 		m.hooks.observing()
 	}
 	for i, name := range names {
-		obs[i], errs[i] = observe(h, t, name, m.cfg.IPv6)
+		obs[i], errs[i] = observe(h, t, name, m.cfg.IPv6, m.cfg.AnyFamily)
 	}
 	return obs, errs
 }
 
 // observe reads one uplink: its link through h, the rest from t. The
 // concentrator's family (IPv6 when v6) is a must, the other optional.
-func observe(h *netlink.Handle, t hostTables, name string, v6 bool) (observation, error) {
+func observe(h *netlink.Handle, t hostTables, name string, v6, anyFamily bool) (observation, error) {
 	var o observation
 	link, err := h.LinkByName(name)
 	if err != nil {
@@ -428,6 +434,13 @@ func observe(h *netlink.Handle, t hostTables, name string, v6 bool) (observation
 	addr6, conn6 := pickAddr(t, o.index, netlink.FAMILY_V6, src6)
 	// The concentrator's family is a must: subflows and probes leave
 	// from that address.
+	if anyFamily {
+		// Either family will do: the concentrator's when the uplink has
+		// it, else the other.
+		has4, has6 := addr.IsValid() && ok, addr6.IsValid() && ok6
+		v6 = (v6 && has6) || (!v6 && !has4 && has6)
+	}
+	o.v6 = v6
 	must, mustOK, fam := addr, ok, "IPv4"
 	if v6 {
 		must, mustOK, fam = addr6, ok6, "IPv6"
@@ -459,7 +472,7 @@ func observe(h *netlink.Handle, t hostTables, name string, v6 bool) (observation
 
 // samePlumbing reports whether what is installed for u matches o.
 func samePlumbing(u *uplinkState, o observation) bool {
-	return u.Index == o.index && u.Addr == o.addr && u.Gateway == o.gw && u.onlink4 == o.onlink &&
+	return u.Index == o.index && u.v6 == o.v6 && u.Addr == o.addr && u.Gateway == o.gw && u.onlink4 == o.onlink &&
 		u.Addr6 == o.addr6 && u.Gateway6 == o.gw6 && u.onlink6 == o.onlink6 &&
 		sameDsts(u.conn4, o.conn4) && sameDsts(u.conn6, o.conn6)
 }
@@ -759,6 +772,7 @@ func tableRoutes(u *uplinkState, family int) []netlink.Route {
 func (m *Manager) plumb(u *uplinkState, o observation) error {
 	u.Index = o.index
 	u.Addr, u.Gateway, u.onlink4, u.conn4 = o.addr, o.gw, o.onlink, o.conn4
+	u.v6 = o.v6
 	u.Addr6, u.Gateway6, u.onlink6, u.conn6 = o.addr6, o.gw6, o.onlink6, o.conn6
 	var families []int
 	if u.Addr.IsValid() {
@@ -826,6 +840,9 @@ func (m *Manager) addEndpoint(u *uplinkState) error {
 	flags := FlagSubflow
 	if u.Backup {
 		flags |= FlagBackup
+	}
+	if m.cfg.AnyFamily {
+		flags |= FlagFullmesh
 	}
 	m.changes.Add(1)
 	ep, err := m.pm.AddEndpoint(Endpoint{Addr: u.primary(), Flags: flags, IfIndex: u.Index})

@@ -117,10 +117,12 @@ func (d *damper) allow(now time.Time) (bool, time.Duration) {
 // the first uplink (in configuration order) that is up and not a backup,
 // else the first backup that is up. Invalid when none is up: the kernel
 // then chooses, and the connection will most likely fail.
-func preferredSource(st []Status) netip.Addr {
+func preferredSource(st []Status, v6 bool) netip.Addr {
 	for _, backup := range []bool{false, true} {
 		for _, s := range st {
-			if s.State == StateUp && s.Backup == backup {
+			// Of the concentrator's family: the connection's first
+			// subflow goes to its address.
+			if s.State == StateUp && s.Backup == backup && s.Addr.Is6() == v6 {
 				return s.Addr
 			}
 		}

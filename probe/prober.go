@@ -45,6 +45,10 @@ type ProberConfig struct {
 	// Server is the concentrator's address and port: the port number of
 	// its TCP listener, here over UDP.
 	Server netip.AddrPort
+	// ServerAlt, when valid, is the concentrator's address of the other
+	// family: a path whose source is of that family probes it instead
+	// (an IPv6 uplink beside IPv4 ones, say).
+	ServerAlt netip.AddrPort
 	// Key is the client's private key and ServerKey the concentrator's
 	// public key, as for the tunnel.
 	Key       tunnel.PrivateKey
@@ -187,6 +191,16 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 	// See the package comment, "Counter".
 	p.counter.Store(uint64(time.Now().UnixNano()))
 	return p, nil
+}
+
+// serverFor is the concentrator's address that a path from src probes:
+// of src's family when there is one.
+func (p *Prober) serverFor(src netip.Addr) netip.AddrPort {
+	alt := p.cfg.ServerAlt
+	if alt.IsValid() && src.IsValid() && src.Unmap().Is4() != p.server.Addr().Is4() && alt.Addr().Unmap().Is4() == src.Unmap().Is4() {
+		return netip.AddrPortFrom(alt.Addr().Unmap(), alt.Port())
+	}
+	return p.server
 }
 
 // SetPath starts probing the path name from source address src, or, if
@@ -360,7 +374,7 @@ func (p *Prober) run(pa *path) {
 			r.closeConn()
 			continue
 		}
-		if from.Addr().Unmap() != p.server.Addr() || from.Port() != p.server.Port() {
+		if srv := p.serverFor(pa.src); from.Addr().Unmap() != srv.Addr() || from.Port() != srv.Port() {
 			continue
 		}
 		if rep, ok := parseReply(in[:n], r.rep); ok {
@@ -387,7 +401,7 @@ func (r *pathRun) send(buf []byte, now time.Time) {
 	}
 	counter := r.p.counter.Add(1)
 	pkt := putRequest(buf, r.req, request{id: r.id, ts: wall, counter: counter})
-	if _, err := r.conn.WriteToUDPAddrPort(pkt, r.p.server); err != nil {
+	if _, err := r.conn.WriteToUDPAddrPort(pkt, r.p.serverFor(r.pa.src)); err != nil {
 		// ENETUNREACH, EADDRNOTAVAIL once the address is gone…: a
 		// probe without a reply. A fresh socket next time, in case
 		// this one is bound to an address that is no more.

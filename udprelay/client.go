@@ -46,6 +46,7 @@ type ClientConfig struct {
 	Transport      string
 	Paths          func() []Path
 	Server         netip.AddrPort
+	ServerAlt      netip.AddrPort // the concentrator's address of the other family, if any
 	Mark           uint32
 	DuplicateBelow int
 	Logger         *slog.Logger

@@ -184,7 +184,11 @@ func (c *Client) dialPath(src netip.Addr) (*net.UDPConn, error) {
 			return serr
 		},
 	}
-	conn, err := d.DialContext(context.Background(), "udp", c.cfg.Server.String())
+	server := c.cfg.Server
+	if alt := c.cfg.ServerAlt; alt.IsValid() && alt.Addr().Unmap().Is4() == src.Is4() && server.Addr().Unmap().Is4() != src.Is4() {
+		server = alt // of the path's family
+	}
+	conn, err := d.DialContext(context.Background(), "udp", server.String())
 	if err != nil {
 		return nil, err
 	}

@@ -35,6 +35,7 @@ func clientCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			configFlag,
 			&cli.StringFlag{Name: "server", Usage: "the concentrator's `ADDR:PORT`"},
+			&cli.StringFlag{Name: "server-alt", Usage: "the concentrator's IPv4 `ADDR:PORT`, --server being its IPv6 one (it announces it: mpvpn server --announce): uplinks of either family then carry the same flows"},
 			&cli.StringFlag{Name: "server-key", Usage: "the concentrator's public `KEY`"},
 			&cli.PathFlag{Name: "key", Usage: "this client's private key `FILE` (from `mpvpn keygen`)"},
 			&cli.StringSliceFlag{Name: "uplink", Usage: "an uplink `IFACE` to carry flows over (repeatable); IFACE:backup carries data only when no other uplink works. Default: every interface with a default route"},
@@ -85,6 +86,11 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 	}
 	if cfg.Server, err = netip.ParseAddrPort(c.String("server")); err != nil {
 		return nil, usageError("--server %q: want ADDR:PORT, e.g. 203.0.113.1:7100", c.String("server"))
+	}
+	if v := c.String("server-alt"); v != "" {
+		if cfg.ServerAlt, err = netip.ParseAddrPort(v); err != nil {
+			return nil, usageError("--server-alt %q: want ADDR:PORT, e.g. [2001:db8::1]:7100", v)
+		}
 	}
 	if c.String("server-key") == "" {
 		return nil, usageError("--server-key is required (the concentrator's public key)")

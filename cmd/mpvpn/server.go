@@ -41,6 +41,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open", Value: 4096, Usage: "most connections not yet authenticated, in all; when full, the oldest is closed to make room"},
 			&cli.IntFlag{Name: "max-half-open-per-addr", Value: 32, Usage: "most connections not yet authenticated from one IPv4 address or IPv6 /64; over it, that source's oldest is closed"},
 			&cli.IntFlag{Name: "max-half-open-per-48", Value: 256, Usage: "most connections not yet authenticated from one IPv6 /48; over it, that /48's oldest is closed"},
+			&cli.StringSliceFlag{Name: "announce", Usage: "announce this `ADDR` of the concentrator's on every connection (MPTCP ADD_ADDR; repeatable): its address of the other family, so that a client's IPv6 uplinks join flows that began over IPv4 (or the other way round; the client names it with --server-alt)"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "answer the clients' DNS queries with the resolver at this `ADDR:PORT` (default: the first nameserver of this host's /etc/resolv.conf)"},
 			&cli.BoolFlag{Name: "no-dns", Usage: "do not resolve for the clients (their lookups through mpvpn then fail)"},
 			&cli.DurationFlag{Name: "frame-timeout", Value: 90 * time.Second, Usage: "close a flow whose client began a frame and did not finish it within this long (longer than the clients' --all-down-timeout)"},
@@ -103,6 +104,14 @@ func runServer(c *cli.Context) error {
 			return usageError("--deny %q has host bits set; did you mean %s?", d, p.Masked())
 		}
 		deny = append(deny, p)
+	}
+	var announce []netip.Addr
+	for _, a := range c.StringSlice("announce") {
+		ip, err := netip.ParseAddr(a)
+		if err != nil || ip.Zone() != "" {
+			return usageError("--announce %q: want an address of this host's, e.g. 2001:db8::1", a)
+		}
+		announce = append(announce, ip.Unmap())
 	}
 	var dnsUp netip.AddrPort
 	if v := c.String("dns-upstream"); v != "" {
@@ -183,6 +192,13 @@ func runServer(c *cli.Context) error {
 		return err
 	}
 	defer restoreLimits()
+	if len(announce) > 0 {
+		withdraw, err := pathmgr.Announce(announce)
+		if err != nil {
+			return err
+		}
+		defer withdraw()
+	}
 
 	start := time.Now()
 	stopControl, err := dc.serve(func() control.Status { return serverStatus(srv, start) }, log)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mpvpn/mpvpn/test/netns/internal/netns"
 	"github.com/mpvpn/mpvpn/test/netns/topo"
@@ -26,11 +27,16 @@ var (
 // nftables, as for IPv4); the client has an address and a default route
 // on each uplink (metrics 100 and 200, as DHCPv6/RA would leave them) and
 // no IPv4 on either.
-func (e *env) ipv6OnlyUplinks(t *testing.T) {
+func (e *env) ipv6OnlyUplinks(t *testing.T) { e.ipv6Only(t, 0, 1) }
+
+// ipv6Only makes the uplinks numbered which (0: wan0, 1: wan1) IPv6 only,
+// as ipv6OnlyUplinks does for both.
+func (e *env) ipv6Only(t *testing.T, which ...int) {
 	t.Helper()
 	tp := e.tp
 	isps := []string{tp.ISPA, tp.ISPB}
-	for i, isp := range isps {
+	for _, i := range which {
+		isp := isps[i]
 		p := ispPfx6[i]
 		gw := p.Addr().Next()                   // ::1, the ISP
 		cli := gw.Next()                        // ::2, the client
@@ -63,8 +69,8 @@ func (e *env) ipv6OnlyUplinks(t *testing.T) {
 		tp.Exec(isp, "nft", "-f", rules)
 	}
 	tp.Exec(tp.Conc, "ip", "-6", "addr", "add", netip.PrefixFrom(conc6, 128).String(), "dev", "lo", "nodad")
-	for _, u := range []string{"wan0", "wan1"} {
-		tp.Exec(tp.Client, "ip", "-4", "addr", "flush", "dev", u)
+	for _, i := range which {
+		tp.Exec(tp.Client, "ip", "-4", "addr", "flush", "dev", fmt.Sprintf("wan%d", i))
 	}
 }
 
@@ -117,3 +123,51 @@ func TestIPv6Uplinks(t *testing.T) {
 }
 
 func writeText(path, s string) error { return os.WriteFile(path, []byte(s), 0o644) }
+
+// TestMixedFamilyUplinks: wan0 IPv4 only, wan1 IPv6 only; the client dials
+// the concentrator's IPv6 address and names its IPv4 one (--server-alt),
+// which the concentrator announces (--announce): one flow uses both
+// uplinks, the IPv4 subflow joining the IPv6 connection; each uplink's
+// probes go to the concentrator's address of its family.
+func TestMixedFamilyUplinks(t *testing.T) {
+	e := newSysEnv(t, options{topo: shaped(), serverArgs: []string{"--announce", topo.ConcAddr.String()}})
+	tp := e.tp
+	e.ipv6Only(t, 1)
+	e.serverAddr = netip.AddrPortFrom(conc6, 7100)
+	e.startClient(t, e.key(), "--server-alt", netip.AddrPortFrom(topo.ConcAddr, 7100).String())
+	// Both uplinks up before the flow starts: the concentrator's
+	// announcement reaches a connection once, and the kernel joins it
+	// only from an endpoint that exists then (an IPv6 uplink's first
+	// probe may wait for neighbour discovery).
+	var raw string
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var st statusJSON
+		st, raw = e.status(t, "--socket", e.clientSocket())
+		up := 0
+		for _, u := range st.Uplinks {
+			if u.State == "up" && u.Probe {
+				up++
+			}
+		}
+		if up == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("both uplinks should be up, each probing the concentrator's address of its family:\n%s", raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.expectSource(t, "through the tunnel", e.http, topo.DestAddr, viaTunnel, nil)
+	const size = 8 << 20
+	before, after := e.download(t, "big", e.randomFile(t, "big", size), "60")
+	total, share := shares(before.rx, after.rx)
+	t.Logf("download of %d bytes: %d bytes on the uplinks, wan0 (IPv4) %.0f%%, wan1 (IPv6) %.0f%%", size, total, 100*share[0], 100*share[1])
+	for i, s := range share {
+		if s < 0.1 {
+			t.Errorf("wan%d carried %.0f%%: one flow does not use an IPv4 and an IPv6 uplink together\nclient endpoints:\n%s\nlimits: %s\nconcentrator endpoints:\n%s\nclient MPTCP counters:\n%s",
+				i, 100*s, tp.Output(tp.Client, "ip", "mptcp", "endpoint", "show"), tp.Output(tp.Client, "ip", "mptcp", "limits", "show"),
+				tp.Output(tp.Conc, "ip", "mptcp", "endpoint", "show"), tp.Output(tp.Client, "sh", "-c", "nstat -asz | grep -i -E 'AddAddr|Join|Echo'"))
+		}
+	}
+}
