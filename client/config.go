@@ -55,7 +55,8 @@ const (
 
 // DefaultTUNAddr is the TUN device's address: the apps' flows come from
 // it, and it never leaves the host. DefaultTUNAddr6 is its IPv6 address
-// with RouteAll (a ULA of mpvpn's: fd + "mpv" in hex).
+// whenever IPv6 may enter the TUN (RouteAll, an IPv6 route, a tunnel
+// rule; a ULA of mpvpn's: fd + "mpv" in hex).
 var (
 	DefaultTUNAddr  = netip.MustParsePrefix("10.77.77.1/32")
 	DefaultTUNAddr6 = netip.MustParsePrefix("fd6d:7076::1/128")
@@ -138,7 +139,11 @@ func (c Config) withDefaults() Config {
 	}
 	if len(c.TUNAddrs) == 0 {
 		c.TUNAddrs = []netip.Prefix{DefaultTUNAddr}
-		if c.RouteAll {
+		// IPv6 inside whenever IPv6 may enter the TUN: route-all, an
+		// IPv6 route, or a rule that sends an app's traffic into it.
+		v6 := c.RouteAll || slices.ContainsFunc(c.Routes, func(p netip.Prefix) bool { return p.Addr().Is6() }) ||
+			slices.ContainsFunc(c.Rules, func(r firewall.Rule) bool { return r.Action == firewall.Tunnel })
+		if v6 {
 			c.TUNAddrs = append(c.TUNAddrs, DefaultTUNAddr6)
 		}
 	}

@@ -53,7 +53,7 @@ func clientCommand() *cli.Command {
 			&cli.StringFlag{Name: "quic", Value: "block", Usage: "what UDP to port 443 (QUIC, HTTP/3) gets: `block` (a port unreachable at once, so browsers fall back to TCP, which mpvpn spreads over every uplink) or tunnel (relayed like other UDP)"},
 			&cli.StringFlag{Name: "udp-transport", Usage: "how UDP datagrams and pings cross: `MODE` stream (in one tunnel flow over every uplink) or uplinks (as packets over the live uplink with the lowest round-trip time); default " + client.DefaultUDPTransport},
 			&cli.IntFlag{Name: "udp-duplicate", Usage: "with --udp-transport uplinks, send datagrams of at most `BYTES` over the two best uplinks, and have their answers sent so too (voice, games); 0: off"},
-			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 with --route-all"},
+			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 when IPv6 may enter the TUN (--route-all, an IPv6 --route, a tunnel rule)"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},

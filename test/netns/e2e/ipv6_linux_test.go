@@ -86,6 +86,7 @@ func TestIPv6Uplinks(t *testing.T) {
 	e.serverAddr = netip.AddrPortFrom(conc6, 7100)
 	e.noRoute = true
 	e.startClient(t, e.key(), "--route-all")
+	e.waitUplinksUp(t)
 
 	if out := tp.Output(tp.Client, "ip", "mptcp", "endpoint", "show"); !strings.Contains(out, "2001:db8:a::2") || !strings.Contains(out, "2001:db8:b::2") {
 		t.Fatalf("the MPTCP endpoints are not the uplinks' IPv6 addresses:\n%s", out)
@@ -137,27 +138,8 @@ func TestMixedFamilyUplinks(t *testing.T) {
 	e.startClient(t, e.key(), "--server-alt", netip.AddrPortFrom(topo.ConcAddr, 7100).String())
 	// Both uplinks up before the flow starts: the concentrator's
 	// announcement reaches a connection once, and the kernel joins it
-	// only from an endpoint that exists then (an IPv6 uplink's first
-	// probe may wait for neighbour discovery).
-	var raw string
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var st statusJSON
-		st, raw = e.status(t, "--socket", e.clientSocket())
-		up := 0
-		for _, u := range st.Uplinks {
-			if u.State == "up" && u.Probe {
-				up++
-			}
-		}
-		if up == 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("both uplinks should be up, each probing the concentrator's address of its family:\n%s", raw)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	// only from an endpoint that exists then.
+	e.waitUplinksUp(t)
 	e.expectSource(t, "through the tunnel", e.http, topo.DestAddr, viaTunnel, nil)
 	const size = 8 << 20
 	before, after := e.download(t, "big", e.randomFile(t, "big", size), "60")
@@ -169,5 +151,30 @@ func TestMixedFamilyUplinks(t *testing.T) {
 				i, 100*s, tp.Output(tp.Client, "ip", "mptcp", "endpoint", "show"), tp.Output(tp.Client, "ip", "mptcp", "limits", "show"),
 				tp.Output(tp.Conc, "ip", "mptcp", "endpoint", "show"), tp.Output(tp.Client, "sh", "-c", "nstat -asz | grep -i -E 'AddAddr|Join|Echo'"))
 		}
+	}
+}
+
+// waitUplinksUp waits until both uplinks are up with their probes
+// answered: an IPv6 uplink's first probe may wait a second for neighbour
+// discovery on a path just configured, and the uplink is withdrawn
+// meanwhile.
+func (e *env) waitUplinksUp(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, raw := e.status(t, "--socket", e.clientSocket())
+		up := 0
+		for _, u := range st.Uplinks {
+			if u.State == "up" && u.Probe {
+				up++
+			}
+		}
+		if up == 2 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("both uplinks should be up, each probing the concentrator's address of its family:\n%s", raw)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
