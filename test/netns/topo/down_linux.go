@@ -52,6 +52,9 @@ func Down(prefix string) error {
 			err = errors.Join(err, rerr)
 		}
 	}
+	if len(stale) > 0 {
+		os.Remove(etcNetns) // once empty, as in deleteNamespaces
+	}
 	if rerr := os.RemoveAll(DefaultRunDir(prefix)); rerr != nil {
 		err = errors.Join(err, rerr)
 	}
@@ -115,6 +118,10 @@ func deleteNamespaces(names []string) error {
 		if err := os.RemoveAll(etcDir(ns)); err != nil {
 			errs = append(errs, err)
 		}
+		// /etc/netns itself, once empty: SetResolvConf may have made it,
+		// and an empty one serves nobody (an error means it holds
+		// another namespace's files, or is not there).
+		os.Remove(etcNetns)
 		if _, err := os.Stat(netns.Path(ns)); errors.Is(err, os.ErrNotExist) {
 			continue
 		}
