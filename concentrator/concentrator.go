@@ -78,6 +78,9 @@ type Stats struct {
 	Unreachable uint64
 	TimedOut    uint64
 	NotAllowed  uint64 // refused by policy; no dial was made
+	// OutOfFiles: the dial found no file descriptor (EMFILE, ENFILE);
+	// the client's app is answered Limited.
+	OutOfFiles uint64
 	// DNS: the resolver service's streams and queries.
 	DNSStreams, DNSQueries, DNSFailed uint64
 	// UDP: the datagram service (Up: client → destination); of it, the
@@ -100,6 +103,7 @@ type Server struct {
 	dialer net.Dialer
 
 	active                                               atomic.Int64
+	outOfFiles                                           atomic.Uint64
 	flows, connected, refused, unreach, timedOut, denied atomic.Uint64
 	bytesUp, bytesDown                                   atomic.Uint64
 	dns                                                  *dnsrelay.Upstream // nil: no resolver service
@@ -350,6 +354,13 @@ func (s *Server) verdictFor(err error) tunnel.Verdict {
 	case errors.Is(err, ErrNotAllowed):
 		s.denied.Add(1)
 		return tunnel.NotAllowed
+	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE):
+		// Not the destination's fault, and not "unreachable": a limit
+		// of this host's, said as such.
+		if s.outOfFiles.Add(1)%1000 == 1 {
+			s.log.Warn("out of file descriptors: flows are refused as limited (raise LimitNOFILE / RLIMIT_NOFILE)", "err", err, "count", s.outOfFiles.Load())
+		}
+		return tunnel.Limited
 	case errors.Is(err, syscall.ECONNREFUSED):
 		s.refused.Add(1)
 		return tunnel.Refused

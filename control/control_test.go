@@ -63,7 +63,7 @@ func serverStatus() Status {
 				Incomplete: 11, BadMAC: 12, BadHandshake: 13, UnknownPeer: 14,
 				BadPayload: 15, BadTime: 16, Replayed: 17, ReplayFull: 18,
 			},
-			Limited: Limited{Peer: 21, Rate: 22, Server: 23},
+			Limited: Limited{Peer: 21, Rate: 22, Server: 23, Files: 24},
 		},
 		Verdicts: &Verdicts{Connected: 31, Refused: 32, Unreachable: 33, TimedOut: 34, NotAllowed: 35},
 		Peers: []Peer{

@@ -57,7 +57,7 @@ func TestRender(t *testing.T) {
 				// Every reason, with its own value, in a fixed order.
 				"rejected: incomplete 11, bad_mac 12, bad_handshake 13, unknown_peer 14, " +
 					"bad_payload 15, bad_time 16, replayed 17, replay_full 18; ",
-				"; limited: peer 21, rate 22, server 23\n",
+				"; limited: peer 21, rate 22, server 23, files 24\n",
 				"verdicts: 31 connected, 32 refused, 33 unreachable, 34 timed out, 35 not allowed\n",
 				"LIMITED", "REPLAY-FULL",
 			},

@@ -144,12 +144,15 @@ type Limited struct {
 	Peer   uint64 `json:"peer"`   // the peer had its maximum of flows open
 	Rate   uint64 `json:"rate"`   // the peer opened flows faster than its rate
 	Server uint64 `json:"server"` // the server had its maximum of flows open
+	// Files: the server ran out of file descriptors (RLIMIT_NOFILE,
+	// fs.file-max) connecting to the destination.
+	Files uint64 `json:"files"`
 }
 
 // Counts lists every limit, in a fixed order, with the names of the JSON
 // and of the metrics' limit label.
 func (l Limited) Counts() []Count {
-	return []Count{{"peer", l.Peer}, {"rate", l.Rate}, {"server", l.Server}}
+	return []Count{{"peer", l.Peer}, {"rate", l.Rate}, {"server", l.Server}, {"files", l.Files}}
 }
 
 // Verdicts counts what became of the flows the concentrator was handed.

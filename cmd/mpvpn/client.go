@@ -220,6 +220,7 @@ func runClient(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	raiseNoFile(log)
 	cfg, err := parseClient(c, log)
 	if err != nil {
 		return err

@@ -65,6 +65,7 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	raiseNoFile(log)
 	key, err := readKeyFileLog(c.Path("key"), log)
 	if err != nil {
 		return err

@@ -150,6 +150,8 @@ SystemCallFilter=~@clock @cpu-emulation @debug @module @mount @obsolete @raw-io 
 SystemCallErrorNumber=EPERM
 SystemCallArchitectures=native
 RestrictNamespaces=net
+# Every flow holds sockets (two on the concentrator): room for a million.
+LimitNOFILE=1048576
 
 # Files: all read-only, but for the status socket's /run/mpvpn, /var/lib/mpvpn
 # and the network sysctls.
