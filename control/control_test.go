@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/mpvpn/mpvpn/internal/netnstest"
 )
 
 func TestMain(m *testing.M) {
@@ -440,7 +442,7 @@ func TestListenChecksDirectory(t *testing.T) {
 			name: "another user's directory",
 			setup: func(t *testing.T, root string) string {
 				if os.Geteuid() != 0 {
-					t.Skip("chown needs root")
+					netnstest.CannotRun(t, "chown needs root")
 				}
 				d := filepath.Join(root, "d")
 				mkdir(t, d, 0o700)

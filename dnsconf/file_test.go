@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/mpvpn/mpvpn/internal/netnstest"
 )
 
 var servers = []netip.Addr{
@@ -105,7 +107,7 @@ func TestFileApplyUndo(t *testing.T) {
 		{"missing", func(t *testing.T, dir, path string) {}, "removed"},
 		{"owned by another user (root only)", func(t *testing.T, dir, path string) {
 			if os.Geteuid() != 0 {
-				t.Skip("needs root to give a file away")
+				netnstest.CannotRun(t, "needs root to give a file away")
 			}
 			writeFile(t, path, original, 0o644)
 			if err := os.Chown(path, 65534, 65534); err != nil {
