@@ -124,7 +124,7 @@ func newRelay(tc *tunnel.Client, st *atomic.Pointer[stack.Stack], pr *probe.Prob
 		},
 		Refused: func(app, dst netip.AddrPort) {
 			if s := st.Load(); s != nil {
-				s.RefuseUDP(app, dst)
+				s.UnreachableUDP(app, dst, stack.UnreachableProhibited)
 			}
 		},
 		Unreachable: func(app, dst netip.AddrPort, why int) {

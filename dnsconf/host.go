@@ -5,7 +5,6 @@ package dnsconf
 import (
 	"os"
 	"path/filepath"
-	"syscall"
 )
 
 // A client may run in a network namespace of its own (`ip netns exec`, a
@@ -27,33 +26,19 @@ func sameInode(a, b string) bool {
 		return false
 	}
 	sb, err := os.Lstat(b)
-	if err != nil {
-		return false
-	}
-	x, ok1 := sa.Sys().(*syscall.Stat_t)
-	y, ok2 := sb.Sys().(*syscall.Stat_t)
-	return ok1 && ok2 && x.Dev == y.Dev && x.Ino == y.Ino
+	return err == nil && os.SameFile(sa, sb)
 }
 
 // ownNetns reports whether this process's network namespace is not PID
 // 1's. When PID 1's cannot be read (no permission, no /proc), it is
 // taken for the same one: the ordinary case of a client on the host.
 func ownNetns() bool {
-	return !sameInodeFollow("/proc/self/ns/net", "/proc/1/ns/net")
-}
-
-func sameInodeFollow(a, b string) bool {
-	sa, err := os.Stat(a)
+	self, err := os.Stat("/proc/self/ns/net")
 	if err != nil {
-		return true
+		return false
 	}
-	sb, err := os.Stat(b)
-	if err != nil {
-		return true
-	}
-	x, ok1 := sa.Sys().(*syscall.Stat_t)
-	y, ok2 := sb.Sys().(*syscall.Stat_t)
-	return !ok1 || !ok2 || (x.Dev == y.Dev && x.Ino == y.Ino)
+	pid1, err := os.Stat("/proc/1/ns/net")
+	return err == nil && !os.SameFile(self, pid1)
 }
 
 // hostsFile reports whether path, as this process sees it, is the very

@@ -178,11 +178,6 @@ const (
 	UnreachableNet
 )
 
-// RefuseUDP is UnreachableUDP(app, dst, UnreachableProhibited).
-func (s *Stack) RefuseUDP(app, dst netip.AddrPort) error {
-	return s.UnreachableUDP(app, dst, UnreachableProhibited)
-}
-
 // UnreachableUDP tells the application at app that its datagram to dst
 // did not get there, and why: an ICMP destination unreachable from dst,
 // quoting the IP and UDP headers of such a datagram, which is all the
