@@ -24,6 +24,7 @@ import (
 	"github.com/mpvpn/mpvpn/stack"
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/udprelay"
 )
 
 // StaleLossCount is net.mptcp.stale_loss_cnt on both ends: how many MPTCP
@@ -174,10 +175,17 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	// gateway) before it changes anything. Its changes reach the liveness
 	// prober, which exists only once pathmgr does.
 	var prober atomic.Pointer[probe.Prober]
+	var tunnelClient atomic.Pointer[tunnel.Client]
+	var udpRelay atomic.Pointer[udprelay.Client]
 	pcfg := cfg.pathmgr()
 	pcfg.OnChange = func(s pathmgr.Status) {
 		if pr := prober.Load(); pr != nil {
 			probePath(pr, s)
+		}
+		// A pooled connection may have its subflows only on the
+		// uplink that went; new ones start on one that works.
+		if tc := tunnelClient.Load(); tc != nil && s.State != pathmgr.StateUp {
+			tc.Flush()
 		}
 	}
 	pcfg.Journal = func(kind, name, before string) error {
@@ -218,6 +226,17 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Mark:      cfg.Mark,
 		Logger:    log,
 		OnChange:  pm.SetReachable,
+		// Probes back off while no flow is open (a metered uplink
+		// idles cheaply) and are back at full rate the moment one
+		// opens.
+		Busy: func() bool {
+			if tc := tunnelClient.Load(); tc != nil && tc.Busy() {
+				return true
+			}
+			r := udpRelay.Load()
+			return r != nil && r.Stats().Flows > 0
+		},
+		IdleInterval: cfg.ProbeIdleInterval,
 	})
 	if err != nil {
 		return err
@@ -254,11 +273,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Source:    pm.PreferredSource,
 		Now:       concentratorClock(pr, time.Now()),
 		Horizon:   pr.ServerHorizon,
+		PoolSize:  poolSize(cfg.Pool),
 		Logger:    log,
 	})
 	if err != nil {
 		return err
 	}
+	tunnelClient.Store(tc)
+	undos = append(undos, goUntil(func(ctx context.Context) {
+		if err := tc.RunPool(ctx); err != nil {
+			log.Error("connection pool stopped", "err", err)
+		}
+	}))
 
 	// With every uplink down, flows wait (MPTCP keeps a connection with
 	// no subflow, and the path manager gives it new ones when an uplink
@@ -281,6 +307,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return err
 	}
 	undos = append(undos, relay.Close)
+	udpRelay.Store(relay)
 
 	st2, err := stack.New(stack.Config{
 		Device: dev.Inner(),
@@ -295,6 +322,13 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	netstack.Store(st2)
 	undos = append(undos, st2.Close)
+
+	// The first flows after a start find the pool filled, as later ones
+	// do; a concentrator that does not answer delays the start by at
+	// most this wait (flows then dial afresh until the pool fills).
+	if cfg.Pool > 0 && !tc.WaitPool(ctx, cfg.Pool, poolStartWait) {
+		log.Warn("the connection pool is not filled yet; the first flows cost a round trip more", "pool", tc.Stats().Pooled, "want", cfg.Pool, "waited", poolStartWait)
+	}
 
 	// Routes last: until now nothing was sent into the TUN.
 	rcfg := cfg.routing()
@@ -394,6 +428,20 @@ func goUntil(fn func(ctx context.Context)) (stop func() error) {
 
 // probePath makes the prober follow an uplink: probed from its address
 // while pathmgr has it installed (up or withdrawn), not at all while down.
+// poolStartWait bounds how long a start waits for the pool: two round
+// trips (connect, handshake) on all but the worst paths, with a cold
+// probe clock.
+const poolStartWait = 3 * time.Second
+
+// poolSize maps --pool (0: off) to tunnel.ClientConfig.PoolSize (0: the
+// default, negative: off).
+func poolSize(n int) int {
+	if n <= 0 {
+		return -1
+	}
+	return n
+}
+
 func probePath(pr *probe.Prober, s pathmgr.Status) {
 	if s.State != pathmgr.StateDown && s.Addr.IsValid() {
 		pr.SetPath(s.Name, s.Addr)

@@ -115,9 +115,16 @@ type Config struct {
 	Mark         uint32
 	// Table is the first routing table and rule priority mpvpn owns; it
 	// owns it and the next 199.
-	Table          int
-	FastOpen       bool
-	AllDownTimeout time.Duration
+	Table    int
+	FastOpen bool
+	// Pool is how many connections to the concentrator the client keeps
+	// through the handshake ahead of any flow, so that a new flow costs
+	// one round trip to its verdict, not two; 0: none.
+	Pool int
+	// ProbeIdleInterval is the probe cadence per uplink while no flow is
+	// open (0: probe.DefaultIdleInterval); the busy cadence is 100 ms.
+	ProbeIdleInterval time.Duration
+	AllDownTimeout    time.Duration
 	// Control is the status socket's path, Metrics the address to serve
 	// Prometheus metrics on ("": none), Journal the host-state journal's
 	// path.

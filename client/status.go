@@ -81,6 +81,7 @@ func (s *stats) status() control.Status {
 			Rejected:  ts.Rejected,
 			Fallbacks: ts.Fallbacks,
 		},
+		Pool: &control.Pool{Ready: int64(ts.Pooled), Hits: ts.PoolHits, Stale: ts.PoolStale, Expired: ts.PoolExpired, Dials: ts.PoolDials, Failures: ts.PoolFailures},
 	}
 	if s.netstack != nil {
 		st.Stack = stackStatus(s.netstack())

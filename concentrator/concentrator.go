@@ -48,7 +48,11 @@ type Config struct {
 	MaxFlowsPerPeer int
 	// Limits of the tunnel server (tunnel.ServerConfig, same names); 0
 	// takes its default.
-	MaxFlows                               int
+	MaxFlows int
+	// MaxPooledPerPeer and PoolIdle bound each client's pooled
+	// connections (tunnel.ServerConfig); 0 takes the defaults.
+	MaxPooledPerPeer                       int
+	PoolIdle                               time.Duration
 	PeerHandshakeRate, PeerHandshakeBurst  int
 	MaxHalfOpen                            int
 	MaxHalfOpenPerAddr, MaxHalfOpenPerSite int
@@ -170,6 +174,8 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 		HandshakeDeadline:  cfg.HandshakeDeadline,
 		MaxFlowsPerPeer:    cfg.MaxFlowsPerPeer,
 		MaxFlows:           cfg.MaxFlows,
+		MaxPooledPerPeer:   cfg.MaxPooledPerPeer,
+		PoolIdle:           cfg.PoolIdle,
 		PeerHandshakeRate:  cfg.PeerHandshakeRate,
 		PeerHandshakeBurst: cfg.PeerHandshakeBurst,
 		MaxHalfOpen:        cfg.MaxHalfOpen,

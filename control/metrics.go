@@ -84,6 +84,10 @@ var (
 		"SYNs the client's netstack answered with a reset because too many were in flight.", nil, nil)
 	descUDP = prometheus.NewDesc("mpvpn_udp_datagrams_total",
 		"The UDP relay, by counter: tunnel streams of the datagram service; datagrams up (to the destinations) and down, and their bytes; refused by the concentrator's policy; dropped (a full queue, no stream); the server's sockets opened, flows evicted, send errors.", []string{"counter"}, nil)
+	descPoolReady = prometheus.NewDesc("mpvpn_pool_ready",
+		"Connections to the concentrator authenticated ahead of any flow, waiting now (client: its pool; server: its clients').", nil, nil)
+	descPool = prometheus.NewDesc("mpvpn_pool_total",
+		"The connection pool, by event: a flow took one (hit); one was found closed by the server (stale) or retired unused (expired); dialled, failed; refused by the per-client cap (limited) or closed unused by the server (unused).", []string{"event"}, nil)
 	descUDPFlows = prometheus.NewDesc("mpvpn_udp_flows",
 		"Application UDP sockets with a relay flow now.", nil, nil)
 	descDNS = prometheus.NewDesc("mpvpn_dns_total",
@@ -110,7 +114,7 @@ var allDescs = []*prometheus.Desc{
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
-	descStackInFlight, descStackSYNLimited, descDNS, descUDP, descUDPFlows,
+	descStackInFlight, descStackSYNLimited, descDNS, descUDP, descUDPFlows, descPoolReady, descPool,
 	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
@@ -222,6 +226,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descUDP, float64(c.Value), c.Name)
 		}
 		gauge(descUDPFlows, float64(u.Flows))
+	}
+	if p := s.Pool; p != nil {
+		gauge(descPoolReady, float64(p.Ready))
+		for _, c := range p.Counts() {
+			counter(descPool, float64(c.Value), c.Name)
+		}
 	}
 
 	clear(seen)

@@ -64,6 +64,13 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 		fmt.Fprintf(&b, "udp: %d flows; %d datagrams up (%s), %d down (%s), %d refused, %d dropped; %d pings, %d echoes; %d tunnel streams\n",
 			u.Flows, u.Up, humanBytes(u.UpBytes), u.Down, humanBytes(u.DownBytes), u.Refused, u.Dropped, u.Pings, u.Echoes, u.Streams)
 	}
+	if p := s.Pool; p != nil {
+		if s.Role == "server" {
+			fmt.Fprintf(&b, "pool: %d connections waiting for a flow; %d over the per-client cap, %d closed unused\n", p.Ready, p.Limited, p.Unused)
+		} else {
+			fmt.Fprintf(&b, "pool: %d ready; %d flows took one, %d stale, %d expired; %d dialled, %d failed\n", p.Ready, p.Hits, p.Stale, p.Expired, p.Dials, p.Failures)
+		}
+	}
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return err
 	}

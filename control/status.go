@@ -34,6 +34,30 @@ type Status struct {
 	// UDP is the datagram relay: the applications' UDP datagrams
 	// carried (Up: towards the destinations).
 	UDP *UDP `json:"udp,omitempty"`
+	// Pool is the connections authenticated ahead of any flow: on a
+	// client, its pool; on a server, its clients' pooled connections.
+	Pool *Pool `json:"pool,omitempty"`
+}
+
+// Pool counts connections authenticated before a flow needed them.
+type Pool struct {
+	Ready    int64  `json:"ready"`   // waiting for a flow now
+	Hits     uint64 `json:"hits"`    // client: flows that took one
+	Stale    uint64 `json:"stale"`   // client: found closed by the server, skipped
+	Expired  uint64 `json:"expired"` // client: retired unused at their age
+	Dials    uint64 `json:"dials"`   // client: pooled connections dialled
+	Failures uint64 `json:"failures"`
+	Limited  uint64 `json:"limited"` // server: answered Limited (the per-client cap)
+	Unused   uint64 `json:"unused"`  // server: closed without a flow (idle timeout, client closed)
+}
+
+// Counts lists the counters, for metrics.
+func (p Pool) Counts() []Count {
+	return []Count{
+		{"hit", p.Hits}, {"stale", p.Stale}, {"expired", p.Expired},
+		{"dial", p.Dials}, {"dial_failed", p.Failures},
+		{"limited", p.Limited}, {"unused", p.Unused},
+	}
 }
 
 // UDP counts the datagrams mpvpn relayed.

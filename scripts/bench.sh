@@ -33,6 +33,10 @@
 #   setup     time_connect / time_starttransfer of a small HTTP reply, median of
 #             CURLS, direct TCP vs mpvpn (server default = no Fast Open) vs mpvpn
 #             with `mpvpn server --fast-open`            ms | in RTTs (ping over wan0)
+#   setup     the first flow after a client start (median of FIRST_FLOWS=5
+#             starts), a burst of BURST=20 new flows at once (median and p90,
+#             median of BURSTS=5 bursts) direct and through mpvpn, and the
+#             same with `--pool 0` (every flow dials afresh, as before issue 11)
 #   setup     DNS lookup time (dig's query time, median of CURLS) through mpvpn's
 #             resolver vs straight to the concentrator's resolver (dnsmasq on the
 #             concentrator), UDP and TCP, and mpvpn's first lookup
@@ -74,6 +78,9 @@ REPS=${REPS:-1}
 ONLY=${ONLY:-"agg unshaped setup flood memory outage udp"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
+FIRST_FLOWS=${FIRST_FLOWS:-5}
+BURST=${BURST:-20}
+BURSTS=${BURSTS:-5}
 FLOWS=${FLOWS:-"1000 10000"}
 if [ -z "${PEERS:-}" ]; then
 	# ../shared beside the repository (the script runs from its root).
@@ -90,7 +97,14 @@ apt_install() {
 command -v mptcpize >/dev/null || apt_install mptcpd
 command -v jq >/dev/null || apt_install jq
 command -v ping >/dev/null || apt_install iputils-ping
-for c in mptcpize jq ping iperf3 curl python3; do
+command -v ab >/dev/null || apt_install apache2-utils
+if ! command -v nginx >/dev/null; then
+	# The web server of the set-up and flow-rate rows. Debian starts and
+	# enables it on install; it is wanted only inside the namespaces.
+	apt_install nginx-light
+	systemctl disable --now nginx >/dev/null 2>&1 || true
+fi
+for c in mptcpize jq ping iperf3 curl python3 nginx ab; do
 	command -v $c >/dev/null || { echo "$0: $c is missing" >&2; exit 1; }
 done
 
@@ -163,6 +177,36 @@ bg() {
 	ip netns exec "$ns" "$@" >"$WORK/$name.log" 2>&1 &
 	BGPID=$!
 	PIDS+=("$BGPID")
+}
+
+# web NAME NS ADDR PORT: nginx serving $WORK/www, one process in the
+# foreground (so stop_pid ends it), with a listen backlog that a burst of
+# new flows does not overflow (python's http.server has 5: a burst of 20
+# then waits for SYN retransmissions, directly as through mpvpn).
+web() {
+	local name=$1 ns=$2 addr=$3 port=$4 d=$WORK/nginx-$1
+	mkdir -p "$d"
+	cat >"$d/nginx.conf" <<-EOF
+		daemon off;
+		master_process off;
+		user root;
+		pid $d/nginx.pid;
+		error_log stderr;
+		events { worker_connections 16384; }
+		http {
+			access_log off;
+			client_body_temp_path $d/body;
+			proxy_temp_path $d/proxy;
+			fastcgi_temp_path $d/fastcgi;
+			uwsgi_temp_path $d/uwsgi;
+			scgi_temp_path $d/scgi;
+			server {
+				listen $addr:$port backlog=4096;
+				root $WORK/www;
+			}
+		}
+	EOF
+	bg "$name" "$ns" nginx -p "$d" -c "$d/nginx.conf" -e stderr
 }
 
 stop_pid() {
@@ -349,8 +393,8 @@ shaped() {
 	bg iperf-conc "$NS_CONC" iperf3 -s -B "$CONC_ADDR" -p 5201
 	bg iperfm-conc "$NS_CONC" mptcpize run iperf3 -s -B "$CONC_ADDR" -p 5202
 	bg iperf-inet "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
-	bg http-conc "$NS_CONC" "$PY" -m http.server 8080 --bind "$CONC_ADDR" --directory "$WORK/www"
-	bg http-inet "$NS_INET" "$PY" -m http.server 80 --bind "$DEST_ADDR" --directory "$WORK/www"
+	web http-conc "$NS_CONC" "$CONC_ADDR" 8080
+	web http-inet "$NS_INET" "$DEST_ADDR" 80
 	# The concentrator's resolver (its --dns-upstream), answering at once
 	# for the one name the set-up rows look up: a lookup then costs the
 	# path to it and nothing else, through mpvpn or directly.
@@ -459,6 +503,56 @@ setup_latency() {
 	}
 	curl_case "direct TCP (client→concentrator)" "http://$CONC_ADDR:8080/hello"
 	curl_case "mpvpn, server default (no Fast Open)" "http://$DEST_ADDR/hello"
+	# The first flow after a start: the client fills its pool before it
+	# routes anything into the TUN, so this flow should cost no more.
+	local i out f=()
+	for i in $(seq "$FIRST_FLOWS"); do
+		stop_pid "$CLIENT_PID"
+		start_client || die "mpvpn client did not come up again"
+		out=$(ip netns exec "$NS_CLI" curl -s -o /dev/null --max-time 5 -w '%{time_starttransfer} %{http_code}' "http://$DEST_ADDR/hello")
+		# shellcheck disable=SC2086
+		set -- $out
+		[ "${2:-}" = 200 ] && f+=("$(calc "$1*1000" %.2f)")
+	done
+	local mf
+	mf=$(median "${f[@]}")
+	if isnum "$mf"; then
+		row setup "mpvpn, first flow after the client starts: time_starttransfer" "$mf ms" "$(calc "$mf/$rtt" %.2f) RTT" "median of ${#f[@]} starts of $FIRST_FLOWS"
+	else
+		row setup "mpvpn, first flow after the client starts" "FAIL" "-" "no reply in $FIRST_FLOWS starts"
+	fi
+	# A page load: BURST new flows at once, directly and through mpvpn.
+	burst_case() {
+		local name=$1 url=$2 j=$WORK/burst-$3.json r p50 p90 ok
+		r=()
+		for i in $(seq "$BURSTS"); do
+			ip netns exec "$NS_CLI" "$BIN/newflows" -url "$url" -n "$BURST" -parallel "$BURST" -timeout 5s >"$j.$i" 2>"$j.$i.err"
+			sleep 0.5
+		done
+		# The medians and p90s of each burst, then their medians.
+		p50=$(median $(for i in $(seq "$BURSTS"); do jq -r .first_byte.p50_ms "$j.$i" 2>/dev/null; done))
+		p90=$(median $(for i in $(seq "$BURSTS"); do jq -r .first_byte.p90_ms "$j.$i" 2>/dev/null; done))
+		ok=$(for i in $(seq "$BURSTS"); do jq -r .ok "$j.$i" 2>/dev/null; done | paste -sd+ | bc)
+		local n="$BURSTS bursts; $ok of $((BURST * BURSTS)) flows answered; each burst's own median and p90, then their median"
+		if isnum "${p50:-x}"; then
+			row setup "$name, burst of $BURST at once, median: time_starttransfer" "$p50 ms" "$(calc "$p50/$rtt" %.2f) RTT" "$n"
+			row setup "$name, burst of $BURST at once, p90: time_starttransfer" "$p90 ms" "$(calc "$p90/$rtt" %.2f) RTT" "$n"
+		else
+			row setup "$name, burst of $BURST at once" "FAIL" "-" "$(head -c 200 "$j.1.err" 2>/dev/null)"
+		fi
+	}
+	burst_case "direct TCP" "http://$CONC_ADDR:8080/hello" direct
+	burst_case "mpvpn" "http://$DEST_ADDR/hello" mpvpn
+	# Before the pool, in the same run: every flow dials afresh.
+	stop_pid "$CLIENT_PID"
+	if start_client --pool 0; then
+		curl_case "mpvpn --pool 0 (every flow dials afresh)" "http://$DEST_ADDR/hello"
+		burst_case "mpvpn --pool 0" "http://$DEST_ADDR/hello" nopool
+	else
+		row setup "mpvpn --pool 0" "FAIL" "-" "client did not come up"
+	fi
+	stop_pid "$CLIENT_PID"
+	start_client || die "mpvpn client did not come up again"
 	# dns_case NAME SERVER [DIG ARGS]: median of dig's query time (ms).
 	dns_case() {
 		local name=$1 server=$2 q=() t bad=0

@@ -61,7 +61,15 @@ type ClientConfig struct {
 	// (the concentrator restarted after the stamp was made), is tried
 	// once more with a fresh stamp.
 	Horizon func() time.Time
-	Logger  *slog.Logger
+	// PoolSize: connections kept through the handshake ahead of any
+	// flow while RunPool runs (0: DefaultPoolSize; negative: no pool,
+	// every flow dials afresh). PoolMaxAge: a pooled connection unused
+	// this long is replaced (default 5 min; keep it under the
+	// concentrator's PoolIdle). PoolLinger: after this long without a
+	// new flow the pool shrinks to two (default 10 min).
+	PoolSize               int
+	PoolMaxAge, PoolLinger time.Duration
+	Logger                 *slog.Logger
 }
 
 // ClientStats are a Client's counters.
@@ -72,6 +80,13 @@ type ClientStats struct {
 	Failures  uint64 // dials that got no verdict (connect or handshake failed)
 	Fallbacks uint64 // connected flows whose connection is plain TCP, not MPTCP
 	Active    int64  // connected flows not yet closed
+	// The pool (see RunPool): connections ready now; flows that took
+	// one; pooled connections found closed by the concentrator when a
+	// flow tried them, and retired unused at PoolMaxAge; pool dials made
+	// and failed.
+	Pooled                           int
+	PoolHits, PoolStale, PoolExpired uint64
+	PoolDials, PoolFailures          uint64
 	// FallbacksBySource splits Fallbacks by the local address the
 	// connection started from: with the path manager's Source, that
 	// names the uplink a middlebox stripped MPTCP on.
@@ -93,11 +108,16 @@ type Client struct {
 	dials, connected, rejected, failures, fallbacks atomic.Uint64
 	active                                          atomic.Int64
 	lastWarn                                        atomic.Int64
+	// appFlows: open flows to a destination (not to a service) and
+	// those being opened; see Busy.
+	appFlows atomic.Int64
 
 	nextID     atomic.Uint64
 	mu         sync.Mutex
 	conns      map[*Conn]struct{} // open flows, for Conns and AbortAll
 	fallbackBy map[netip.Addr]uint64
+
+	pool pool
 }
 
 const defaultHandshakeTimeout = 10 * time.Second
@@ -131,6 +151,15 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = defaultHandshakeTimeout
 	}
+	if cfg.PoolSize == 0 {
+		cfg.PoolSize = DefaultPoolSize
+	}
+	if cfg.PoolMaxAge <= 0 {
+		cfg.PoolMaxAge = defaultPoolMaxAge
+	}
+	if cfg.PoolLinger <= 0 {
+		cfg.PoolLinger = defaultPoolLinger
+	}
 	c := &Client{
 		cfg:    cfg,
 		log:    cfg.Logger,
@@ -139,6 +168,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		mac1:   mac1Key(cfg.ServerKey),
 		now:    cfg.Now,
 	}
+	c.pool.kick = make(chan struct{}, 1)
 	c.dialer.KeepAliveConfig = keepAlive()
 	c.dialer.SetMultipathTCP(true)
 	if cfg.FastOpen {
@@ -160,7 +190,16 @@ func (c *Client) Stats() ClientStats {
 		Failures:  c.failures.Load(),
 		Fallbacks: c.fallbacks.Load(),
 		Active:    c.active.Load(),
+
+		PoolHits:     c.pool.hits.Load(),
+		PoolStale:    c.pool.stale.Load(),
+		PoolExpired:  c.pool.expired.Load(),
+		PoolDials:    c.pool.dials.Load(),
+		PoolFailures: c.pool.failures.Load(),
 	}
+	c.pool.mu.Lock()
+	st.Pooled = len(c.pool.ready)
+	c.pool.mu.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.fallbackBy) > 0 {
@@ -187,10 +226,13 @@ func (c *Client) AbortAll() int {
 	return len(conns)
 }
 
-// DialTCP opens one MPTCP connection to the concentrator, sends msg1
-// (authentication and destination, no application bytes), waits for the
-// verdict and returns the encrypted stream. The concentrator answers only
-// after its own connect to dst, so a nil error means dst accepted.
+// DialTCP asks the concentrator for a flow to dst and returns the
+// encrypted stream once the verdict came. With the pool running it takes
+// a connection from the pool and sends dst in its request frame (one
+// round trip); otherwise it opens one MPTCP connection and sends msg1
+// (authentication and destination, no application bytes). Either way the
+// concentrator answers only after its own connect to dst, so a nil error
+// means dst accepted.
 //
 // A verdict other than Connected comes back as a *VerdictError, which
 // unwraps to the matching errno. A handshake without a verdict returns an
@@ -214,8 +256,36 @@ func (c *Client) DialService(ctx context.Context, svc Service) (*Conn, error) {
 	return c.open(ctx, target{svc: svc})
 }
 
+// Busy tells whether any flow to a destination is open or being opened
+// (flows to the concentrator's own services, such as the DNS stream,
+// which stays open, do not count): the prober's cue to probe at its busy
+// cadence.
+func (c *Client) Busy() bool { return c.appFlows.Load() > 0 }
+
 func (c *Client) open(ctx context.Context, t target) (*Conn, error) {
 	c.dials.Add(1)
+	if t.svc == 0 {
+		// Counted while it opens; established keeps the count for
+		// the flow's life, and a failed open gives it back.
+		c.appFlows.Add(1)
+		conn, err := c.openOnce(ctx, t)
+		if err != nil {
+			c.appFlows.Add(-1)
+		}
+		return conn, err
+	}
+	return c.openOnce(ctx, t)
+}
+
+func (c *Client) openOnce(ctx context.Context, t target) (*Conn, error) {
+	if pc := c.takePooled(); pc != nil {
+		conn, err := c.usePooled(ctx, pc, t)
+		if !errors.Is(err, errPoolGone) {
+			return c.count(conn, err)
+		}
+		c.pool.stale.Add(1)
+		c.log.Debug("pooled connection was closed by the concentrator; dialling afresh", "dst", t.String())
+	}
 	conn, stamp, err := c.dial(ctx, t)
 	if err != nil && c.cfg.Horizon != nil && errors.Is(err, errNoAnswer) && ctx.Err() == nil {
 		if h := c.cfg.Horizon(); !h.IsZero() && !stamp.After(h) {
@@ -223,6 +293,11 @@ func (c *Client) open(ctx context.Context, t target) (*Conn, error) {
 			conn, _, err = c.dial(ctx, t)
 		}
 	}
+	return c.count(conn, err)
+}
+
+// count adds a dial's outcome to the counters.
+func (c *Client) count(conn *Conn, err error) (*Conn, error) {
 	if err != nil {
 		if _, ok := errors.AsType[*VerdictError](err); ok {
 			c.rejected.Add(1)
@@ -252,6 +327,17 @@ func (c *Client) dial(ctx context.Context, dst target) (*Conn, time.Time, error)
 }
 
 func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*Conn, error) {
+	tc, send, recv, err := c.handshake(ctx, dst, stamp)
+	if err != nil {
+		return nil, err
+	}
+	return c.established(tc, send, recv, dst), nil
+}
+
+// handshake opens one MPTCP connection and runs msg1 and msg2 for dst; a
+// verdict other than Connected is a *VerdictError. For a pool target,
+// Connected means authenticated and ready for a request frame.
+func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*net.TCPConn, *noise.CipherState, *noise.CipherState, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
 	defer cancel()
 
@@ -272,7 +358,7 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 	// within the concentrator's ReplayWindow.
 	hs, msg1, ts, err := c.msg1For(dst)
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	*stamp = ts
 	// With TCP_FASTOPEN_CONNECT and a cached cookie, this returns before
@@ -283,7 +369,7 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 		// plain TCP after any error); the error is the second
 		// attempt's, which for a refused, unreachable or silent
 		// server is the same as the first one's.
-		return nil, c.failed(ctx, "connect to", err)
+		return nil, nil, nil, c.failed(ctx, "connect to", err)
 	}
 	tc := raw.(*net.TCPConn)
 	if at.attempts > 1 && !at.lastMPTCP {
@@ -305,17 +391,22 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 	}
 	if err != nil {
 		tc.Close()
-		return nil, c.failed(ctx, "handshake with", err)
+		return nil, nil, nil, c.failed(ctx, "handshake with", err)
 	}
 	v, send, recv, err := readMsg2(hs, m2[:])
 	if err != nil {
 		tc.Close()
-		return nil, fmt.Errorf("%w with %s: its answer failed authentication (is ServerKey this concentrator's key?): %w", ErrHandshake, c.server, err)
+		return nil, nil, nil, fmt.Errorf("%w with %s: its answer failed authentication (is ServerKey this concentrator's key?): %w", ErrHandshake, c.server, err)
 	}
 	if v != Connected {
 		tc.Close()
-		return nil, &VerdictError{Verdict: v, Dst: dst.dst, Service: dst.svc}
+		return nil, nil, nil, &VerdictError{Verdict: v, Dst: dst.dst, Service: dst.svc}
 	}
+	return tc, send, recv, nil
+}
+
+// established makes the flow's Conn of a connection through its verdict.
+func (c *Client) established(tc *net.TCPConn, send, recv *noise.CipherState, dst target) *Conn {
 	// Only meaningful now: with Fast Open the connection did not exist
 	// when DialContext returned.
 	mp, _ := tc.MultipathTCP()
@@ -333,9 +424,13 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 		c.warnFallback("flow is on plain TCP, not MPTCP: it uses one path only (the concentrator, a middlebox, or the kernel's MPTCP blackhole detection after lost SYNs; see net.mptcp.blackhole_timeout)", "server", c.server, "dst", dst.String())
 	}
 	c.active.Add(1)
+	app := dst.svc == 0
 	var fc *Conn
 	fc = newConn(tc, send, recv, mp, func() {
 		c.active.Add(-1)
+		if app {
+			c.appFlows.Add(-1)
+		}
 		c.mu.Lock()
 		delete(c.conns, fc)
 		c.mu.Unlock()
@@ -347,7 +442,7 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 	}
 	c.conns[fc] = struct{}{}
 	c.mu.Unlock()
-	return fc, nil
+	return fc
 }
 
 // failed explains an error that left the dial without a verdict.

@@ -28,6 +28,9 @@
 //	                              the flow, RFC 1035 4.2.2 / RFC 7766),
 //	                              2 (datagrams: UDP, package udprelay)
 //	            14 18  zero
+//	          or, for a pooled connection (see Pool below):
+//	            12  1  protocol   255 (pool)
+//	            13 19  zero
 //	  128 16  mac1              BLAKE2s-128 keyed with
 //	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),
 //	                              over bytes 0..127
@@ -45,6 +48,43 @@
 // destination, not forward secret (Noise payload properties 1/2). The
 // client sends nothing more until the verdict, and nothing in msg2 or
 // after it is of use to whoever replays msg1 without the ephemeral key.
+//
+// # Pool
+//
+// A new flow that opens its own connection pays two round trips before
+// the app's handshake completes (connect, then msg1 and msg2). The client
+// therefore keeps a pool of connections already through the handshake
+// (Client.RunPool, ClientConfig.PoolSize, default 24): msg1 names the
+// pool, msg2 answers Connected (authenticated, ready) or Limited (over
+// the concentrator's MaxPooledPerPeer or MaxPooled), and the connection
+// then waits, keyed, with no keepalives. A flow takes one and sends its
+// target in the first transport frame; the concentrator dials and
+// answers in the first frame back:
+//
+//	request frame, client → server, always 38 bytes:
+//	  0   2  length   36
+//	  2  36  ciphertext of 20 bytes: msg1's payload bytes 12..31 (a
+//	         destination or a service; never the pool) + 16 tag
+//	verdict frame, server → client, always 34 bytes:
+//	  0   2  length   32
+//	  2  32  ciphertext of msg2's 16-byte payload + 16 tag
+//
+// after which the stream is ordinary frames. One round trip, as direct
+// TCP's own handshake, and the destination travels under the transport
+// keys, which are forward secret, rather than in msg1. The dial-first
+// rule, the verdicts, the limits and their order are the same as for
+// msg1's target; the handshake rate (PeerHandshakeRate) counts each
+// pooled connection when it is made. A replayed pool msg1 is refused by
+// the replay cache like any msg1, and even a fresh one gets its sender
+// nothing without msg1's ephemeral key.
+//
+// The concentrator closes a pooled connection unused after PoolIdle
+// (6 min); the client retires its own earlier (PoolMaxAge, 5 min), keeps
+// only two after PoolLinger (10 min) without a new flow, and checks each
+// one with a non-blocking MSG_PEEK before use, so one the concentrator
+// closed (restart, idle timeout) never carries a flow. One closed between
+// that check and the request frame ends in EOF or a reset with no
+// verdict, and the flow dials afresh, as a lost SYN is sent again.
 //
 // # Server checks, cheapest first
 //

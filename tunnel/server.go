@@ -63,11 +63,21 @@ type ServerConfig struct {
 	// MaxHalfOpenPerSite per IPv6 /48. Defaults 32 and 256. Over either,
 	// the oldest of that source is closed to make room.
 	MaxHalfOpenPerAddr, MaxHalfOpenPerSite int
-	Logger                                 *slog.Logger
+	// PoolIdle: how long a pooled connection (authenticated, no target
+	// yet) may wait for its request frame before the server closes it.
+	// Default 6 min, longer than the client's default PoolMaxAge (5 min),
+	// so a client retires its pooled connections before the server does.
+	PoolIdle time.Duration
+	// MaxPooledPerPeer and MaxPooled bound the pooled connections
+	// waiting, per client key and in all; over either msg2 answers
+	// Limited and the client's pool backs off. Defaults 64 and 16384.
+	MaxPooledPerPeer, MaxPooled int
+	Logger                      *slog.Logger
 }
 
 // ServerStats are a Server's counters. Every accepted connection ends up
-// in exactly one of: Evicted, one of the silent reasons, or Flows.
+// in exactly one of: Evicted, one of the silent reasons, Flows,
+// PoolLimited, PoolUnused, or Pooled (waiting now).
 type ServerStats struct {
 	Accepted uint64 // connections accepted
 	// Evicted counts half-open connections closed before their deadline
@@ -94,6 +104,13 @@ type ServerStats struct {
 	Full        uint64 // answered Limited: the server had MaxFlows open
 	Active      int64  // authenticated flows not yet closed
 	Fallbacks   uint64 // authenticated connections that were plain TCP, not MPTCP
+
+	// Pooled connections: authenticated ahead of any flow (see
+	// ClientConfig.PoolSize). A used one counts in Flows from its
+	// request frame on.
+	Pooled      int64  // waiting for their request frame now
+	PoolLimited uint64 // pool handshakes answered Limited (MaxPooledPerPeer, MaxPooled)
+	PoolUnused  uint64 // closed without a request: PoolIdle passed, the client closed it, or a bad request frame
 }
 
 // Server is the concentrator side of the protocol.
@@ -115,10 +132,13 @@ type Server struct {
 	rateLimited, full                            atomic.Uint64
 	rejects                                      [numRejects]atomic.Uint64
 	active                                       atomic.Int64
+	pooled                                       atomic.Int64
+	poolLimited, poolUnused                      atomic.Uint64
 }
 
 type peerState struct {
 	flows    atomic.Int64 // open now
+	pooled   atomic.Int64 // pooled connections waiting now
 	total    atomic.Uint64
 	lastSeen atomic.Int64 // unix nanoseconds of the last authenticated flow
 	limited  atomic.Uint64
@@ -173,6 +193,9 @@ const (
 	// halfOpen) keeps a flood from that same address from starving them.
 	defaultMaxHalfOpenPerAddr = 32
 	defaultMaxHalfOpenPerSite = 256
+	defaultPoolIdle           = 6 * time.Minute
+	defaultMaxPooledPerPeer   = 64
+	defaultMaxPooled          = 16384
 )
 
 // NewServer checks cfg and returns a Server. Its clock starts now (see
@@ -209,6 +232,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	def(&cfg.MaxHalfOpen, defaultMaxHalfOpen)
 	def(&cfg.MaxHalfOpenPerAddr, defaultMaxHalfOpenPerAddr)
 	def(&cfg.MaxHalfOpenPerSite, defaultMaxHalfOpenPerSite)
+	defDur(&cfg.PoolIdle, defaultPoolIdle)
+	def(&cfg.MaxPooledPerPeer, defaultMaxPooledPerPeer)
+	def(&cfg.MaxPooled, defaultMaxPooled)
 	if cfg.MaxHalfOpenPerAddr > cfg.MaxHalfOpen || cfg.MaxHalfOpenPerSite > cfg.MaxHalfOpen {
 		return nil, fmt.Errorf("tunnel: half-open limits per address (%d) and per /48 (%d) must not exceed the total (%d)",
 			cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite, cfg.MaxHalfOpen)
@@ -281,6 +307,9 @@ func (s *Server) Stats() ServerStats {
 		Full:         s.full.Load(),
 		Active:       s.active.Load(),
 		Fallbacks:    s.fallbacks.Load(),
+		Pooled:       s.pooled.Load(),
+		PoolLimited:  s.poolLimited.Load(),
+		PoolUnused:   s.poolUnused.Load(),
 	}
 }
 
@@ -412,7 +441,21 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	s.table.release(e)
 	raw.SetReadDeadline(time.Time{})
 
-	s.flows.Add(1)
+	// The peer's rate of new connections, pooled or not: a token per
+	// handshake, so a pool refilling in a loop is held to it too.
+	p.peer.mu.Lock()
+	rateOK := p.peer.bucket.Take(s.Now().UnixNano())
+	p.peer.mu.Unlock()
+	if p.dst.pool {
+		s.servePooled(ctx, raw, p, rateOK, handle)
+		return
+	}
+	s.serveFlow(ctx, p, s.newFlow(raw, p), rateOK, handle)
+}
+
+// newFlow makes the Flow of an authenticated connection; its verdict
+// goes into msg2 (p.hs) or, on a pooled connection, into a verdict frame.
+func (s *Server) newFlow(raw net.Conn, p *pendingFlow) *Flow {
 	f := &Flow{
 		Peer:    p.key,
 		Dst:     p.dst.dst,
@@ -421,10 +464,22 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 		s:       s,
 		raw:     raw,
 		hs:      p.hs,
+		send:    p.send,
+		recv:    p.recv,
+		pooled:  p.send != nil,
 	}
 	if tc, ok := raw.(*net.TCPConn); ok {
 		f.MultipathTCP, _ = tc.MultipathTCP()
-		if !f.MultipathTCP {
+	}
+	return f
+}
+
+// serveFlow applies the limits to an authenticated request and hands it
+// to handle.
+func (s *Server) serveFlow(ctx context.Context, p *pendingFlow, f *Flow, rateOK bool, handle func(context.Context, *Flow)) {
+	s.flows.Add(1)
+	if !f.MultipathTCP {
+		if _, ok := f.raw.(*net.TCPConn); ok {
 			s.fallbacks.Add(1)
 		}
 	}
@@ -441,12 +496,9 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	// inside the encrypted channel, so the client's app gets a reset at
 	// once; msg1 is already in its peer's replay cache, so replaying it
 	// later dials nothing either.
-	p.peer.mu.Lock()
-	ok := p.peer.bucket.Take(s.Now().UnixNano())
-	p.peer.mu.Unlock()
 	var limit *atomic.Uint64
 	switch {
-	case !ok:
+	case !rateOK:
 		limit = &s.rateLimited
 	case s.active.Load() > int64(s.cfg.MaxFlows):
 		limit = &s.full
@@ -456,7 +508,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	if limit != nil {
 		limit.Add(1)
 		p.peer.limited.Add(1)
-		s.log.Debug("flow over a limit", "peer", p.key.String(), "rate_ok", ok, "active", s.active.Load(), "peer_flows", p.peer.flows.Load())
+		s.log.Debug("flow over a limit", "peer", p.key.String(), "rate_ok", rateOK, "active", s.active.Load(), "peer_flows", p.peer.flows.Load())
 		f.Refuse(Limited)
 		return
 	}
@@ -504,10 +556,12 @@ func (r reject) String() string {
 }
 
 type pendingFlow struct {
-	hs   *noise.HandshakeState
+	hs   *noise.HandshakeState // nil once msg2 went out (pooled)
 	key  PublicKey
 	peer *peerState
 	dst  target
+	// On a pooled connection, the transport keys from msg2 on.
+	send, recv *noise.CipherState
 }
 
 // checkMsg1 runs the checks in order of cost: size and mac1 (a BLAKE2s),
@@ -569,6 +623,11 @@ type Flow struct {
 	mu      sync.Mutex
 	hs      *noise.HandshakeState // nil once decided
 	release func()
+	// pooled: the verdict goes into a verdict frame under send (the
+	// handshake is long done); decided once it went.
+	pooled     bool
+	decided    bool
+	send, recv *noise.CipherState
 }
 
 var errDecided = errors.New("tunnel: flow already accepted or refused")
@@ -576,16 +635,39 @@ var errDecided = errors.New("tunnel: flow already accepted or refused")
 func (f *Flow) undecided() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.pooled {
+		return !f.decided
+	}
 	return f.hs != nil
 }
 
 // msg2 writes the verdict; called with f.mu held.
 func (f *Flow) msg2(v Verdict) (send, recv *noise.CipherState, err error) {
+	if f.pooled {
+		if f.decided {
+			return nil, nil, errDecided
+		}
+		f.decided = true
+		if err := f.s.writeVerdictFrame(f.raw, f.send, v); err != nil {
+			return nil, nil, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
+		}
+		return f.send, f.recv, nil
+	}
 	if f.hs == nil {
 		return nil, nil, errDecided
 	}
 	hs := f.hs
 	f.hs = nil
+	send, recv, err = f.s.writeMsg2(f.raw, hs, v)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
+	}
+	return send, recv, nil
+}
+
+// writeMsg2 completes the handshake with verdict v and returns the
+// responder's transport keys (send, receive).
+func (s *Server) writeMsg2(raw net.Conn, hs *noise.HandshakeState, v Verdict) (send, recv *noise.CipherState, err error) {
 	var payload [msg2PayloadSize]byte
 	putMsg2Payload(payload[:], v)
 	m, cs1, cs2, err := hs.WriteMessage(make([]byte, 0, msg2Size), payload[:])
@@ -593,15 +675,15 @@ func (f *Flow) msg2(v Verdict) (send, recv *noise.CipherState, err error) {
 		err = errors.New("handshake did not complete")
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("tunnel: msg2: %w", err)
+		return nil, nil, fmt.Errorf("msg2: %w", err)
 	}
 	// 64 bytes into an empty send buffer; the deadline only guards
 	// against a peer that stopped reading with a full window.
-	f.raw.SetWriteDeadline(time.Now().Add(f.s.cfg.HandshakeDeadline))
-	_, err = f.raw.Write(m)
-	f.raw.SetWriteDeadline(time.Time{})
+	raw.SetWriteDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
+	_, err = raw.Write(m)
+	raw.SetWriteDeadline(time.Time{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
+		return nil, nil, err
 	}
 	// Responder: receive with the first CipherState, send with the second.
 	return cs2, cs1, nil

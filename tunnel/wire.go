@@ -49,6 +49,20 @@ const (
 	// IPv6's hop-by-hop option, never a transport protocol, so it cannot
 	// be confused with one.
 	protoService = 0
+	// protoPool: msg1 asks for nothing yet. The server answers msg2 at
+	// once (Connected: authenticated and ready; Limited: over the peer's
+	// pool cap), and the connection waits, keyed, until the client's
+	// first transport frame names the target (a request frame). 255 is
+	// IANA's "reserved", never a transport protocol.
+	protoPool = 255
+
+	// A request frame's plaintext: bytes 12..31 of msg1's payload layout
+	// (protocol, family or service, address, port); a verdict frame's:
+	// msg2's payload layout. Each is the first frame of its direction on
+	// a pooled connection, and always this size.
+	requestSize      = msg1PayloadSize - timestampSize // 20
+	requestFrameSize = frameHeaderSize + requestSize + tagSize
+	verdictFrameSize = frameHeaderSize + msg2PayloadSize + tagSize
 )
 
 // Service is one of the concentrator's own services that a flow can ask
@@ -76,13 +90,18 @@ func (s Service) String() string {
 	return fmt.Sprintf("service(%d)", uint8(s))
 }
 
-// target is what msg1 asks for: a destination, or a service.
+// target is what msg1 asks for: a destination, a service, or (pool) a
+// connection that names its target later, in a request frame.
 type target struct {
-	dst netip.AddrPort
-	svc Service // 0: dst
+	dst  netip.AddrPort
+	svc  Service // 0: dst
+	pool bool
 }
 
 func (t target) String() string {
+	if t.pool {
+		return "pool"
+	}
 	if t.svc != 0 {
 		return t.svc.String()
 	}
@@ -151,30 +170,39 @@ func parseTimestamp(b []byte) (time.Time, error) {
 
 var errBadPayload = errors.New("malformed payload")
 
-// putMsg1Payload writes the 32-byte request: timestamp, protocol, family,
-// address, port; or, for a service, timestamp, protoService, the service
-// and zeros.
+// putMsg1Payload writes the 32-byte request: the timestamp, then the
+// target (putTarget).
 func putMsg1Payload(b []byte, ts time.Time, t target) {
-	clear(b[:msg1PayloadSize])
 	putTimestamp(b[0:12], ts)
-	if t.svc != 0 {
-		b[12] = protoService
-		b[13] = byte(t.svc)
+	putTarget(b[12:msg1PayloadSize], t)
+}
+
+// putTarget writes the 20 bytes that name t: protocol, family, address,
+// port; or protoService, the service and zeros; or protoPool and zeros.
+func putTarget(b []byte, t target) {
+	clear(b[:requestSize])
+	switch {
+	case t.pool:
+		b[0] = protoPool
+		return
+	case t.svc != 0:
+		b[0] = protoService
+		b[1] = byte(t.svc)
 		return
 	}
 	dst := t.dst
-	b[12] = protoTCP
+	b[0] = protoTCP
 	a := dst.Addr().Unmap()
 	if a.Is4() {
-		b[13] = 4
+		b[1] = 4
 		a4 := a.As4()
-		copy(b[14:18], a4[:])
+		copy(b[2:6], a4[:])
 	} else {
-		b[13] = 6
+		b[1] = 6
 		a16 := a.As16()
-		copy(b[14:30], a16[:])
+		copy(b[2:18], a16[:])
 	}
-	binary.BigEndian.PutUint16(b[30:32], dst.Port())
+	binary.BigEndian.PutUint16(b[18:20], dst.Port())
 }
 
 // parseMsg1Payload is strict: every byte has one valid meaning, so a
@@ -187,38 +215,56 @@ func parseMsg1Payload(b []byte) (time.Time, target, error) {
 	if err != nil {
 		return time.Time{}, target{}, err
 	}
-	if b[12] == protoService {
-		svc := Service(b[13])
-		if !svc.valid() {
-			return time.Time{}, target{}, errBadPayload
-		}
-		for _, z := range b[14:32] {
-			if z != 0 {
-				return time.Time{}, target{}, errBadPayload
-			}
-		}
-		return ts, target{svc: svc}, nil
-	}
-	if b[12] != protoTCP {
-		return time.Time{}, target{}, errBadPayload
-	}
-	dst, err := parseDst(b)
-	return ts, target{dst: dst}, err
+	t, err := parseTarget(b[12:], true)
+	return ts, t, err
 }
 
-// parseDst reads the family, address and port of a TCP request.
+// parseTarget reads the 20 bytes putTarget writes, as strictly; pool says
+// whether protoPool may appear (in msg1, not in a request frame).
+func parseTarget(b []byte, pool bool) (target, error) {
+	if len(b) != requestSize {
+		return target{}, errBadPayload
+	}
+	zero := func(z []byte) bool {
+		for _, c := range z {
+			if c != 0 {
+				return false
+			}
+		}
+		return true
+	}
+	switch b[0] {
+	case protoPool:
+		if !pool || !zero(b[1:]) {
+			return target{}, errBadPayload
+		}
+		return target{pool: true}, nil
+	case protoService:
+		svc := Service(b[1])
+		if !svc.valid() || !zero(b[2:]) {
+			return target{}, errBadPayload
+		}
+		return target{svc: svc}, nil
+	case protoTCP:
+		dst, err := parseDst(b)
+		return target{dst: dst}, err
+	}
+	return target{}, errBadPayload
+}
+
+// parseDst reads the family, address and port of a TCP target.
 func parseDst(b []byte) (netip.AddrPort, error) {
 	var a netip.Addr
-	switch b[13] {
+	switch b[1] {
 	case 4:
-		for _, z := range b[18:30] {
+		for _, z := range b[6:18] {
 			if z != 0 {
 				return netip.AddrPort{}, errBadPayload
 			}
 		}
-		a = netip.AddrFrom4([4]byte(b[14:18]))
+		a = netip.AddrFrom4([4]byte(b[2:6]))
 	case 6:
-		a = netip.AddrFrom16([16]byte(b[14:30]))
+		a = netip.AddrFrom16([16]byte(b[2:18]))
 		if a.Is4In6() {
 			// The client unmaps; a mapped address here is not
 			// something this version produces.
@@ -227,7 +273,7 @@ func parseDst(b []byte) (netip.AddrPort, error) {
 	default:
 		return netip.AddrPort{}, errBadPayload
 	}
-	port := binary.BigEndian.Uint16(b[30:32])
+	port := binary.BigEndian.Uint16(b[18:20])
 	if port == 0 {
 		return netip.AddrPort{}, errBadPayload
 	}

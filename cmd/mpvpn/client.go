@@ -19,6 +19,7 @@ import (
 	"github.com/mpvpn/mpvpn/dnsconf"
 	"github.com/mpvpn/mpvpn/firewall"
 	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/probe"
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
 )
@@ -58,6 +59,8 @@ func clientCommand() *cli.Command {
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
 			&cli.DurationFlag{Name: "all-down-timeout", Value: 60 * time.Second, Usage: "when every uplink is down, flows wait this long for one to come back, then are reset"},
+			&cli.IntFlag{Name: "pool", Value: tunnel.DefaultPoolSize, Usage: "keep `N` connections to the server authenticated ahead of any flow (renewed every 5 min, two after 10 min without a new flow), so a new flow's first byte waits one round trip less; 0: off"},
+			&cli.DurationFlag{Name: "probe-idle-interval", Value: probe.DefaultIdleInterval, Usage: "probe each uplink this often while no flow is open (every 100 ms while one is), so an idle metered uplink carries a twentieth of the probe traffic; 100ms: never back off"},
 			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "TCP Fast Open to the server, so a new flow costs no extra round trip once a cookie is cached"},
 			journalFlag,
 		}, append(controlFlags(defaultClientSocket), logFlags...)...),
@@ -69,16 +72,18 @@ func clientCommand() *cli.Command {
 // client's Config; Config.Validate, in client.Run, checks the rest.
 func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 	cfg := client.Config{
-		TUN:            c.String("tun"),
-		MTU:            c.Int("mtu"),
-		Table:          c.Int("table"),
-		FastOpen:       c.Bool("fast-open"),
-		AllDownTimeout: c.Duration("all-down-timeout"),
-		Control:        c.Path("control"),
-		Metrics:        c.String("metrics"),
-		Journal:        c.Path("journal"),
-		Version:        version,
-		Logger:         log,
+		TUN:               c.String("tun"),
+		MTU:               c.Int("mtu"),
+		Table:             c.Int("table"),
+		FastOpen:          c.Bool("fast-open"),
+		Pool:              c.Int("pool"),
+		ProbeIdleInterval: c.Duration("probe-idle-interval"),
+		AllDownTimeout:    c.Duration("all-down-timeout"),
+		Control:           c.Path("control"),
+		Metrics:           c.String("metrics"),
+		Journal:           c.Path("journal"),
+		Version:           version,
+		Logger:            log,
 	}
 	var err error
 	if c.String("server") == "" {

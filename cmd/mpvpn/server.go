@@ -35,6 +35,8 @@ func serverCommand() *cli.Command {
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 			&cli.IntFlag{Name: "max-flows-per-client", Value: 4096, Usage: "most flows one client key may have open at once; more are refused"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
+			&cli.IntFlag{Name: "max-pooled-per-client", Value: 64, Usage: "most connections one client key may hold authenticated ahead of its flows (its --pool); more are answered Limited"},
+			&cli.DurationFlag{Name: "pool-idle", Value: 6 * time.Minute, Usage: "close a client's pooled connection unused for this long (keep it above the client's 5 min renewal)"},
 			&cli.IntFlag{Name: "max-flows", Value: 16384, Usage: "most flows open at once over all clients; more are refused"},
 			&cli.IntFlag{Name: "handshake-rate", Value: 1000, Usage: "new flows per second one client key may open (a burst of --handshake-burst above it); more are refused, and other clients are not affected"},
 			&cli.IntFlag{Name: "handshake-burst", Value: 2000, Usage: "how many new flows one client key may open at once above --handshake-rate"},
@@ -83,7 +85,7 @@ func runServer(c *cli.Context) error {
 	if d := c.Duration("handshake-timeout"); d <= 0 {
 		return usageError("--handshake-timeout %v: must be positive", d)
 	}
-	for _, name := range []string{"max-flows", "handshake-rate", "handshake-burst", "max-half-open", "max-half-open-per-addr", "max-half-open-per-48"} {
+	for _, name := range []string{"max-flows", "max-pooled-per-client", "handshake-rate", "handshake-burst", "max-half-open", "max-half-open-per-addr", "max-half-open-per-48"} {
 		if n := c.Int(name); n <= 0 {
 			return usageError("--%s %d: must be positive", name, n)
 		}
@@ -137,6 +139,8 @@ func runServer(c *cli.Context) error {
 		HandshakeDeadline:  c.Duration("handshake-timeout"),
 		MaxFlowsPerPeer:    c.Int("max-flows-per-client"),
 		MaxFlows:           c.Int("max-flows"),
+		MaxPooledPerPeer:   c.Int("max-pooled-per-client"),
+		PoolIdle:           c.Duration("pool-idle"),
 		PeerHandshakeRate:  c.Int("handshake-rate"),
 		PeerHandshakeBurst: c.Int("handshake-burst"),
 		MaxHalfOpen:        c.Int("max-half-open"),

@@ -1,0 +1,348 @@
+//go:build linux
+
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/flynn/noise"
+)
+
+// The pool: connections to the concentrator already through the
+// handshake (MPTCP connect, subflows joining, Noise IK with a protoPool
+// msg1 and its msg2), so that a new flow costs one round trip, its
+// request frame and the verdict frame, instead of two (connect, then
+// msg1 and msg2). The concentrator holds a pooled connection in a
+// goroutine waiting for a 38-byte frame and closes it after its PoolIdle;
+// the client retires its own earlier (PoolMaxAge), and checks each one
+// before handing it out, so a connection the concentrator closed
+// (restart, idle timeout) never carries a flow.
+const (
+	// DefaultPoolSize covers a page load: a browser opens a burst of
+	// some 6 to 20 flows at once (a burst of 20 is the benchmark's page load), and a burst larger than the pool
+	// costs its excess one round trip more each, while the pool refills
+	// behind it.
+	DefaultPoolSize   = 24
+	defaultPoolMaxAge = 5 * time.Minute
+	// defaultPoolLinger: after this long without a new flow the pool
+	// shrinks to poolIdleSize, so a client left idle on a metered
+	// uplink renews two connections every PoolMaxAge, not all of them.
+	defaultPoolLinger = 10 * time.Minute
+	poolIdleSize      = 2
+	// poolBackoffMin/Max bound the wait after a pooled dial failed
+	// (concentrator down, Limited, no uplink), doubled per failure.
+	poolBackoffMin = 100 * time.Millisecond
+	poolBackoffMax = 30 * time.Second
+	poolTick       = time.Second
+)
+
+// errPoolGone marks a pooled connection that turned out closed by the
+// concentrator when a flow tried it: the flow dials afresh.
+var errPoolGone = errors.New("pooled connection closed by the concentrator")
+
+type pooledConn struct {
+	tc         *net.TCPConn
+	send, recv *noise.CipherState
+	born       time.Time
+	gen        uint64
+}
+
+type pool struct {
+	mu      sync.Mutex
+	ready   []*pooledConn // oldest first: used first, before it ages out
+	running bool
+	dialing int
+	gen     uint64 // Flush increments it; older dials are discarded
+	lastUse time.Time
+	backoff time.Duration
+	notTill time.Time
+	kick    chan struct{}
+
+	hits, stale, expired, dials, failures atomic.Uint64
+}
+
+func (p *pool) signal() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// takePooled returns a live pooled connection, or nil when there is none.
+func (c *Client) takePooled() *pooledConn {
+	p := &c.pool
+	now := time.Now()
+	p.mu.Lock()
+	if !p.running {
+		p.mu.Unlock()
+		return nil
+	}
+	p.lastUse = now
+	var drop []*pooledConn
+	var pc *pooledConn
+	for len(p.ready) > 0 {
+		cand := p.ready[0]
+		p.ready[0] = nil
+		p.ready = p.ready[1:]
+		if now.Sub(cand.born) >= c.cfg.PoolMaxAge {
+			p.expired.Add(1)
+			drop = append(drop, cand)
+			continue
+		}
+		if !peekAlive(cand.tc) {
+			p.stale.Add(1)
+			drop = append(drop, cand)
+			continue
+		}
+		pc = cand
+		break
+	}
+	p.mu.Unlock()
+	for _, d := range drop {
+		d.tc.Close()
+	}
+	p.signal()
+	if pc != nil {
+		p.hits.Add(1)
+	}
+	return pc
+}
+
+// Flush closes every pooled connection and discards those being dialled
+// now. The client calls it when an uplink is withdrawn or an address
+// changes: a pooled connection's subflows may be on the path that went,
+// and a fresh one starts on a path that works.
+func (c *Client) Flush() {
+	p := &c.pool
+	p.mu.Lock()
+	old := p.ready
+	p.ready = nil
+	p.gen++
+	p.notTill = time.Time{}
+	p.mu.Unlock()
+	for _, pc := range old {
+		pc.tc.Close()
+	}
+	p.signal()
+}
+
+// poolTarget is how many connections the pool should hold now.
+func (c *Client) poolTarget(now time.Time) int {
+	if now.Sub(c.pool.lastUse) > c.cfg.PoolLinger {
+		return min(c.cfg.PoolSize, poolIdleSize)
+	}
+	return c.cfg.PoolSize
+}
+
+// RunPool keeps the pool filled until ctx is done, then closes what it
+// holds and returns nil once its dials have ended. Without RunPool (or
+// with PoolSize < 0) every flow dials afresh.
+func (c *Client) RunPool(ctx context.Context) error {
+	if c.cfg.PoolSize < 0 {
+		return nil
+	}
+	p := &c.pool
+	p.mu.Lock()
+	if p.running {
+		p.mu.Unlock()
+		return errors.New("tunnel: RunPool is already running")
+	}
+	p.running = true
+	p.lastUse = time.Now()
+	p.mu.Unlock()
+
+	var wg sync.WaitGroup
+	defer func() {
+		wg.Wait()
+		p.mu.Lock()
+		p.running = false
+		old := p.ready
+		p.ready = nil
+		p.mu.Unlock()
+		for _, pc := range old {
+			pc.tc.Close()
+		}
+	}()
+	tick := time.NewTicker(poolTick)
+	defer tick.Stop()
+	for {
+		now := time.Now()
+		var expired []*pooledConn
+		p.mu.Lock()
+		for len(p.ready) > 0 && now.Sub(p.ready[0].born) >= c.cfg.PoolMaxAge {
+			expired = append(expired, p.ready[0])
+			p.ready[0] = nil
+			p.ready = p.ready[1:]
+		}
+		want := c.poolTarget(now) - len(p.ready) - p.dialing
+		if now.Before(p.notTill) {
+			want = 0
+		}
+		if want > 0 && c.cfg.Source != nil && !c.cfg.Source().IsValid() {
+			want = 0 // no working uplink: nothing to dial over
+		}
+		gen := p.gen
+		if want > 0 {
+			p.dialing += want
+		}
+		p.mu.Unlock()
+		for _, pc := range expired {
+			p.expired.Add(1)
+			pc.tc.Close()
+		}
+		for range want {
+			wg.Go(func() { c.fillOne(ctx, gen) })
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		case <-p.kick:
+		}
+	}
+}
+
+// fillOne dials one pooled connection and adds it, unless the pool was
+// flushed or stopped meanwhile.
+func (c *Client) fillOne(ctx context.Context, gen uint64) {
+	p := &c.pool
+	p.dials.Add(1)
+	var stamp time.Time
+	tc, send, recv, err := c.handshake(ctx, target{pool: true}, &stamp)
+	p.mu.Lock()
+	p.dialing--
+	if err != nil {
+		p.backoff = min(max(2*p.backoff, poolBackoffMin), poolBackoffMax)
+		p.notTill = time.Now().Add(p.backoff)
+		wait := p.backoff
+		p.mu.Unlock()
+		p.failures.Add(1)
+		if ctx.Err() == nil {
+			c.log.Debug("pooled connection failed", "err", err, "retry_in", wait)
+		}
+		return
+	}
+	p.backoff = 0
+	if !p.running || gen != p.gen || ctx.Err() != nil {
+		p.mu.Unlock()
+		tc.Close()
+		return
+	}
+	// No keepalives while pooled (PoolMaxAge bounds its life): on a
+	// metered uplink they would be most of what an idle client sends.
+	// established turns them back on.
+	tc.SetKeepAlive(false)
+	p.ready = append(p.ready, &pooledConn{tc: tc, send: send, recv: recv, born: time.Now(), gen: gen})
+	p.mu.Unlock()
+}
+
+// usePooled sends t in the request frame of pc and waits for the verdict
+// frame. errPoolGone means the concentrator had closed pc (nothing of
+// the request was acted upon that the client can know of); the caller
+// then dials afresh, as a SYN is retransmitted.
+func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
+	defer cancel()
+	tc := pc.tc
+	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(aLongTimeAgo) })
+	var req [requestSize]byte
+	putTarget(req[:], t)
+	var wbuf [requestFrameSize]byte
+	out, err := sealFrame(wbuf[:], pc.send, req[:])
+	var vbuf [verdictFrameSize]byte
+	n := 0
+	if err == nil {
+		if _, err = tc.Write(out); err == nil {
+			n, err = io.ReadFull(tc, vbuf[:])
+		}
+	}
+	if !stop() && err == nil {
+		err = context.Cause(ctx)
+	}
+	if err != nil {
+		tc.Close()
+		if n == 0 && ctx.Err() == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+			return nil, errPoolGone
+		}
+		return nil, c.failed(ctx, "request to", err)
+	}
+	v, err := openVerdictFrame(vbuf[:], pc.recv)
+	if err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("%w with %s: its verdict frame failed authentication: %w", ErrHandshake, c.server, err)
+	}
+	if v != Connected {
+		tc.Close()
+		return nil, &VerdictError{Verdict: v, Dst: t.dst, Service: t.svc}
+	}
+	tc.SetKeepAliveConfig(keepAlive())
+	return c.established(tc, pc.send, pc.recv, t), nil
+}
+
+func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
+	if len(b) != verdictFrameSize || int(b[0])<<8|int(b[1]) != msg2PayloadSize+tagSize {
+		return 0, ErrBadFrame
+	}
+	pt, err := recv.Decrypt(nil, nil, b[frameHeaderSize:])
+	if err != nil {
+		return 0, ErrTampered
+	}
+	return parseMsg2Payload(pt)
+}
+
+// peekAlive tells whether tc still looks open: nothing to read (the
+// concentrator sends nothing on a pooled connection before the request)
+// and no FIN or error pending. A non-blocking MSG_PEEK, so nothing is
+// consumed.
+func peekAlive(tc *net.TCPConn) bool {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	alive := false
+	rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		alive = err == syscall.EAGAIN
+		return true
+	})
+	return alive
+}
+
+// WaitPool waits until the pool holds n connections (or all it aims for,
+// if fewer), ctx is done, or timeout passes, and says whether it got
+// them. The client waits so before it routes anything into the TUN, so
+// that the first flows after a start find the pool filled.
+func (c *Client) WaitPool(ctx context.Context, n int, timeout time.Duration) bool {
+	n = min(n, c.cfg.PoolSize)
+	if n <= 0 {
+		return true
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		c.pool.mu.Lock()
+		have := len(c.pool.ready)
+		c.pool.mu.Unlock()
+		if have >= n {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return false
+		case <-tick.C:
+		}
+	}
+}

@@ -1,0 +1,287 @@
+//go:build linux
+
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/flynn/noise"
+)
+
+// runPool runs c.RunPool until the test ends, and waits for it.
+func runPool(t testing.TB, c *Client) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.RunPool(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("RunPool: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("RunPool did not return after cancel")
+		}
+	})
+}
+
+// gate is a ClientConfig.Source a test can turn off: with it off the pool
+// has no uplink to dial over and stops refilling, so what a flow gets
+// from the pool is decided by the test, not by a race with the refill.
+type gate struct{ off atomic.Bool }
+
+func (g *gate) source() netip.Addr {
+	if g.off.Load() {
+		return netip.Addr{}
+	}
+	return netip.MustParseAddr("127.0.0.1")
+}
+
+// echoOnce dials dst, sends a few bytes and checks they come back.
+func echoOnce(t testing.TB, c *Client) error {
+	t.Helper()
+	fc, err := c.DialTCP(context.Background(), testDst)
+	if err != nil {
+		return err
+	}
+	defer fc.Close()
+	if _, err := fc.Write([]byte("ping")); err != nil {
+		return err
+	}
+	fc.CloseWrite()
+	got, err := io.ReadAll(fc)
+	if err != nil {
+		return err
+	}
+	if string(got) != "ping" {
+		t.Errorf("echo: %q", got)
+	}
+	return nil
+}
+
+// TestPool: a flow takes a pooled connection when one is ready and dials
+// afresh when none is; either way the bytes arrive, and the server saw a
+// request frame (not msg1) on the pooled ones.
+func TestPool(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	var g gate
+	p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 3, Source: g.source})
+	var dsts atomic.Int64
+	serve(t, p.srv, ln, func(ctx context.Context, f *Flow) {
+		if f.Dst == testDst {
+			dsts.Add(1)
+		}
+		echoAccept(ctx, f)
+	})
+	runPool(t, p.cli)
+	waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 3 && p.srv.Stats().Pooled == 3 })
+	g.off.Store(true)
+	for i := range 5 {
+		if err := echoOnce(t, p.cli); err != nil {
+			t.Fatalf("flow %d: %v", i, err)
+		}
+	}
+	cs := p.cli.Stats()
+	if cs.PoolHits != 3 || cs.Connected != 5 || cs.Failures != 0 || cs.Pooled != 0 {
+		t.Errorf("client stats %+v: want 3 flows from the pool, 2 fresh, none failed", cs)
+	}
+	ss := p.srv.Stats()
+	if ss.Flows != 5 || ss.Pooled != 0 || dsts.Load() != 5 {
+		t.Errorf("server stats %+v, %d flows to the destination", ss, dsts.Load())
+	}
+	// Refill once an uplink is back.
+	g.off.Store(false)
+	waitFor(t, "the pool refilled", func() bool { return p.cli.Stats().Pooled == 3 })
+	if err := echoOnce(t, p.cli); err != nil {
+		t.Fatal(err)
+	}
+	if cs := p.cli.Stats(); cs.PoolHits != 4 {
+		t.Errorf("after the refill: %d pool hits, want 4", cs.PoolHits)
+	}
+}
+
+// TestPoolVerdicts: a refusal on a pooled connection comes back as the
+// same VerdictError as on a fresh one, and services work from the pool.
+func TestPoolVerdicts(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	var g gate
+	p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 2, Source: g.source})
+	serve(t, p.srv, ln, func(ctx context.Context, f *Flow) {
+		if f.Service == ServiceResolver {
+			echoAccept(ctx, f)
+			return
+		}
+		f.Refuse(NotAllowed)
+	})
+	runPool(t, p.cli)
+	waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 2 })
+	g.off.Store(true)
+	_, err := p.cli.DialTCP(context.Background(), testDst)
+	if ve, ok := errors.AsType[*VerdictError](err); !ok || ve.Verdict != NotAllowed || ve.Dst != testDst {
+		t.Errorf("refused from the pool: %v", err)
+	}
+	fc, err := p.cli.DialService(context.Background(), ServiceResolver)
+	if err != nil {
+		t.Fatalf("service from the pool: %v", err)
+	}
+	fc.Close()
+	if cs := p.cli.Stats(); cs.PoolHits != 2 || cs.Rejected != 1 || cs.Connected != 1 {
+		t.Errorf("client stats %+v", cs)
+	}
+}
+
+// TestPoolServerClosed: pooled connections the concentrator closed, at
+// its PoolIdle or by restarting, are never handed to a flow: the flows
+// that follow all connect, dialling afresh, and none fails.
+func TestPoolServerClosed(t *testing.T) {
+	t.Run("idle timeout", func(t *testing.T) {
+		ln := listenMPTCP(t, false)
+		var g gate
+		p := newPair(t, ServerConfig{PoolIdle: 200 * time.Millisecond}, ClientConfig{Server: lnAddr(ln), PoolSize: 3, Source: g.source})
+		serve(t, p.srv, ln, echoAccept)
+		runPool(t, p.cli)
+		waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 3 })
+		g.off.Store(true)
+		waitFor(t, "the server closed them", func() bool { return p.srv.Stats().PoolUnused >= 3 })
+		for i := range 3 {
+			if err := echoOnce(t, p.cli); err != nil {
+				t.Fatalf("flow %d: %v", i, err)
+			}
+		}
+		cs := p.cli.Stats()
+		if cs.Failures != 0 || cs.Connected != 3 || cs.PoolHits != 0 || cs.PoolStale != 3 {
+			t.Errorf("client stats %+v: want 3 stale pooled connections skipped, 3 flows connected", cs)
+		}
+	})
+	t.Run("restart", func(t *testing.T) {
+		ln := listenMPTCP(t, false)
+		addr := ln.Addr().String()
+		var g gate
+		p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 4, Source: g.source})
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- p.srv.Serve(ctx, ln, echoAccept) }()
+		runPool(t, p.cli)
+		waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 4 })
+		g.off.Store(true)
+		// One flow open across the restart: the only one allowed to fail.
+		open, err := p.cli.DialTCP(context.Background(), testDst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer open.Close()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+		ln2, err := Listen(context.Background(), addr, false)
+		if err != nil {
+			t.Fatalf("listen again on %s: %v", addr, err)
+		}
+		t.Cleanup(func() { ln2.Close() })
+		srv2, err := NewServer(ServerConfig{Key: p.serverKey, Peers: []PublicKey{p.clientKey.Public()}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv2.horizon = srv2.start.Add(-time.Hour)
+		serve(t, srv2, ln2, echoAccept)
+		if _, err := open.Read(make([]byte, 1)); err == nil {
+			t.Error("the flow open across the restart still reads")
+		}
+		before := p.cli.Stats()
+		for i := range 5 {
+			if err := echoOnce(t, p.cli); err != nil {
+				t.Fatalf("flow %d after the restart: %v", i, err)
+			}
+		}
+		cs := p.cli.Stats()
+		if cs.Failures != before.Failures || cs.Connected != before.Connected+5 || cs.PoolHits != before.PoolHits {
+			t.Errorf("after the restart: stats %+v (before %+v): want 5 flows connected, none from the dead pool, none failed", cs, before)
+		}
+		if cs.PoolStale < 3 {
+			t.Errorf("%d stale pooled connections skipped, want the 3 left in the pool", cs.PoolStale)
+		}
+	})
+}
+
+// TestPoolGoneOnUse: a pooled connection that the concentrator closes
+// between the liveness check and the request frame reports errPoolGone
+// (open then dials afresh), never a failed flow or a verdict.
+func TestPoolGoneOnUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		io.ReadFull(c, make([]byte, requestFrameSize))
+		c.Close()
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPair(t, ServerConfig{}, ClientConfig{})
+	key := [32]byte{1}
+	cs := func() *noise.CipherState { return noise.UnsafeNewCipherState(cipherSuite, key, 0) }
+	pc := &pooledConn{tc: raw.(*net.TCPConn), send: cs(), recv: cs(), born: time.Now()}
+	if _, err := p.cli.usePooled(context.Background(), pc, target{dst: testDst}); !errors.Is(err, errPoolGone) {
+		t.Fatalf("usePooled on a connection closed under it: %v, want errPoolGone", err)
+	}
+}
+
+// TestPoolLimits: the concentrator caps pooled connections per peer (the
+// client's pool backs off on Limited), and a replayed pool msg1 gets
+// silence like any replay.
+func TestPoolLimits(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{MaxPooledPerPeer: 2, HandshakeDeadline: 300 * time.Millisecond}, ClientConfig{Server: lnAddr(ln), PoolSize: 5})
+	serve(t, p.srv, ln, echoAccept)
+	runPool(t, p.cli)
+	waitFor(t, "the cap answered", func() bool { return p.srv.Stats().PoolLimited >= 1 })
+	if n := p.srv.Stats().Pooled; n > 2 {
+		t.Errorf("%d pooled connections held for one peer, cap 2", n)
+	}
+	if n := p.cli.Stats().Pooled; n > 2 {
+		t.Errorf("client pool holds %d, the server caps it at 2", n)
+	}
+	if err := echoOnce(t, p.cli); err != nil {
+		t.Fatal(err)
+	}
+
+	_, m1, _, err := p.cli.msg1For(target{pool: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func() int64 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write(m1)
+		n, _ := io.CopyN(io.Discard, c, msg2Size)
+		return n
+	}
+	first := send()
+	before := p.srv.Stats().Replayed
+	if n := send(); n != 0 {
+		t.Errorf("a replayed pool msg1 got %d bytes back (the original got %d)", n, first)
+	}
+	if p.srv.Stats().Replayed != before+1 {
+		t.Errorf("the replay was not counted as one")
+	}
+}

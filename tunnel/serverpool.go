@@ -1,0 +1,120 @@
+//go:build linux
+
+package tunnel
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/flynn/noise"
+)
+
+// servePooled keeps an authenticated connection that named no target
+// (msg1 with protoPool) until its request frame arrives, then serves the
+// request as a flow. Such a connection costs the server one goroutine
+// waiting on a 38-byte read and the kernel's socket: no buffer, no flow
+// slot. It is counted per peer and in all, against MaxPooledPerPeer and
+// MaxPooled, and closed after PoolIdle unused.
+//
+// Why the pool is safe to replay: a replayed pool msg1 is refused by the
+// replay cache like any other, and even an accepted one leads nowhere,
+// since the request frame is sealed with keys only the holder of msg1's
+// ephemeral key can derive. The destination itself now travels under
+// forward-secret keys (ee, se), not under msg1's es/ss.
+func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, handle func(context.Context, *Flow)) {
+	peerN := p.peer.pooled.Add(1)
+	total := s.pooled.Add(1)
+	unpool := func() {
+		p.peer.pooled.Add(-1)
+		s.pooled.Add(-1)
+	}
+	if !rateOK || peerN > int64(s.cfg.MaxPooledPerPeer) || total > int64(s.cfg.MaxPooled) {
+		unpool()
+		s.poolLimited.Add(1)
+		p.peer.limited.Add(1)
+		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
+		s.writeMsg2(raw, p.hs, Limited)
+		raw.Close()
+		return
+	}
+	send, recv, err := s.writeMsg2(raw, p.hs, Connected)
+	if err != nil {
+		unpool()
+		s.poolUnused.Add(1)
+		raw.Close()
+		return
+	}
+	p.hs = nil
+	p.peer.lastSeen.Store(time.Now().UnixNano())
+
+	// No keepalives while it waits: PoolIdle bounds its life, and on a
+	// client's metered uplink they would cost more than the pool saves.
+	tc, _ := raw.(*net.TCPConn)
+	if tc != nil {
+		tc.SetKeepAlive(false)
+	}
+	raw.SetReadDeadline(time.Now().Add(s.cfg.PoolIdle))
+	t, err := readRequestFrame(raw, recv)
+	unpool()
+	if err != nil {
+		s.poolUnused.Add(1)
+		if ctx.Err() == nil {
+			s.log.Debug("pooled connection closed unused", "peer", p.key.String(), "err", err)
+		}
+		abort(raw)
+		return
+	}
+	raw.SetReadDeadline(time.Time{})
+	if tc != nil {
+		tc.SetKeepAliveConfig(keepAlive())
+	}
+	p.dst, p.send, p.recv = t, send, recv
+	s.serveFlow(ctx, p, s.newFlow(raw, p), true, handle)
+}
+
+// readRequestFrame reads exactly a request frame, nothing after it (the
+// client sends nothing more before the verdict), and returns its target.
+func readRequestFrame(r io.Reader, recv *noise.CipherState) (target, error) {
+	var b [requestFrameSize]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return target{}, err
+	}
+	if n := binary.BigEndian.Uint16(b[:frameHeaderSize]); int(n) != requestSize+tagSize {
+		return target{}, fmt.Errorf("%w: request frame of %d bytes", ErrBadFrame, n)
+	}
+	pt, err := recv.Decrypt(nil, nil, b[frameHeaderSize:])
+	if err != nil {
+		return target{}, ErrTampered
+	}
+	return parseTarget(pt, false)
+}
+
+// sealFrame seals pt as one transport frame into buf, which must hold
+// frameHeaderSize+len(pt)+tagSize bytes.
+func sealFrame(buf []byte, cs *noise.CipherState, pt []byte) ([]byte, error) {
+	out, err := cs.Encrypt(buf[:frameHeaderSize], nil, pt)
+	if err != nil {
+		return nil, err
+	}
+	binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
+	return out, nil
+}
+
+// writeVerdictFrame sends v as the first frame of a pooled connection.
+func (s *Server) writeVerdictFrame(raw net.Conn, send *noise.CipherState, v Verdict) error {
+	var payload [msg2PayloadSize]byte
+	putMsg2Payload(payload[:], v)
+	var buf [verdictFrameSize]byte
+	out, err := sealFrame(buf[:], send, payload[:])
+	if err != nil {
+		return err
+	}
+	raw.SetWriteDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
+	_, err = raw.Write(out)
+	raw.SetWriteDeadline(time.Time{})
+	return err
+}
