@@ -121,6 +121,7 @@ func (s *stats) status() control.Status {
 		if p, ok := probes[u.Name]; ok {
 			cu.ProbeAlive = p.Known && p.Alive
 			cu.ProbeRTT = float64(p.RTT) / float64(time.Millisecond)
+			cu.ProbesSent, cu.ProbesReceived = p.Sent, p.Received
 		}
 		st.Uplinks = append(st.Uplinks, cu)
 	}

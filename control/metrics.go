@@ -46,6 +46,8 @@ var (
 		"Flows that started on the uplink and fell back to plain TCP.", []string{"uplink"}, nil)
 	descUplinkProbeUp = prometheus.NewDesc("mpvpn_uplink_probe_up",
 		"1 if the liveness probe reaches the concentrator over the uplink.", []string{"uplink"}, nil)
+	descUplinkProbes = prometheus.NewDesc("mpvpn_uplink_probes_total",
+		"Liveness probes of the uplink, sent and replies received, since it last started from an address.", []string{"uplink", "dir"}, nil)
 	descUplinkProbeRTT = prometheus.NewDesc("mpvpn_uplink_probe_rtt_seconds",
 		"Round-trip time of the uplink's liveness probe.", []string{"uplink"}, nil)
 
@@ -109,7 +111,7 @@ var allDescs = []*prometheus.Desc{
 	descInfo, descStarted,
 	descUplinkUp, descUplinkState, descUplinkBackup, descUplinkTransitions,
 	descUplinkRx, descUplinkTx, descUplinkSubflows, descUplinkRTT,
-	descUplinkFallbacks, descUplinkProbeUp, descUplinkProbeRTT,
+	descUplinkFallbacks, descUplinkProbeUp, descUplinkProbeRTT, descUplinkProbes,
 	descFlowsActive, descFlowsTotal, descFlowsFailed, descFlowsRejected,
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
@@ -180,6 +182,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descUplinkFallbacks, float64(u.Fallbacks), n)
 		gauge(descUplinkProbeUp, boolFloat(u.ProbeAlive), n)
 		gauge(descUplinkProbeRTT, u.ProbeRTT/1000, n)
+		counter(descUplinkProbes, float64(u.ProbesSent), n, "sent")
+		counter(descUplinkProbes, float64(u.ProbesReceived), n, "received")
 	}
 
 	if s.Role == "client" {

@@ -235,6 +235,10 @@ type Uplink struct {
 	Fallbacks   uint64    `json:"fallbacks"` // flows on plain TCP that started on this uplink
 	ProbeAlive  bool      `json:"probe_alive"`
 	ProbeRTT    float64   `json:"probe_rtt_ms"`
+	// ProbesSent and ProbesReceived count this uplink's probes and
+	// their replies since it was last (re)started from an address.
+	ProbesSent     uint64 `json:"probes_sent"`
+	ProbesReceived uint64 `json:"probes_received"`
 }
 
 // Flows counts the TCP flows mpvpn carries, on either side.

@@ -356,6 +356,7 @@ func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*
 	// unauthenticated, and under load it evicts such connections, oldest
 	// first. Its timestamp is then older by the connect's duration, well
 	// within the concentrator's ReplayWindow.
+	c.waitPastHorizon(ctx)
 	hs, msg1, ts, err := c.msg1For(dst)
 	if err != nil {
 		return nil, nil, nil, err
@@ -443,6 +444,35 @@ func (c *Client) established(tc *net.TCPConn, send, recv *noise.CipherState, dst
 	c.conns[fc] = struct{}{}
 	c.mu.Unlock()
 	return fc
+}
+
+// maxHorizonWait bounds waitPastHorizon: the concentrator's horizon is its
+// start plus FutureSkew (1 s by default).
+const maxHorizonWait = 2 * time.Second
+
+// waitPastHorizon waits, when the concentrator's clock as the client
+// knows it is not yet past the horizon it announced (it restarted less
+// than FutureSkew ago), until it is: a handshake stamped before would be
+// refused in silence, and the client would learn that only when the
+// concentrator closes the connection.
+func (c *Client) waitPastHorizon(ctx context.Context) {
+	if c.cfg.Horizon == nil || c.now == nil {
+		return
+	}
+	h := c.cfg.Horizon()
+	if h.IsZero() {
+		return
+	}
+	d := h.Sub(c.now()) + time.Millisecond
+	if d <= 0 || d > maxHorizonWait {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // failed explains an error that left the dial without a verdict.

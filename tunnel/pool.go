@@ -220,9 +220,14 @@ func (c *Client) fillOne(ctx context.Context, gen uint64) {
 	p.mu.Lock()
 	p.dialing--
 	if err != nil {
-		p.backoff = min(max(2*p.backoff, poolBackoffMin), poolBackoffMax)
-		p.notTill = time.Now().Add(p.backoff)
-		wait := p.backoff
+		// Dials fail together (the concentrator is down, or every
+		// uplink): the first failure of a round doubles the wait, the
+		// others of the same round find it set.
+		if now := time.Now(); !now.Before(p.notTill) {
+			p.backoff = min(max(2*p.backoff, poolBackoffMin), poolBackoffMax)
+			p.notTill = now.Add(p.backoff)
+		}
+		wait := time.Until(p.notTill)
 		p.mu.Unlock()
 		p.failures.Add(1)
 		if ctx.Err() == nil {

@@ -123,6 +123,7 @@ type Server struct {
 	start   time.Time // with its monotonic reading: see Now
 	horizon time.Time // see Horizon
 	table   *halfOpen
+	rmemMax int // net.ipv4.tcp_rmem's maximum, for pooled connections
 
 	// Hooks for tests; nil means the server's own clock and crypto/rand.
 	now  func() time.Time
@@ -240,13 +241,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite, cfg.MaxHalfOpen)
 	}
 	s := &Server{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		static: dhKey(cfg.Key),
-		mac1:   mac1Key(cfg.Key.Public()),
-		peers:  make(map[PublicKey]*peerState, len(cfg.Peers)),
-		start:  time.Now(),
-		table:  newHalfOpen(cfg.MaxHalfOpen, cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite),
+		cfg:     cfg,
+		log:     cfg.Logger,
+		static:  dhKey(cfg.Key),
+		mac1:    mac1Key(cfg.Key.Public()),
+		peers:   make(map[PublicKey]*peerState, len(cfg.Peers)),
+		start:   time.Now(),
+		table:   newHalfOpen(cfg.MaxHalfOpen, cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite),
+		rmemMax: tcpRmemMax(),
 	}
 	s.horizon = s.start.Add(cfg.FutureSkew)
 	for _, p := range cfg.Peers {

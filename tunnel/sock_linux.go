@@ -153,3 +153,42 @@ func msg1Queued(c net.Conn) func() bool {
 		return n >= msg1Size
 	}
 }
+
+// pinReceiveBuffer sets c's receive buffer to size and so turns the
+// kernel's autotuning off for it: SO_RCVBUFFORCE (CAP_NET_ADMIN, past
+// net.core.rmem_max), else SO_RCVBUF. The kernel doubles the value.
+func pinReceiveBuffer(c net.Conn, size int) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok || size <= 0 {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size); serr != nil {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, size)
+		}
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// tcpRmemMax is net.ipv4.tcp_rmem's maximum in this network namespace,
+// the most receive-buffer autotuning would ever give a socket (0 if it
+// cannot be read).
+func tcpRmemMax() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_rmem")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 3 {
+		return 0
+	}
+	n, _ := strconv.Atoi(f[2])
+	return n
+}

@@ -89,9 +89,12 @@ func Relay(a, b net.Conn) (Stats, error) {
 		// pass the EOF on.
 		closeBoth()
 	}
+	// One direction in a goroutine of its own, the other in the
+	// caller's: a blocked goroutine costs an idle flow a stack (issue
+	// 11's memory budget), and the caller waits anyway.
 	wg.Add(2)
 	go half(0, b, a, &st.AtoB)
-	go half(1, a, b, &st.BtoA)
+	half(1, a, b, &st.BtoA)
 	wg.Wait()
 	closeBoth()
 	return st, errors.Join(ignoreClosed(errs[0]), ignoreClosed(errs[1]))

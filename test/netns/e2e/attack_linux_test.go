@@ -347,8 +347,13 @@ func TestReplayAfterRestart(t *testing.T) {
 		t.Errorf("%d replays did not end in silence and a reset", fails)
 	}
 	time.Sleep(1500 * time.Millisecond) // every replay has reached its deadline and been logged
-	if n := strings.Count(e.server.Log(), `reason="timestamp out of window"`); n != 2*2*replays {
-		t.Errorf("the restarted server refused %d replays by their timestamp, want all %d", n, 2*2*replays)
+	// Every replay, and the real client's own handshakes stamped before
+	// it learned the new horizon (its pool refilling after the restart):
+	// those the log cannot tell apart from the replays by their source.
+	if n := strings.Count(e.server.Log(), `reason="timestamp out of window"`); n < 2*2*replays {
+		t.Errorf("the restarted server refused %d handshakes by their timestamp, want at least the %d replays", n, 2*2*replays)
+	} else {
+		t.Logf("the restarted server refused %d handshakes by their timestamp: the %d replays and %d of the client's own", n, 2*2*replays, n-2*2*replays)
 	}
 	if curlCode != 0 || curlOut != "hello from the internet\n" {
 		t.Fatalf("curl through the client after the restart: exit %d, %q\n%s", curlCode, curlOut, e.client.Log())

@@ -357,6 +357,8 @@ class H(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 http.server.ThreadingHTTPServer.allow_reuse_address = True
+# A burst of new flows must not overflow the listen backlog (5 by default).
+http.server.ThreadingHTTPServer.request_queue_size = 1024
 s = http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[3])), H)
 print("serving", flush=True)
 s.serve_forever()

@@ -21,6 +21,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -46,14 +47,15 @@ func main() {
 	n := flag.Int("n", 100, "flows to open")
 	parallel := flag.Int("parallel", 1, "flows open at once")
 	timeout := flag.Duration("timeout", 10*time.Second, "give up on a flow after this long")
+	drain := flag.Bool("drain", false, "read each reply to its end before closing (a clean close both ways, not a reset for unread bytes)")
 	flag.Parse()
-	if err := run(*rawURL, *n, *parallel, *timeout); err != nil {
+	if err := run(*rawURL, *n, *parallel, *timeout, *drain); err != nil {
 		fmt.Fprintln(os.Stderr, "newflows:", err)
 		os.Exit(1)
 	}
 }
 
-func run(rawURL string, n, parallel int, timeout time.Duration) error {
+func run(rawURL string, n, parallel int, timeout time.Duration, drain bool) error {
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Scheme != "http" || u.Host == "" {
 		return fmt.Errorf("-url %q: want http://HOST[:PORT]/PATH", rawURL)
@@ -75,7 +77,7 @@ func run(rawURL string, n, parallel int, timeout time.Duration) error {
 		go func() {
 			defer wg.Done()
 			for range next {
-				d, err := one(host, u.Hostname(), path, timeout)
+				d, err := one(host, u.Hostname(), path, timeout, drain)
 				mu.Lock()
 				res.Tried++
 				if err != nil {
@@ -108,7 +110,7 @@ func run(rawURL string, n, parallel int, timeout time.Duration) error {
 
 // one opens a flow, sends a GET and reads the reply's status line; it
 // returns the time from the start of connect to the reply's first byte.
-func one(addr, host, path string, timeout time.Duration) (time.Duration, error) {
+func one(addr, host, path string, timeout time.Duration, drain bool) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	start := time.Now()
@@ -133,6 +135,11 @@ func one(addr, host, path string, timeout time.Duration) (time.Duration, error) 
 	}
 	if len(line) < 12 || line[:5] != "HTTP/" || line[9:12] != "200" {
 		return 0, errors.New("status: " + line)
+	}
+	if drain {
+		if _, err := io.Copy(io.Discard, r); err != nil {
+			return 0, fmt.Errorf("reply: %w", err)
+		}
 	}
 	return took, nil
 }

@@ -1,0 +1,96 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/mpvpn/mpvpn/test/netns/topo"
+)
+
+// runtimeReading is what /metrics says of a process's Go runtime.
+type runtimeReading struct{ goroutines, heap float64 }
+
+func (e *env) runtimeOf(t *testing.T, ns, addr string) runtimeReading {
+	t.Helper()
+	page := e.tp.Output(ns, "curl", "-sS", "http://"+addr+"/metrics")
+	g, ok1 := metricValue(page, "go_goroutines", "")
+	h, ok2 := metricValue(page, "go_memstats_heap_inuse_bytes", "")
+	if !ok1 || !ok2 {
+		t.Fatalf("no go_goroutines or heap in the metrics of %s", addr)
+	}
+	return runtimeReading{g, h}
+}
+
+// churn opens n flows through the client, 50 at a time, each a GET read
+// to its end, and fails unless every one got its reply.
+func (e *env) churn(t *testing.T, n int) {
+	t.Helper()
+	out := e.tp.Output(e.tp.Client, bin.newflows, "-url", destURL("index.html"), "-n", fmt.Sprint(n), "-parallel", "50", "-timeout", "20s", "-drain")
+	var r struct {
+		Tried, OK, Failed int
+		Errors            []string
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("newflows: %v\n%s", err, out)
+	}
+	if r.OK != n || r.Failed != 0 {
+		t.Fatalf("%d flows: %d answered, %d failed (%v)", n, r.OK, r.Failed, r.Errors)
+	}
+}
+
+// TestFlowChurnNoLeak: 30 000 flows opened and closed in a loop leave
+// the client and the concentrator where they were after the first
+// thousand: goroutines back to that count, the Go heap within a bound far
+// below what the flows would pin had any of them leaked (30 000 flows
+// leaking even 1 KiB each would be 29 MiB).
+func TestFlowChurnNoLeak(t *testing.T) {
+	const (
+		cliMetrics = "127.0.0.1:9521"
+		srvMetrics = "127.0.0.1:9522"
+	)
+	e := newEnv(t, options{topo: topo.Options{NoEmu: true},
+		clientArgs: []string{"--metrics", cliMetrics},
+		serverArgs: []string{"--metrics", srvMetrics}})
+	idle := func() (cli, srv runtimeReading) {
+		t.Helper()
+		// Every flow closed on both ends, and a moment for the
+		// relays' goroutines to return.
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			c, s := e.poolStatus(t, e.clientSocket()), e.poolStatus(t, e.serverSocket())
+			if c.Flows.Active == 0 && s.Flows.Active == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("flows still open: client %d, concentrator %d", c.Flows.Active, s.Flows.Active)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		time.Sleep(2 * time.Second)
+		return e.runtimeOf(t, e.tp.Client, cliMetrics), e.runtimeOf(t, e.tp.Conc, srvMetrics)
+	}
+	e.churn(t, 1000)
+	cli0, srv0 := idle()
+	t.Logf("after 1000 flows: client %.0f goroutines, heap %.1f MiB; concentrator %.0f, %.1f MiB", cli0.goroutines, cli0.heap/(1<<20), srv0.goroutines, srv0.heap/(1<<20))
+	e.churn(t, 30000)
+	cli1, srv1 := idle()
+	t.Logf("after 30000 more: client %.0f goroutines, heap %.1f MiB; concentrator %.0f, %.1f MiB", cli1.goroutines, cli1.heap/(1<<20), srv1.goroutines, srv1.heap/(1<<20))
+	for _, c := range []struct {
+		who    string
+		before runtimeReading
+		after  runtimeReading
+	}{{"client", cli0, cli1}, {"concentrator", srv0, srv1}} {
+		// The pool may be mid-refill, a few goroutines either way.
+		if c.after.goroutines > c.before.goroutines+10 {
+			t.Errorf("%s: %.0f goroutines after the churn, %.0f before", c.who, c.after.goroutines, c.before.goroutines)
+		}
+		if c.after.heap > c.before.heap+16<<20 {
+			t.Errorf("%s: heap %.1f MiB after the churn, %.1f MiB before", c.who, c.after.heap/(1<<20), c.before.heap/(1<<20))
+		}
+	}
+	if st := e.poolStatus(t, e.clientSocket()); st.Flows.Failed != 0 || st.Flows.Total < 31000 {
+		t.Errorf("client: %d flows, %d failed", st.Flows.Total, st.Flows.Failed)
+	}
+}
