@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"regexp"
 	"sync"
 	"time"
 
@@ -290,7 +291,10 @@ func ServeMetrics(ctx context.Context, addr string, c prometheus.Collector, log 
 	reg := prometheus.NewRegistry()
 	for _, col := range []prometheus.Collector{
 		c,
-		collectors.NewGoCollector(),
+		// With the live heap of the last GC (go_gc_heap_live_bytes):
+		// the memory in use that does not swing with the GC cycle.
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/gc/heap/live:bytes$`)})),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	} {
 		if err := reg.Register(col); err != nil {

@@ -16,6 +16,16 @@
 // every Interval, with no retransmission and no backoff, measures the path
 // itself at a fixed cadence, whatever the flows on it are doing.
 //
+// # Backing off while idle
+//
+// With ProberConfig.Busy saying no flow is open, a path is probed every
+// IdleInterval (2 s) instead, and judged dead after three of them: a
+// twentieth of the traffic on an idle metered uplink, and a dark uplink
+// is still withdrawn before the next flow, so that it does not start on
+// it. The moment Busy turns true (checked every 50 ms) every path probes
+// at once and goes back to Interval; its silence is counted from then, so
+// a reply from an idle interval ago neither kills nor saves it.
+//
 // # Wire format (UDP, to the concentrator's TCP listener port number)
 //
 //	request, client → server, 40 bytes:

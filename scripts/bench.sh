@@ -12,7 +12,7 @@
 #   PEERS=path     peers.sh (default: scripts/peers.sh if present, else /work/shared/bench/peers.sh);
 #                  it builds its binaries into PA_WORK (default /tmp/pa-work) on first use
 #   CURLS=10       curl samples per set-up case (medians)
-#   FLOWS="1000 10000"  idle-flow counts of the memory section (cumulative)
+#   FLOWS="1000 10000 30000"  idle-flow counts of the memory section (cumulative)
 #   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
 #
 # Output: progress on stderr; on stdout a few context lines, then ONE markdown
@@ -75,13 +75,13 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup flood memory outage udp"}
+ONLY=${ONLY:-"agg unshaped setup flowrate flood memory outage udp"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FIRST_FLOWS=${FIRST_FLOWS:-5}
 BURST=${BURST:-20}
 BURSTS=${BURSTS:-5}
-FLOWS=${FLOWS:-"1000 10000"}
+FLOWS=${FLOWS:-"1000 10000 30000"}
 if [ -z "${PEERS:-}" ]; then
 	# ../shared beside the repository (the script runs from its root).
 	if [ -f scripts/peers.sh ]; then PEERS=scripts/peers.sh; else PEERS=../shared/bench/peers.sh; fi
@@ -266,6 +266,14 @@ ticks() { # utime+stime (clock ticks) of PIDs, summed
 	echo $s
 }
 
+ticksc() { # ticks of PIDs with their waited-for children's (a forking relay)
+	local s=0 p
+	for p in "$@"; do
+		[ -r "/proc/$p/stat" ] && s=$((s + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12+$13+$14+$15}')))
+	done
+	echo $s
+}
+
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo FAIL; }
 
 ifbytes() { # NS IFACE → rx+tx bytes
@@ -334,7 +342,7 @@ SERVER_N=0
 start_server() {
 	SERVER_N=$((SERVER_N + 1))
 	bg "server-$PREFIX-$SERVER_N" "$NS_CONC" "$MPVPN" server --listen 0.0.0.0:7100 --key "$WORK/server.key" --peer "$CLIENT_PUB" --log-level "${SERVER_LOG_LEVEL:-info}" \
-		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 20000 --handshake-rate 20000 --handshake-burst 20000 \
+		--control "$WORK/server-$SERVER_N.sock" --max-flows-per-client 40000 --max-flows 40000 --handshake-rate 20000 --handshake-burst 20000 \
 		--dns-upstream "$CONC_ADDR:53" "$@"
 	SERVER_PID=$BGPID
 	wait_listen "$NS_CONC" 7100 10 || { tail -20 "$WORK/server-$PREFIX-$SERVER_N.log" >&2; return 1; }
@@ -413,6 +421,7 @@ shaped() {
 	want agg && aggregation
 	want flood && flood
 	want setup && setup_latency
+	want flowrate && flow_rate
 	stop_pid "$CLIENT_PID"
 	stop_pid "$SERVER_PID"
 	topo_down "$PREFIX"
@@ -593,6 +602,55 @@ setup_latency() {
 	fi
 }
 
+# flowrate: new flows a second, one small GET each (ApacheBench, no
+# keep-alive: every request a new TCP flow), through mpvpn and through a
+# userspace relay over kernel MPTCP on the same links (socat under
+# mptcpize at both ends: the client's listens on loopback, dials the
+# concentrator's over MPTCP, which dials the destination), with the CPU
+# each end spent per flow.
+AB_N=${AB_N:-3000}
+AB_C=${AB_C:-50}
+flow_rate() {
+	# ab_case NAME URL CLIENT_PIDS SERVER_PIDS
+	ab_case() {
+		local name=$1 url=$2 cp=$3 sp=$4 out rps fails c0 s0 c1 s1 t
+		c0=$(ticksc $cp); s0=$(ticksc $sp)
+		out=$(ip netns exec "$NS_CLI" ab -q -n "$AB_N" -c "$AB_C" -s 10 "$url" 2>&1)
+		c1=$(ticksc $cp); s1=$(ticksc $sp)
+		rps=$(awk '/^Requests per second:/{print $4}' <<<"$out")
+		fails=$(awk '/^Failed requests:/{print $3}' <<<"$out")
+		t=$(awk '/^Complete requests:/{print $3}' <<<"$out")
+		log "flowrate $name: $rps/s, $t complete, $fails failed"
+		if isnum "${rps:-x}"; then
+			local n="ab -n $AB_N -c $AB_C; $t complete, ${fails:-?} failed; CPU per flow: client $(calc "($c1-$c0)*1000/$HZ/$AB_N" %.2f) ms, concentrator $(calc "($s1-$s0)*1000/$HZ/$AB_N" %.2f) ms"
+			row flowrate "$name" "$rps flows/s" "${REL:--}" "$n"
+			RPS=$rps
+		else
+			row flowrate "$name" "FAIL" "-" "$(tail -1 <<<"$out" | head -c 160)"
+			RPS=
+		fi
+	}
+	ip netns exec "$NS_CONC" mptcpize run socat "TCP-LISTEN:8090,bind=$CONC_ADDR,fork,reuseaddr,backlog=1024" "TCP:$DEST_ADDR:80" >"$WORK/socat-conc.log" 2>&1 &
+	local sc=$!
+	PIDS+=("$sc")
+	ip netns exec "$NS_CLI" mptcpize run socat "TCP-LISTEN:8091,bind=127.0.0.1,fork,reuseaddr,backlog=1024" "TCP:$CONC_ADDR:8090" >"$WORK/socat-cli.log" 2>&1 &
+	local scl=$!
+	PIDS+=("$scl")
+	wait_listen "$NS_CONC" 8090 10 && wait_listen "$NS_CLI" 8091 10 || { row flowrate "relay" "FAIL" "-" "socat did not listen"; return; }
+	# socat forks a process per flow: its CPU is counted from the
+	# children's share in the parent's (cutime+cstime) too.
+	REL="100 %" ab_case "relay: socat over kernel MPTCP (mptcpize, both ends)" "http://127.0.0.1:8091/hello" "$scl" "$sc"
+	local relay=$RPS rel
+	REL=- ab_case "mpvpn" "http://$DEST_ADDR/hello" "$CLIENT_PID" "$SERVER_PID"
+	if isnum "${RPS:-x}" && isnum "${relay:-x}"; then
+		rel=$(pct "$RPS" "$relay")
+		log "flowrate: mpvpn at $rel of the relay's rate"
+		row flowrate "mpvpn relative to the relay" "$rel" "-" "target ≥ 100 % of the relay, ≤ 0.5 ms CPU per flow on each end"
+	fi
+	stop_pid "$scl"
+	stop_pid "$sc"
+}
+
 # flood: issue 8's row. The real client opens FLOOD_FLOWS new flows through
 # its TUN (two at a time) without a flood, then during one: hsflood in the
 # internet namespace, from 64 addresses of the destination network put on
@@ -758,6 +816,11 @@ peers() {
 
 memory() {
 	# debug: the server says why it refuses a flow (e.g. over MaxFlowsPerPeer).
+	# 30 000 flows to one destination port from one address need more
+	# than the default 28 232 ephemeral ports (the app's, the tunnel's,
+	# the concentrator's own dials): these namespaces' own sysctl.
+	local ns
+	for ns in "$NS_CLI" "$NS_CONC"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="10000 65000"; done
 	SERVER_LOG_LEVEL=debug start_server || die "mpvpn server did not start (memory)"
 	start_client || die "mpvpn client did not come up (memory)"
 	bg idle-serve "$NS_INET" "$BIN/bench-idleflows" serve -listen "$DEST_ADDR:9100"
@@ -854,7 +917,7 @@ udp_section() {
 
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
-if want agg || want setup || want flood; then shaped; fi
+if want agg || want setup || want flood || want flowrate; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
 if want udp; then udp_section; fi
 if want outage; then
