@@ -75,7 +75,7 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup flowrate flood memory outage udp"}
+ONLY=${ONLY:-"agg unshaped setup flowrate probes flood memory outage udp"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FIRST_FLOWS=${FIRST_FLOWS:-5}
@@ -422,6 +422,7 @@ shaped() {
 	want flood && flood
 	want setup && setup_latency
 	want flowrate && flow_rate
+	want probes && probe_cost
 	stop_pid "$CLIENT_PID"
 	stop_pid "$SERVER_PID"
 	topo_down "$PREFIX"
@@ -600,6 +601,11 @@ setup_latency() {
 	else
 		row setup "mpvpn, server --fast-open" "FAIL" "-" "server did not start"
 	fi
+	# The sections after this one measure the server's default.
+	stop_pid "$SERVER_PID"
+	start_server || die "mpvpn server did not start again"
+	stop_pid "$CLIENT_PID"
+	start_client || die "mpvpn client did not come up again"
 }
 
 # flowrate: new flows a second, one small GET each (ApacheBench, no
@@ -649,6 +655,42 @@ flow_rate() {
 	fi
 	stop_pid "$scl"
 	stop_pid "$sc"
+}
+
+# probes: what the liveness probes cost an uplink, counted from the
+# client's own status (probes_sent) over PROBE_WINDOW seconds with no flow
+# open, then with one held open; a probe is a 40-byte UDP payload each way
+# (68 bytes with IPv4 and UDP headers), so a day costs count/window ×
+# 86400 × 68 bytes each way.
+PROBE_WINDOW=${PROBE_WINDOW:-30}
+probe_cost() {
+	sent() { "$MPVPN" status --json --socket "$WORK/client-$CLIENT_N.sock" | jq -r --arg u "$1" '.uplinks[] | select(.name == $u) | .probes_sent'; }
+	probe_row() { # NAME
+		local a0 b0 a1 b1 u n
+		a0=$(sent "$WAN0"); b0=$(sent "$WAN1")
+		sleep "$PROBE_WINDOW"
+		a1=$(sent "$WAN0"); b1=$(sent "$WAN1")
+		for u in "$WAN0 $a0 $a1" "$WAN1 $b0 $b1"; do
+			# shellcheck disable=SC2086
+			set -- $u
+			if isnum "${2:-x}" && isnum "${3:-x}"; then
+				n=$(calc "($3-$2)/$PROBE_WINDOW" %.2f)
+				row probes "$1, $name" "$n probes/s" "$(calc "$n*86400*68/1e6" %.1f) MB a day each way" "status --json probes_sent over ${PROBE_WINDOW} s; 40-byte UDP payloads"
+			else
+				row probes "$1, $name" "FAIL" "-" "no probes_sent in the status"
+			fi
+		done
+	}
+	sleep 3 # the last section's flows have closed
+	local name="no flow open"
+	probe_row
+	ip netns exec "$NS_CLI" bash -c "exec 3<>/dev/tcp/$DEST_ADDR/80; sleep $((PROBE_WINDOW + 5))" &
+	local hold=$!
+	PIDS+=("$hold")
+	sleep 1
+	name="one flow open"
+	probe_row
+	stop_pid "$hold"
 }
 
 # flood: issue 8's row. The real client opens FLOOD_FLOWS new flows through
@@ -917,7 +959,7 @@ udp_section() {
 
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
-if want agg || want setup || want flood || want flowrate; then shaped; fi
+if want agg || want setup || want flood || want flowrate || want probes; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
 if want udp; then udp_section; fi
 if want outage; then

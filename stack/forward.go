@@ -194,7 +194,16 @@ func (s *Stack) serve(r *tcp.ForwarderRequest) {
 		s.log.Debug("app handshake failed", "src", src, "dst", dst, "err", err)
 		return
 	}
-	s.relay(app, up, src, dst)
+	// The flow's life in a goroutine of its own: this one's stack grew
+	// through the dial (the tunnel's handshake) and the app's handshake,
+	// and a blocked goroutine keeps its stack; a fresh one starts small,
+	// and an idle flow is mostly its goroutines (issue 11). serve still
+	// holds its own count, so the Add cannot race Close's Wait.
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.relay(app, up, src, dst)
+	}()
 }
 
 // accept completes the app's handshake; the dial has succeeded. Like

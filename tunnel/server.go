@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -104,6 +105,9 @@ type ServerStats struct {
 	Full        uint64 // answered Limited: the server had MaxFlows open
 	Active      int64  // authenticated flows not yet closed
 	Fallbacks   uint64 // authenticated connections that were plain TCP, not MPTCP
+	// NoFiles: connections accepted on the spare descriptor while the
+	// process was out of them, and answered Limited (see Serve).
+	NoFiles uint64
 
 	// Pooled connections: authenticated ahead of any flow (see
 	// ClientConfig.PoolSize). A used one counts in Flows from its
@@ -134,7 +138,7 @@ type Server struct {
 	rejects                                      [numRejects]atomic.Uint64
 	active                                       atomic.Int64
 	pooled                                       atomic.Int64
-	poolLimited, poolUnused                      atomic.Uint64
+	poolLimited, poolUnused, noFiles             atomic.Uint64
 }
 
 type peerState struct {
@@ -312,6 +316,7 @@ func (s *Server) Stats() ServerStats {
 		Pooled:       s.pooled.Load(),
 		PoolLimited:  s.poolLimited.Load(),
 		PoolUnused:   s.poolUnused.Load(),
+		NoFiles:      s.noFiles.Load(),
 	}
 }
 
@@ -330,6 +335,22 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 	if l, ok := ln.(*listener); ok {
 		l.report(s.log)
 	}
+	// One descriptor held in reserve: when accept finds none left
+	// (EMFILE, ENFILE), the spare is given up for one connection, which
+	// is authenticated and answered Limited, so the client's app is told
+	// "a limit" at once, not left to time out as if the concentrator
+	// were unreachable. It comes back once that connection is closed.
+	// Released last, once every goroutine (which may hand it back) ended.
+	spare := openSpare()
+	spareBack := make(chan *os.File, 1)
+	defer func() {
+		closeSpare(spare)
+		select {
+		case f := <-spareBack:
+			closeSpare(f)
+		default:
+		}
+	}()
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -339,7 +360,23 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 
 	var backoff time.Duration
 	for {
+		if spare == nil {
+			select {
+			case spare = <-spareBack:
+			default:
+			}
+		}
 		raw, err := ln.Accept()
+		noFiles := false
+		if err != nil && isNoFile(err) && spare != nil {
+			spare.Close()
+			spare = nil
+			if raw, err = ln.Accept(); err == nil {
+				noFiles = true
+			} else {
+				spare = openSpare()
+			}
+		}
 		if err == nil {
 			if err := limitUnsent(raw); err != nil {
 				s.log.Debug("TCP_NOTSENT_LOWAT not set", "err", err)
@@ -380,8 +417,30 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 		go func() {
 			defer wg.Done()
 			defer cancelConn()
-			s.serveConn(connCtx, raw, acceptedAt, e, handle)
+			s.serveConn(connCtx, raw, acceptedAt, e, noFiles, handle)
+			if noFiles {
+				spareBack <- openSpare()
+			}
 		}()
+	}
+}
+
+func isNoFile(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
+}
+
+// openSpare holds one descriptor for Serve (nil if even that fails).
+func openSpare() *os.File {
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil
+	}
+	return f
+}
+
+func closeSpare(f *os.File) {
+	if f != nil {
+		f.Close()
 	}
 }
 
@@ -411,7 +470,7 @@ func abort(raw net.Conn) {
 	raw.Close()
 }
 
-func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, handle func(context.Context, *Flow)) {
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, noFiles bool, handle func(context.Context, *Flow)) {
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
 
@@ -442,6 +501,19 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	}
 	s.table.release(e)
 	raw.SetReadDeadline(time.Time{})
+
+	if noFiles {
+		// On the spare descriptor: no flow can be served (it would
+		// need another for the destination), but the client hears
+		// why, in its own handshake.
+		if s.noFiles.Add(1)%1000 == 1 {
+			s.log.Warn("out of file descriptors: new connections are answered limited (raise LimitNOFILE / RLIMIT_NOFILE)", "count", s.noFiles.Load())
+		}
+		p.peer.limited.Add(1)
+		s.writeMsg2(raw, p.hs, Limited)
+		raw.Close()
+		return
+	}
 
 	// The peer's rate of new connections, pooled or not: a token per
 	// handshake, so a pool refilling in a loop is held to it too.

@@ -118,6 +118,13 @@ const notSentLowat = 128 << 10
 
 // limitUnsent sets notSentLowat on an accepted connection.
 func limitUnsent(c net.Conn) error {
+	return setsockopt(c, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
+	})
+}
+
+// setsockopt runs set on c's socket; a conn without one is left alone.
+func setsockopt(c net.Conn, set func(fd int) error) error {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return nil
@@ -127,9 +134,7 @@ func limitUnsent(c net.Conn) error {
 		return err
 	}
 	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, notSentLowat)
-	}); err != nil {
+	if err := rc.Control(func(fd uintptr) { serr = set(int(fd)) }); err != nil {
 		return err
 	}
 	return serr
@@ -158,23 +163,15 @@ func msg1Queued(c net.Conn) func() bool {
 // kernel's autotuning off for it: SO_RCVBUFFORCE (CAP_NET_ADMIN, past
 // net.core.rmem_max), else SO_RCVBUF. The kernel doubles the value.
 func pinReceiveBuffer(c net.Conn, size int) error {
-	sc, ok := c.(syscall.Conn)
-	if !ok || size <= 0 {
+	if size <= 0 {
 		return nil
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size); serr != nil {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, size)
+	return setsockopt(c, func(fd int) error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size); err == nil {
+			return nil
 		}
-	}); err != nil {
-		return err
-	}
-	return serr
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, size)
+	})
 }
 
 // tcpRmemMax is net.ipv4.tcp_rmem's maximum in this network namespace,

@@ -99,7 +99,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 			Total:  cs.Flows,
 			Failed: cs.Refused + cs.Unreachable + cs.TimedOut,
 			// Each limit is a refusal, as policy is.
-			Rejected:  cs.NotAllowed + ts.Limited + ts.RateLimited + ts.Full + cs.OutOfFiles,
+			Rejected:  cs.NotAllowed + ts.Limited + ts.RateLimited + ts.Full + cs.OutOfFiles + ts.NoFiles,
 			Fallbacks: ts.Fallbacks,
 			RxBytes:   cs.BytesUp,
 			TxBytes:   cs.BytesDown,
@@ -118,7 +118,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 				Replayed:     ts.Replayed,
 				ReplayFull:   ts.ReplayFull,
 			},
-			Limited: control.Limited{Peer: ts.Limited, Rate: ts.RateLimited, Server: ts.Full, Files: cs.OutOfFiles},
+			Limited: control.Limited{Peer: ts.Limited, Rate: ts.RateLimited, Server: ts.Full, Files: cs.OutOfFiles + ts.NoFiles},
 		},
 		Verdicts: &control.Verdicts{
 			Connected:   cs.Connected,

@@ -1,0 +1,73 @@
+//go:build linux
+
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestOutOfFilesAnsweredLimited: with no descriptor left for accept, the
+// server gives up its spare one for the connection and answers Limited
+// in the handshake: the client's app hears "a limit" at once, not a
+// timeout that looks like an unreachable concentrator. Then the spare is
+// back, and the next flow works.
+func TestOutOfFilesAnsweredLimited(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), HandshakeTimeout: 5 * time.Second, PoolSize: -1})
+	serve(t, p.srv, ln, echoAccept)
+	if err := echoOnce(t, p.cli); err != nil { // Serve holds its spare by now
+		t.Fatal(err)
+	}
+	waitFor(t, "that flow closed on both ends", func() bool { return p.srv.Stats().Active == 0 && p.cli.Stats().Active == 0 })
+	time.Sleep(100 * time.Millisecond) // its sockets' descriptors too
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// The limit bounds descriptor numbers, and a new descriptor takes the
+	// lowest free one: allow exactly the lowest free number, for the
+	// client's socket, and none for the server's accept.
+	dir, err := os.Open("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, err := dir.Readdirnames(-1)
+	self := int(dir.Fd())
+	dir.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := map[int]bool{}
+	for _, n := range names {
+		if fd, err := strconv.Atoi(n); err == nil && fd != self {
+			used[fd] = true
+		}
+	}
+	free := 0
+	for used[free] {
+		free++
+	}
+	lim := old
+	lim.Cur = uint64(free + 1)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	_, err = p.cli.DialTCP(context.Background(), testDst)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	ve, ok := errors.AsType[*VerdictError](err)
+	if !ok || ve.Verdict != Limited || !errors.Is(err, syscall.EAGAIN) {
+		t.Fatalf("dial with the server out of descriptors: %v, want the verdict Limited", err)
+	}
+	if n := p.srv.Stats().NoFiles; n != 1 {
+		t.Errorf("NoFiles = %d, want 1", n)
+	}
+	waitFor(t, "the next flow", func() bool { return echoOnce(t, p.cli) == nil })
+}
