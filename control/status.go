@@ -169,14 +169,16 @@ type Limited struct {
 	Rate   uint64 `json:"rate"`   // the peer opened flows faster than its rate
 	Server uint64 `json:"server"` // the server had its maximum of flows open
 	// Files: the server ran out of file descriptors (RLIMIT_NOFILE,
-	// fs.file-max) connecting to the destination.
-	Files uint64 `json:"files"`
+	// fs.file-max) connecting to the destination; AcceptFiles, it had
+	// none to accept the connection with, and answered on its spare.
+	Files       uint64 `json:"files"`
+	AcceptFiles uint64 `json:"accept_files"`
 }
 
 // Counts lists every limit, in a fixed order, with the names of the JSON
 // and of the metrics' limit label.
 func (l Limited) Counts() []Count {
-	return []Count{{"peer", l.Peer}, {"rate", l.Rate}, {"server", l.Server}, {"files", l.Files}}
+	return []Count{{"peer", l.Peer}, {"rate", l.Rate}, {"server", l.Server}, {"files", l.Files}, {"accept_files", l.AcceptFiles}}
 }
 
 // Verdicts counts what became of the flows the concentrator was handed.

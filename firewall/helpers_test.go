@@ -367,8 +367,7 @@ func (p probe) do() probeResult {
 	default:
 		return probeResult{State: "error", Errno: errnoName(err)}
 	}
-	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-	n, err := unix.Poll(pfd, int(p.Timeout.Milliseconds()))
+	n, err := pollEINTR(fd, unix.POLLOUT, p.Timeout)
 	if err != nil {
 		return probeResult{State: "error", Errno: "poll: " + errnoName(err)}
 	}
@@ -389,9 +388,22 @@ func (p probe) do() probeResult {
 }
 
 func readable(fd int, timeout time.Duration) bool {
-	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	n, _ := unix.Poll(pfd, int(timeout.Milliseconds()))
+	n, _ := pollEINTR(fd, unix.POLLIN, timeout)
 	return n > 0
+}
+
+// pollEINTR polls fd for events until timeout, again after a signal
+// (the Go runtime's preemption signals interrupt a raw poll(2) with EINTR).
+func pollEINTR(fd int, events int16, timeout time.Duration) (int, error) {
+	end := time.Now().Add(timeout)
+	for {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: events}}
+		n, err := unix.Poll(pfd, max(int(time.Until(end).Milliseconds()), 0))
+		if err == unix.EINTR && time.Now().Before(end) {
+			continue
+		}
+		return n, err
+	}
 }
 
 func sockaddr(ap netip.AddrPort, dev string) unix.Sockaddr {

@@ -118,7 +118,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 				Replayed:     ts.Replayed,
 				ReplayFull:   ts.ReplayFull,
 			},
-			Limited: control.Limited{Peer: ts.Limited, Rate: ts.RateLimited, Server: ts.Full, Files: cs.OutOfFiles + ts.NoFiles},
+			Limited: control.Limited{Peer: ts.Limited, Rate: ts.RateLimited, Server: ts.Full, Files: cs.OutOfFiles, AcceptFiles: ts.NoFiles},
 		},
 		Verdicts: &control.Verdicts{
 			Connected:   cs.Connected,
