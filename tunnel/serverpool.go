@@ -18,6 +18,10 @@ import (
 // set (see servePooled).
 const pooledWarm = 500 * time.Millisecond
 
+// pooledRcvBuf is what such a connection's receive buffer is set to (the
+// kernel doubles it: 8 MiB, a window for 1 Gbit/s at 60 ms).
+const pooledRcvBuf = 4 << 20
+
 // servePooled keeps an authenticated connection that named no target
 // (msg1 with protoPool) until its request frame arrives, then serves the
 // request as a flow. Such a connection costs the server one goroutine
@@ -88,10 +92,11 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 		// third of the links' rate for its whole 5 s, in both the
 		// e2e test and a plain MPTCP socket pair, and at full rate
 		// with the buffer set. So a pooled connection that waited
-		// gets, at once, the buffer autotuning would give it in the
-		// end (a limit, not an allocation: an idle flow holds none of
-		// it).
-		if err := pinReceiveBuffer(raw, s.rmemMax/2); err != nil {
+		// gets, at once, a buffer as large as autotuning would give a
+		// fast flow (a limit, not an allocation: an idle flow holds
+		// none of it), capped at pooledRcvBuf so that an upload to a
+		// slow destination cannot queue more than that here.
+		if err := pinReceiveBuffer(raw, min(s.rmemMax/2, pooledRcvBuf)); err != nil {
 			s.log.Debug("receive buffer not set", "err", err)
 		}
 	}
