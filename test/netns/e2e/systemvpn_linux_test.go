@@ -852,18 +852,26 @@ func testKillSwitch(t *testing.T, killSwitch, allowLAN bool) {
 	e.randomFile(t, "big", 32<<20)
 	dl := tp.Start(tp.Client, "curl-transfer", "curl", "-sS", "-o", "/dev/null", "--limit-rate", "2M", "-m", "60", destURL("big"))
 	capt := e.startCapture(t)
+	// Under way: a quarter MiB on the uplinks (waited for, up to 5 s: a
+	// loaded machine may take a while to start curl and the capture).
 	before := e.uplinkBytes()
-	time.Sleep(500 * time.Millisecond)
-	during := e.uplinkBytes()
+	started := time.Now()
+	var rx uint64
+	for time.Since(started) < 5*time.Second {
+		time.Sleep(50 * time.Millisecond)
+		during := e.uplinkBytes()
+		if rx = during.rx[0] + during.rx[1] - before.rx[0] - before.rx[1]; rx >= 256<<10 {
+			break
+		}
+	}
 	e.killClient(t)
 	if done, _ := dl.Exited(); done {
 		t.Fatalf("the transfer had ended before the client was killed:\n%s", dl.Log())
 	}
-	rx := during.rx[0] + during.rx[1] - before.rx[0] - before.rx[1]
 	if rx < 256<<10 {
-		t.Errorf("only %d bytes arrived on the uplinks in the 500 ms before the kill: no transfer under way", rx)
+		t.Errorf("only %d bytes arrived on the uplinks in the %v before the kill: no transfer under way", rx, time.Since(started).Round(time.Millisecond))
 	}
-	t.Logf("kill -9 during the transfer (%d bytes received on the uplinks in the 500 ms before)", rx)
+	t.Logf("kill -9 during the transfer (%d bytes received on the uplinks in the %v before)", rx, time.Since(started).Round(time.Millisecond))
 
 	// New connections from an app, IPv4 and IPv6.
 	if killSwitch {
