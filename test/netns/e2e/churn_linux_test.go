@@ -117,7 +117,12 @@ func TestFlowChurnNoLeak(t *testing.T) {
 		if c.after.goroutines > c.before.goroutines+10 {
 			t.Errorf("%s: %.0f goroutines after the churn, %.0f before", c.who, c.after.goroutines, c.before.goroutines)
 		}
-		if c.after.heap > c.before.heap+16<<20 {
+		// 32 MiB: the netstack's endpoints in TIME_WAIT (10 s, some
+		// 2400 at the churn's rate, against about 1000 after the
+		// first thousand) are live at the last GC; measured +3 to
+		// +16.5 MiB on the client. A flow's state leaked for each of
+		// 30 000 flows, even 1.1 KiB of it, is more.
+		if c.after.heap > c.before.heap+32<<20 {
 			t.Errorf("%s: heap %.1f MiB after the churn, %.1f MiB before", c.who, c.after.heap/(1<<20), c.before.heap/(1<<20))
 		}
 	}
