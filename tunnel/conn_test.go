@@ -343,7 +343,7 @@ func (r *strictReader) Read(p []byte) (int, error) {
 // what a peer sends never sizes one.
 func TestConnNoAllocPerFrame(t *testing.T) {
 	if testing.Short() {
-		t.Skip("allocation counts")
+		cannotRun(t, "allocation counts need a full run, not -short")
 	}
 	p := newPair(t, ServerConfig{}, ClientConfig{})
 	cs, _, _, sr := p.handshake(t)
