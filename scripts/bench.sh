@@ -9,8 +9,9 @@
 #   ONLY="agg unshaped setup flood memory outage"   sections to run (any subset);
 #                  outage runs scripts/bench_outage.sh (issue 4's table; RUNS, OUTAGE_FOR there)
 #   SKIP_PEERS=1   do not run the peer anchors (peers.sh) in the unshaped section
-#   PEERS=path     peers.sh (default: scripts/peers.sh if present, else /work/shared/bench/peers.sh);
-#                  it builds its binaries into PA_WORK (default /tmp/pa-work) on first use
+#   PEERS=path     the peers' script (default scripts/peers.sh, the repository's own: it
+#                  builds wireguard-go, tun2socks and socks5d from test/peers/go.mod into
+#                  PA_WORK, default /tmp/pa-work, on first use)
 #   CURLS=10       curl samples per set-up case (medians)
 #   FLOWS="1000 10000 30000"  idle-flow counts of the memory section (cumulative)
 #   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
@@ -82,10 +83,7 @@ FIRST_FLOWS=${FIRST_FLOWS:-5}
 BURST=${BURST:-20}
 BURSTS=${BURSTS:-5}
 FLOWS=${FLOWS:-"1000 10000 30000"}
-if [ -z "${PEERS:-}" ]; then
-	# ../shared beside the repository (the script runs from its root).
-	if [ -f scripts/peers.sh ]; then PEERS=scripts/peers.sh; else PEERS=../shared/bench/peers.sh; fi
-fi
+PEERS=${PEERS:-scripts/peers.sh}
 PA_WORK=${PA_WORK:-/tmp/pa-work}
 T0=$(date +%s)
 
@@ -816,7 +814,7 @@ peers() {
 		return
 	fi
 	local arg=() b
-	for b in wireguard tun2socks socks5d pa-delay; do [ -x "$PA_WORK/bin/$b" ] || arg=(build); done
+	for b in wireguard tun2socks socks5d; do [ -x "$PA_WORK/bin/$b" ] || arg=(build); done
 	log "peers: $PEERS ${arg[*]} (ONLY=\"direct wg t2s\" REPS=$REPS T=$T; namespaces pa-*; log $WORK/peers.log)"
 	mkdir -p "$WORK/peers"
 	PA_WORK=$PA_WORK PA_RESULTS=$WORK/peers ONLY="direct wg t2s" REPS=$REPS T=$T \
