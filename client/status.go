@@ -130,5 +130,5 @@ func (s *stats) status() control.Status {
 
 // stackStatus is the client's netstack as `mpvpn status` shows it.
 func stackStatus(ss stack.Stats) *control.Stack {
-	return &control.Stack{InFlight: ss.InFlight, SYNLimited: ss.Limited}
+	return &control.Stack{InFlight: ss.InFlight, SYNLimited: ss.Limited, TimeWaitRetired: ss.TimeWaitRetired}
 }

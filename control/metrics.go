@@ -85,6 +85,8 @@ var (
 		"SYNs the client's netstack is forwarding now.", nil, nil)
 	descStackSYNLimited = prometheus.NewDesc("mpvpn_stack_syn_limited_total",
 		"SYNs the client's netstack answered with a reset because too many were in flight.", nil, nil)
+	descStackTimeWaitRetired = prometheus.NewDesc("mpvpn_stack_time_wait_retired_total",
+		"New SYNs that retired the client's netstack endpoint of an earlier flow in TIME_WAIT on the same 4-tuple (an app reusing its port).", nil, nil)
 	descUDP = prometheus.NewDesc("mpvpn_udp_datagrams_total",
 		"The UDP relay, by counter: tunnel streams of the datagram service; datagrams up (to the destinations) and down, and their bytes; refused by the concentrator's policy; dropped (a full queue, no stream); the server's sockets opened, flows evicted, send errors.", []string{"counter"}, nil)
 	descPoolReady = prometheus.NewDesc("mpvpn_pool_ready",
@@ -117,7 +119,7 @@ var allDescs = []*prometheus.Desc{
 	descFlowsFallback, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
-	descStackInFlight, descStackSYNLimited, descDNS, descUDP, descUDPFlows, descPoolReady, descPool,
+	descStackInFlight, descStackSYNLimited, descStackTimeWaitRetired, descDNS, descUDP, descUDPFlows, descPoolReady, descPool,
 	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
@@ -220,6 +222,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if st := s.Stack; st != nil {
 		gauge(descStackInFlight, float64(st.InFlight))
 		counter(descStackSYNLimited, float64(st.SYNLimited))
+		counter(descStackTimeWaitRetired, float64(st.TimeWaitRetired))
 	}
 	if d := s.DNS; d != nil {
 		for _, c := range d.Counts() {

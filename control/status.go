@@ -209,6 +209,10 @@ type Stack struct {
 	// SYNs in flight was reached: an app (or malware) opening connections
 	// faster than the concentrator answers.
 	SYNLimited uint64 `json:"syn_limited"`
+	// TimeWaitRetired counts new SYNs that found the endpoint of an
+	// earlier flow on their 4-tuple in TIME_WAIT and retired it: an app
+	// reusing its port toward the same destination.
+	TimeWaitRetired uint64 `json:"time_wait_retired"`
 }
 
 // Uplink states.

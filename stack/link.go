@@ -64,6 +64,9 @@ type link struct {
 	// echo takes the ICMP echo requests before gVisor sees them (set
 	// before start; nil: they are dropped).
 	echo EchoHandler
+	// syn sees every packet before gVisor does, to act on new TCP SYNs
+	// (set before start; nil: none).
+	syn func(b []byte) bool
 }
 
 var _ stack.LinkEndpoint = (*link)(nil)
@@ -212,6 +215,9 @@ func (l *link) deliver(v *buffer.View, b []byte) (tookView bool) {
 			l.echo.HandleEcho(src, dst, id, seq, data)
 		}
 		return false
+	}
+	if l.syn != nil {
+		l.syn(b)
 	}
 	// A large packet keeps its read buffer (no copy of the payload); a
 	// small one (an ACK, say) is copied into a right-sized buffer so that

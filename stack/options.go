@@ -57,13 +57,11 @@ const (
 	// TIME_WAIT. It exists to resend a lost final ACK and to keep old
 	// duplicates out of a new incarnation of the 4-tuple; on a local
 	// lossless link neither needs Linux's 60 s, and every TIME_WAIT
-	// endpoint holds memory and the 4-tuple of a possibly busy local
-	// port. Worse, a TIME_WAIT endpoint swallows a new SYN for its
-	// 4-tuple unless a listener exists, and the forwarder is not one
-	// (gVisor 2025-05, handleTimeWaitSegments): an app that reuses its
-	// port toward the same destination waits out the TIME_WAIT. 10 s
-	// still covers several retransmissions of a peer's FIN.
-	timeWaitTimeout = 10 * time.Second
+	// endpoint holds memory. A new SYN for a 4-tuple in TIME_WAIT
+	// retires that endpoint (timewait.go), so the duration costs no app
+	// a wait; 2 s still covers several retransmissions of the app's FIN
+	// (Linux's minimum RTO is 200 ms).
+	timeWaitTimeout = 2 * time.Second
 
 	// FIN_WAIT_2 after a full close (TCP_LINGER2): Linux's 60 s.
 	lingerTimeout = 60 * time.Second

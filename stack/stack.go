@@ -95,6 +95,10 @@ type Stats struct {
 	Failed    uint64 // dials or handshakes that failed otherwise: ICMP or RST
 	Limited   uint64 // SYNs answered with a RST because MaxInFlight were in flight
 
+	// TimeWaitRetired: new SYNs that found their 4-tuple's endpoint of
+	// an earlier flow in TIME_WAIT and retired it (timewait.go).
+	TimeWaitRetired uint64
+
 	PacketsIn, PacketsOut uint64 // read from and written to the device
 
 	UDPIn      uint64 // datagrams the UDPHandler took
@@ -129,6 +133,7 @@ type Stack struct {
 	wg       sync.WaitGroup // one per forwarder goroutine
 
 	forwarded, refused, failed, limited atomic.Uint64
+	timeWaitRetired                     atomic.Uint64
 	udpIn, udpRefused, udpOut           atomic.Uint64
 	ipID                                atomic.Uint32 // IPv4 ID of WriteUDP's datagrams
 
@@ -204,6 +209,7 @@ func New(cfg Config) (*Stack, error) {
 
 	s.link = newLink(cfg.Device, mtu, log)
 	s.link.echo = cfg.Echo
+	s.link.syn = s.retireTimeWait
 	if err := s.ip.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "tun"}); err != nil {
 		return fail(fmt.Errorf("stack: create NIC: %s", err))
 	}
@@ -242,6 +248,7 @@ func (s *Stack) Stats() Stats {
 	st.Refused = s.refused.Load()
 	st.Failed = s.failed.Load()
 	st.Limited = s.limited.Load()
+	st.TimeWaitRetired = s.timeWaitRetired.Load()
 	st.PacketsIn = s.link.rxPackets.Load()
 	st.PacketsOut = s.link.txPackets.Load()
 	st.UDPIn = s.udpIn.Load()

@@ -39,23 +39,16 @@ func (e *env) churn(t *testing.T, n int) {
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("newflows: %v\n%s", err, out)
 	}
-	// Known and not yet explained (2026-12-02): a few flows in 30 000
-	// are refused (a reset to the app's SYN, from no path of mpvpn's that
-	// logs a failed dial). Up to one in 3000 is tolerated here, logged,
-	// since this test is about leaks; anything else fails.
-	refusedOnly := r.Failed <= n/3000
-	for _, msg := range r.Errors {
-		refusedOnly = refusedOnly && strings.Contains(msg, "connection refused")
-	}
-	if r.Failed > 0 && r.OK+r.Failed == n && refusedOnly {
-		t.Logf("%d of %d flows refused (the known fault; see the README): %v", r.Failed, n, r.Errors)
-		return
-	}
 	if r.OK != n || r.Failed != 0 {
+		// What the client said of the flows it did not forward: every path
+		// that answers a SYN with a reset logs one of these.
 		var why []string
 		for _, l := range strings.Split(e.client.Log(), "\n") {
-			if strings.Contains(l, `msg="dial failed"`) || strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") {
-				why = append(why, l)
+			for _, m := range []string{`msg="dial failed"`, `msg="app handshake failed"`, `msg="SYN over the in-flight limit: RST"`, "level=WARN", "level=ERROR"} {
+				if strings.Contains(l, m) {
+					why = append(why, l)
+					break
+				}
 			}
 		}
 		t.Fatalf("%d flows: %d answered, %d failed (%v); the client says:\n%s", n, r.OK, r.Failed, r.Errors, strings.Join(why[:min(len(why), 20)], "\n"))
@@ -77,10 +70,11 @@ func TestFlowChurnNoLeak(t *testing.T) {
 		clientArgs: []string{"--metrics", cliMetrics},
 		serverArgs: []string{"--metrics", srvMetrics}})
 	// 31 000 flows from one address to one destination port would wrap
-	// the default 28 232 ephemeral ports: a reused port meets the
-	// netstack's endpoint of an earlier flow still closing (a few of
-	// 31 000 were refused in some runs; see the README). The leak is
-	// what this test is about; the namespace's own range is widened.
+	// the default 28 232 ephemeral ports within the destination's
+	// TIME_WAIT: the namespace's own range is widened. (The client's
+	// netstack copes with a reused port either way: see
+	// TestPortReuseAfterTimeWait; before it, a SYN that met a TIME_WAIT
+	// endpoint as it expired was refused, one or two in 30 000.)
 	if out, err := e.tp.Run(e.tp.Client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"); err != nil {
 		t.Fatalf("sysctl: %v %s", err, out)
 	}
@@ -117,16 +111,15 @@ func TestFlowChurnNoLeak(t *testing.T) {
 		if c.after.goroutines > c.before.goroutines+10 {
 			t.Errorf("%s: %.0f goroutines after the churn, %.0f before", c.who, c.after.goroutines, c.before.goroutines)
 		}
-		// 32 MiB: the netstack's endpoints in TIME_WAIT (10 s, some
-		// 2400 at the churn's rate, against about 1000 after the
-		// first thousand) are live at the last GC; measured +3 to
-		// +16.5 MiB on the client. A flow's state leaked for each of
+		// 32 MiB: the netstack's endpoints in TIME_WAIT (2 s, some
+		// 500 at the churn's rate) are live at the last GC; measured
+		// +3 to +16.5 MiB on the client with 10 s of TIME_WAIT. A flow's state leaked for each of
 		// 30 000 flows, even 1.1 KiB of it, is more.
 		if c.after.heap > c.before.heap+32<<20 {
 			t.Errorf("%s: heap %.1f MiB after the churn, %.1f MiB before", c.who, c.after.heap/(1<<20), c.before.heap/(1<<20))
 		}
 	}
-	if st := e.poolStatus(t, e.clientSocket()); st.Flows.Failed != 0 || st.Flows.Total < 31000-31000/3000 {
+	if st := e.poolStatus(t, e.clientSocket()); st.Flows.Failed != 0 || st.Flows.Total < 31000 {
 		t.Errorf("client: %d flows, %d failed", st.Flows.Total, st.Flows.Failed)
 	}
 }
