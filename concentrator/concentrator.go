@@ -277,7 +277,7 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 		f.Refuse(tunnel.NotAllowed)
 		return
 	}
-	up, err := s.dialer.DialContext(ctx, "tcp", f.Dst.String())
+	up, err := s.dial(ctx, f.Dst)
 	if err != nil {
 		v := s.verdictFor(err)
 		log.Debug("dial failed", "err", err, "verdict", v)
@@ -334,6 +334,12 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 		f.Refuse(tunnel.NotAllowed)
 		return
 	}
+	// The services open sockets of their own (upstream resolvers, a
+	// socket per UDP flow): none while descriptors are scarce.
+	if s.tun.FilesScarce() {
+		f.Refuse(s.verdictFor(errFilesScarce))
+		return
+	}
 	c, err := f.Accept()
 	if err != nil {
 		log.Debug("accept failed", "err", err)
@@ -351,6 +357,19 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	if err := serve(c); err != nil {
 		log.Debug("service stream ended with error", "err", err)
 	}
+}
+
+// errFilesScarce is the dial error while the tunnel server's reserve of
+// descriptors is not full: a dial would take a descriptor that an accept
+// needs to answer a connection at all.
+var errFilesScarce = fmt.Errorf("tunnel server's descriptor reserve not full: %w", syscall.EMFILE)
+
+// dial connects to the destination, unless descriptors are scarce.
+func (s *Server) dial(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	if s.tun.FilesScarce() {
+		return nil, errFilesScarce
+	}
+	return s.dialer.DialContext(ctx, "tcp", dst.String())
 }
 
 // verdictFor maps a dial error to what the client's app will see, and

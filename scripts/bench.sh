@@ -854,6 +854,24 @@ peers() {
 	done
 }
 
+# goruntime NS ADDR: "stack_inuse heap_inuse heap_live goroutines" from a
+# process's /metrics (nothing when it does not answer: a process out of
+# descriptors cannot accept the request).
+goruntime() {
+	ip netns exec "$1" curl -s --max-time 5 "http://$2/metrics" | awk '
+		/^go_memstats_stack_inuse_bytes /{s=$2} /^go_memstats_heap_inuse_bytes /{h=$2}
+		/^go_gc_heap_live_bytes /{l=$2} /^go_goroutines /{g=$2}
+		END{if (g != "") printf "%.0f %.0f %.0f %.0f\n", s, h, l, g}'
+}
+# goruntime_delta BEFORE AFTER FLOWS: where a flow's memory goes, per flow.
+goruntime_delta() {
+	local a b
+	read -r -a a <<<"$1"
+	read -r -a b <<<"$2"
+	[ ${#a[@]} = 4 ] && [ ${#b[@]} = 4 ] && [ "$3" -gt 0 ] || { echo "no runtime metrics"; return; }
+	echo "per flow: Go stacks $(calc "(${b[0]}-${a[0]})/1024/$3" %.1f) KiB, heap in use $(calc "(${b[1]}-${a[1]})/1024/$3" %.1f) KiB (live at the last GC $(calc "(${b[2]}-${a[2]})/1024/$3" %.1f)), $(calc "(${b[3]}-${a[3]})/$3" %.2f) goroutines"
+}
+
 memory() {
 	# debug: the server says why it refuses a flow (e.g. over MaxFlowsPerPeer).
 	# 30 000 flows to one destination port from one address need more
@@ -861,14 +879,16 @@ memory() {
 	# the concentrator's own dials): these namespaces' own sysctl.
 	local ns
 	for ns in "$NS_CLI" "$NS_CONC"; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="10000 65000"; done
-	SERVER_LOG_LEVEL=debug start_server || die "mpvpn server did not start (memory)"
-	start_client || die "mpvpn client did not come up (memory)"
+	SERVER_LOG_LEVEL=debug start_server --metrics 127.0.0.1:9532 || die "mpvpn server did not start (memory)"
+	start_client --metrics 127.0.0.1:9531 || die "mpvpn client did not come up (memory)"
 	bg idle-serve "$NS_INET" "$BIN/bench-idleflows" serve -listen "$DEST_ADDR:9100"
 	local sp=$BGPID
 	wait_listen "$NS_INET" 9100 || die "bench-idleflows serve"
 	sleep 2
 	local c0 s0
 	c0=$(rss_kib "$CLIENT_PID"); s0=$(rss_kib "$SERVER_PID")
+	local cg0 sg0
+	cg0=$(goruntime "$NS_CLI" 127.0.0.1:9531); sg0=$(goruntime "$NS_CONC" 127.0.0.1:9532)
 	row memory "mpvpn client VmRSS, idle" "$(calc "$c0/1024") MiB" "-" "fresh client on --no-emu topology, no flow yet"
 	row memory "mpvpn server VmRSS, idle" "$(calc "$s0/1024") MiB" "-" "fresh server"
 	local stages
@@ -895,8 +915,8 @@ memory() {
 		fi
 		kill -0 "$CLIENT_PID" 2>/dev/null || note+="; client DIED"
 		kill -0 "$SERVER_PID" 2>/dev/null || note+="; server DIED"
-		row memory "mpvpn client VmRSS, $got idle flows" "$(calc "$c/1024") MiB" "$(calc "($c-$c0)/$got" %.1f) KiB/flow" "$note"
-		row memory "mpvpn server VmRSS, $got idle flows" "$(calc "$s/1024") MiB" "$(calc "($s-$s0)/$got" %.1f) KiB/flow" "over idle"
+		row memory "mpvpn client VmRSS, $got idle flows" "$(calc "$c/1024") MiB" "$(calc "($c-$c0)/$got" %.1f) KiB/flow" "$note; $(goruntime_delta "$cg0" "$(goruntime "$NS_CLI" 127.0.0.1:9531)" "$got")"
+		row memory "mpvpn server VmRSS, $got idle flows" "$(calc "$s/1024") MiB" "$(calc "($s-$s0)/$got" %.1f) KiB/flow" "over idle; $(goruntime_delta "$sg0" "$(goruntime "$NS_CONC" 127.0.0.1:9532)" "$got")"
 		log "memory: $got flows: client $c KiB, server $s KiB ($note)"
 		grep -q '^stuck' "$WORK/idle-dial.log" && break
 		kill -USR1 "$dp" 2>/dev/null

@@ -13,7 +13,7 @@ import (
 )
 
 // TestOutOfFilesAnsweredLimited: with no descriptor left for accept, the
-// server gives up its spare one for the connection and answers Limited
+// server gives up a spare one for the connection and answers Limited
 // in the handshake: the client's app hears "a limit" at once, not a
 // timeout that looks like an unreachable concentrator. Then the spare is
 // back, and the next flow works.
@@ -33,6 +33,29 @@ func TestOutOfFilesAnsweredLimited(t *testing.T) {
 	// The limit bounds descriptor numbers, and a new descriptor takes the
 	// lowest free one: allow exactly the lowest free number, for the
 	// client's socket, and none for the server's accept.
+	free := lowestFreeFD(t)
+	lim := old
+	lim.Cur = uint64(free + 1)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	_, err := p.cli.DialTCP(context.Background(), testDst)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	ve, ok := errors.AsType[*VerdictError](err)
+	if !ok || ve.Verdict != Limited || !errors.Is(err, syscall.EAGAIN) {
+		t.Fatalf("dial with the server out of descriptors: %v, want the verdict Limited", err)
+	}
+	if n := p.srv.Stats().NoFiles; n != 1 {
+		t.Errorf("NoFiles = %d, want 1", n)
+	}
+	waitFor(t, "the next flow", func() bool { return echoOnce(t, p.cli) == nil })
+}
+
+// lowestFreeFD is the descriptor number the next open would get.
+func lowestFreeFD(t *testing.T) int {
+	t.Helper()
 	dir, err := os.Open("/proc/self/fd")
 	if err != nil {
 		t.Fatal(err)
@@ -53,21 +76,45 @@ func TestOutOfFilesAnsweredLimited(t *testing.T) {
 	for used[free] {
 		free++
 	}
+	return free
+}
+
+// TestFilesScarce: the reserve reports scarcity while a spare it gave up
+// cannot be opened again (the process at its open-file limit), so the
+// concentrator dials nothing then, and is full again as soon as a
+// descriptor is free.
+func TestFilesScarce(t *testing.T) {
+	var s Server
+	defer s.files.close()
+	if !s.files.refill() || s.FilesScarce() {
+		t.Fatal("a fresh reserve is not full")
+	}
+	if !s.files.release() {
+		t.Fatal("release from a full reserve failed")
+	}
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
 	lim := old
-	lim.Cur = uint64(free + 1)
+	lim.Cur = uint64(lowestFreeFD(t)) // every number below it is taken
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatal(err)
 	}
-	_, err = p.cli.DialTCP(context.Background(), testDst)
+	scarce := s.FilesScarce()
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
 		t.Fatal(err)
 	}
-	ve, ok := errors.AsType[*VerdictError](err)
-	if !ok || ve.Verdict != Limited || !errors.Is(err, syscall.EAGAIN) {
-		t.Fatalf("dial with the server out of descriptors: %v, want the verdict Limited", err)
+	if !scarce {
+		t.Error("FilesScarce = false at the open-file limit with a spare missing")
 	}
-	if n := p.srv.Stats().NoFiles; n != 1 {
-		t.Errorf("NoFiles = %d, want 1", n)
+	if s.FilesScarce() {
+		t.Error("FilesScarce = true with descriptors free again")
 	}
-	waitFor(t, "the next flow", func() bool { return echoOnce(t, p.cli) == nil })
+	s.files.mu.Lock()
+	n := len(s.files.files)
+	s.files.mu.Unlock()
+	if n != reserveFiles {
+		t.Errorf("reserve holds %d, want %d", n, reserveFiles)
+	}
 }

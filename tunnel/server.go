@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -139,6 +138,8 @@ type Server struct {
 	active                                       atomic.Int64
 	pooled                                       atomic.Int64
 	poolLimited, poolUnused, noFiles             atomic.Uint64
+
+	files fdReserve // descriptors held for accepts when none are left
 }
 
 type peerState struct {
@@ -335,22 +336,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 	if l, ok := ln.(*listener); ok {
 		l.report(s.log)
 	}
-	// One descriptor held in reserve: when accept finds none left
-	// (EMFILE, ENFILE), the spare is given up for one connection, which
-	// is authenticated and answered Limited, so the client's app is told
-	// "a limit" at once, not left to time out as if the concentrator
-	// were unreachable. It comes back once that connection is closed.
-	// Released last, once every goroutine (which may hand it back) ended.
-	spare := openSpare()
-	spareBack := make(chan *os.File, 1)
-	defer func() {
-		closeSpare(spare)
-		select {
-		case f := <-spareBack:
-			closeSpare(f)
-		default:
-		}
-	}()
+	// Descriptors held in reserve (fdreserve.go): when accept finds none
+	// left (EMFILE, ENFILE), a spare is given up for one connection,
+	// which is authenticated and answered Limited, so the client's app
+	// is told "a limit" at once, not left to time out as if the
+	// concentrator were unreachable. Refilled as descriptors free up;
+	// released last, once every goroutine ended.
+	s.files.refill()
+	defer s.files.close()
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -360,21 +353,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 
 	var backoff time.Duration
 	for {
-		if spare == nil {
-			select {
-			case spare = <-spareBack:
-			default:
-			}
-		}
+		s.files.refill()
 		raw, err := ln.Accept()
 		noFiles := false
-		if err != nil && isNoFile(err) && spare != nil {
-			spare.Close()
-			spare = nil
+		if err != nil && isNoFile(err) && s.files.release() {
 			if raw, err = ln.Accept(); err == nil {
 				noFiles = true
-			} else {
-				spare = openSpare()
 			}
 		}
 		if err == nil {
@@ -418,30 +402,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 			defer wg.Done()
 			defer cancelConn()
 			s.serveConn(connCtx, raw, acceptedAt, e, noFiles, handle)
-			if noFiles {
-				spareBack <- openSpare()
-			}
 		}()
 	}
 }
 
+// FilesScarce reports whether the process is short of file descriptors:
+// the reserve Serve keeps for answering connections is not full and
+// cannot be refilled. A handler should then open nothing (no dial) and
+// answer Limited, so descriptors that free up go to the reserve.
+func (s *Server) FilesScarce() bool { return !s.files.full() }
+
 func isNoFile(err error) bool {
 	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
-}
-
-// openSpare holds one descriptor for Serve (nil if even that fails).
-func openSpare() *os.File {
-	f, err := os.Open(os.DevNull)
-	if err != nil {
-		return nil
-	}
-	return f
-}
-
-func closeSpare(f *os.File) {
-	if f != nil {
-		f.Close()
-	}
 }
 
 func transientAcceptErr(err error) bool {
