@@ -96,13 +96,14 @@ command -v mptcpize >/dev/null || apt_install mptcpd
 command -v jq >/dev/null || apt_install jq
 command -v ping >/dev/null || apt_install iputils-ping
 command -v ab >/dev/null || apt_install apache2-utils
+command -v socat >/dev/null || apt_install socat # the flow-rate rows' relay
 if ! command -v nginx >/dev/null; then
 	# The web server of the set-up and flow-rate rows. Debian starts and
 	# enables it on install; it is wanted only inside the namespaces.
 	apt_install nginx-light
 	systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
-for c in mptcpize jq ping iperf3 curl python3 nginx ab; do
+for c in mptcpize jq ping iperf3 curl python3 nginx ab socat; do
 	command -v $c >/dev/null || { echo "$0: $c is missing" >&2; exit 1; }
 done
 
