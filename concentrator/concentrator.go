@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -105,6 +106,9 @@ type Server struct {
 	policy *Policy
 	own    *ownAddrs
 	dialer net.Dialer
+
+	serveCtx context.Context // Serve's: its end closes the relays
+	relays   sync.WaitGroup  // the flows' relays, which Serve waits for
 
 	active                                               atomic.Int64
 	outOfFiles                                           atomic.Uint64
@@ -243,12 +247,17 @@ func (s *Server) Horizon() time.Time { return s.tun.Horizon() }
 func (s *Server) Serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// The flows have ended when tun.Serve returns, so no check needs the
-	// set after this.
+	// The flows have ended when Serve returns (the relays waited for),
+	// so no check needs the set after this.
 	defer s.own.Close()
 	go func() { <-ctx.Done(); s.ln.Close() }()
+	s.serveCtx = ctx
 	err := s.tun.Serve(ctx, s.ln, s.handle)
-	if ctx.Err() != nil {
+	stopped := ctx.Err() != nil
+	// The relays outlive their handlers: end them, and wait.
+	cancel()
+	s.relays.Wait()
+	if stopped {
 		return nil
 	}
 	return err
@@ -293,13 +302,27 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
-	defer s.active.Add(-1)
-	st, err := relay.Relay(c, up)
-	s.bytesUp.Add(uint64(st.AtoB))
-	s.bytesDown.Add(uint64(st.BtoA))
-	if err != nil {
-		log.Debug("flow ended with error", "err", err, "up", st.AtoB, "down", st.BtoA)
-	}
+	// The relay in a goroutine of its own: this one's stack grew through
+	// the handshake and the dial, and a blocked goroutine keeps its
+	// stack; an idle flow's memory is mostly its goroutines' stacks
+	// (issue 11). Once handle returns, the tunnel server no longer closes
+	// the flow when it stops, so the relay does (Serve waits for it).
+	s.relays.Add(1)
+	go func() {
+		defer s.relays.Done()
+		defer s.active.Add(-1)
+		stop := context.AfterFunc(s.serveCtx, func() {
+			c.Close()
+			up.Close()
+		})
+		defer stop()
+		st, err := relay.Relay(c, up)
+		s.bytesUp.Add(uint64(st.AtoB))
+		s.bytesDown.Add(uint64(st.BtoA))
+		if err != nil {
+			log.Debug("flow ended with error", "err", err, "up", st.AtoB, "down", st.BtoA)
+		}
+	}()
 }
 
 // handleService serves a flow that asks for one of the concentrator's

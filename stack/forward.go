@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -43,6 +45,57 @@ type appConn struct {
 	*gonet.TCPConn
 	ep tcpip.Endpoint
 	wq *waiter.Queue
+
+	// Park's state: the waiter entry is registered by the first Park and
+	// stays for the flow's life (gVisor 2025-05 calls an entry's
+	// callback with the queue's lock held, so the callback must not
+	// unregister it); parked says a resume is owed.
+	parkOnce sync.Once
+	entry    waiter.Entry
+	resume   func()
+	parked   atomic.Bool
+}
+
+// readyEvents are what end a wait for the app: data, its FIN, an error.
+const readyEvents = waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr
+
+// Park implements relay.Parker: while the app sends nothing, the relay
+// holds no goroutine for its direction (issue 11: an idle flow's memory
+// is mostly goroutine stacks). gVisor's notification, or Close and Abort,
+// start resume in a new goroutine.
+func (c *appConn) Park(resume func()) bool {
+	if c.ep.Readiness(readyEvents) != 0 {
+		return false
+	}
+	c.parkOnce.Do(func() {
+		c.resume = resume
+		c.entry = waiter.NewFunctionEntry(readyEvents, func(waiter.EventMask) { c.wake() })
+		c.wq.EventRegister(&c.entry)
+	})
+	c.parked.Store(true)
+	// Whatever came between the first look and the registration: the
+	// notification may have missed it; take it back here unless the
+	// callback already did.
+	if c.ep.Readiness(readyEvents) != 0 && c.parked.CompareAndSwap(true, false) {
+		return false
+	}
+	return true
+}
+
+// wake starts the resume that Park owes, once.
+func (c *appConn) wake() {
+	if c.parked.CompareAndSwap(true, false) {
+		go c.resume()
+	}
+}
+
+// Close closes the app's conn and wakes a parked relay, which then reads
+// the close (gVisor does not notify waiters of a local Close in every
+// state).
+func (c *appConn) Close() error {
+	err := c.TCPConn.Close()
+	c.wake()
+	return err
 }
 
 // Abort closes the flow with a reset, so the app's next read or write
@@ -51,7 +104,7 @@ type appConn struct {
 // Endpoint.Abort resets a connected endpoint; Close then frees it).
 func (c *appConn) Abort() error {
 	c.ep.Abort()
-	return c.TCPConn.Close()
+	return c.Close()
 }
 
 // WaitRead blocks until a Read would not block: data, the app's FIN or an

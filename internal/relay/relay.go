@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // BufSize is the copy buffer per direction. 64 KiB matches the largest
@@ -54,10 +55,10 @@ func reset(c net.Conn) {
 // for a whole one).
 func Relay(a, b net.Conn) (Stats, error) {
 	var (
-		st   Stats
-		once sync.Once
-		wg   sync.WaitGroup
-		errs [2]error
+		once       sync.Once
+		wg         sync.WaitGroup
+		errs       [2]error
+		atob, btoa atomic.Int64
 	)
 	closeBoth := func() {
 		once.Do(func() {
@@ -71,10 +72,11 @@ func Relay(a, b net.Conn) (Stats, error) {
 			reset(b)
 		})
 	}
-	half := func(i int, dst, src net.Conn, n *int64) {
+	// finish ends direction i, whose copy returned err.
+	finish := func(i int, dst net.Conn, err error) {
 		defer wg.Done()
-		*n, errs[i] = copyHalf(dst, src)
-		if errs[i] != nil {
+		errs[i] = err
+		if err != nil {
 			abort()
 			return
 		}
@@ -89,15 +91,68 @@ func Relay(a, b net.Conn) (Stats, error) {
 		// pass the EOF on.
 		closeBoth()
 	}
-	// One direction in a goroutine of its own, the other in the
-	// caller's: a blocked goroutine costs an idle flow a stack (issue
-	// 11's memory budget), and the caller waits anyway.
 	wg.Add(2)
-	go half(0, b, a, &st.AtoB)
-	half(1, a, b, &st.BtoA)
+	if p, ok := a.(Parker); ok {
+		// a→b parks while a has nothing to read: no goroutine waits
+		// for an idle app (issue 11's memory budget), and each burst
+		// of its bytes is copied by a fresh goroutine, whose stack is
+		// small again.
+		src := &parkingReader{Conn: a, p: p}
+		src.resume = func() {
+			n, err := copyHalf(b, src)
+			atob.Add(n)
+			if errors.Is(err, errParked) {
+				return
+			}
+			finish(0, b, err)
+		}
+		go src.resume()
+	} else {
+		// One direction in a goroutine of its own, the other in the
+		// caller's: a blocked goroutine costs an idle flow a stack,
+		// and the caller waits anyway.
+		go func() {
+			n, err := copyHalf(b, a)
+			atob.Add(n)
+			finish(0, b, err)
+		}()
+	}
+	n, err := copyHalf(a, b)
+	btoa.Add(n)
+	finish(1, a, err)
 	wg.Wait()
 	closeBoth()
-	return st, errors.Join(ignoreClosed(errs[0]), ignoreClosed(errs[1]))
+	return Stats{AtoB: atob.Load(), BtoA: btoa.Load()}, errors.Join(ignoreClosed(errs[0]), ignoreClosed(errs[1]))
+}
+
+// Parker is a conn that can wait for its next bytes without a goroutine
+// blocked on it (the netstack's conns: gVisor calls back when data comes).
+type Parker interface {
+	// Park arranges for resume to be called, in a new goroutine, once
+	// the conn has something to read, has failed or is closed, and
+	// reports true; or, if it has something to read already, arranges
+	// nothing and reports false. resume is the same function on every
+	// call for one conn.
+	Park(resume func()) bool
+}
+
+// errParked ends a copy whose source parked; the copy resumes later.
+var errParked = errors.New("relay: source parked")
+
+// parkingReader is the source of a copy that ends, with errParked, where
+// it would wait. Its WaitRead is what the tunnel's Conn.ReadFrom calls
+// before each read, before it takes a buffer.
+type parkingReader struct {
+	net.Conn
+	p      Parker
+	resume func()
+}
+
+func (r *parkingReader) WaitRead() error {
+	if r.p.Park(r.resume) {
+		return errParked
+	}
+	return nil
 }
 
 func copyHalf(dst, src net.Conn) (int64, error) {

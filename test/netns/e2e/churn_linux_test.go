@@ -123,3 +123,52 @@ func TestFlowChurnNoLeak(t *testing.T) {
 		t.Errorf("client: %d flows, %d failed", st.Flows.Total, st.Flows.Failed)
 	}
 }
+
+// TestIdleFlowGoroutines: an idle flow holds one goroutine on the client
+// (its download direction, blocked on the tunnel's socket; the upload
+// direction parks on the netstack's callback) and two on the
+// concentrator, whatever it carried before it went idle: goroutine
+// stacks are most of an idle flow's memory (issue 11). 500 flows, each
+// accepted end to end, sit idle while both ends are counted.
+func TestIdleFlowGoroutines(t *testing.T) {
+	const (
+		cliMetrics = "127.0.0.1:9523"
+		srvMetrics = "127.0.0.1:9524"
+		flows      = 500
+	)
+	e := newEnv(t, options{topo: topo.Options{NoEmu: true},
+		clientArgs: []string{"--metrics", cliMetrics},
+		serverArgs: []string{"--metrics", srvMetrics}})
+	dst := fmt.Sprintf("%s:9100", topo.DestAddr)
+	srv := e.tp.Start(e.tp.Inet, "idle-serve", bin.idleflows, "serve", "-listen", dst)
+	srv.WaitListen(dst)
+	// One flow first, so the pool's refill and the uplinks' probes are
+	// in the baseline.
+	e.churn(t, 1)
+	time.Sleep(2 * time.Second)
+	cli0, srv0 := e.runtimeOf(t, e.tp.Client, cliMetrics), e.runtimeOf(t, e.tp.Conc, srvMetrics)
+	dial := e.tp.Start(e.tp.Client, "idle-dial", bin.idleflows, "dial", "-addr", dst, "-n", fmt.Sprint(flows), "-batch", "100")
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(dial.Log(), fmt.Sprintf("ready %d ", flows)) {
+		if strings.Contains(dial.Log(), "stuck") || time.Now().After(deadline) {
+			t.Fatalf("the idle flows did not all open:\n%s", dial.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second) // the last flows' handshakes behind them
+	cli1, srv1 := e.runtimeOf(t, e.tp.Client, cliMetrics), e.runtimeOf(t, e.tp.Conc, srvMetrics)
+	perCli := (cli1.goroutines - cli0.goroutines) / flows
+	perSrv := (srv1.goroutines - srv0.goroutines) / flows
+	t.Logf("per idle flow: client %.2f goroutines, %.1f KiB of live heap; concentrator %.2f, %.1f KiB",
+		perCli, (cli1.heap-cli0.heap)/flows/1024, perSrv, (srv1.heap-srv0.heap)/flows/1024)
+	// A few goroutines either way for the pool's refill and the like.
+	if perCli > 1.05 {
+		t.Errorf("client: %.2f goroutines per idle flow, want 1", perCli)
+	}
+	if perSrv > 2.05 {
+		t.Errorf("concentrator: %.2f goroutines per idle flow, want 2", perSrv)
+	}
+	if perCli < 0.95 {
+		t.Errorf("client: %.2f goroutines per idle flow: are the %d flows open?", perCli, flows)
+	}
+}

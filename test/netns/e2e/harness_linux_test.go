@@ -27,7 +27,7 @@ import (
 
 // bin holds the binaries under test, built once by TestMain.
 var bin struct {
-	mpvpn, flowcheck, hsflood, newflows string
+	mpvpn, flowcheck, hsflood, newflows, idleflows string
 }
 
 func TestMain(m *testing.M) {
@@ -40,11 +40,13 @@ func TestMain(m *testing.M) {
 	bin.flowcheck = filepath.Join(dir, "flowcheck")
 	bin.hsflood = filepath.Join(dir, "hsflood")
 	bin.newflows = filepath.Join(dir, "newflows")
+	bin.idleflows = filepath.Join(dir, "bench-idleflows")
 	for out, pkg := range map[string]string{
 		bin.mpvpn:     "github.com/mpvpn/mpvpn/cmd/mpvpn",
 		bin.flowcheck: "github.com/mpvpn/mpvpn/test/netns/cmd/flowcheck",
 		bin.hsflood:   "github.com/mpvpn/mpvpn/test/netns/cmd/hsflood",
 		bin.newflows:  "github.com/mpvpn/mpvpn/test/netns/cmd/newflows",
+		bin.idleflows: "github.com/mpvpn/mpvpn/test/netns/cmd/bench-idleflows",
 	} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
