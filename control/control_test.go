@@ -47,7 +47,7 @@ func clientStatus() Status {
 			{Name: "eth1", State: StateWithdrawn, Reason: "no carrier"},
 		},
 		Flows: Flows{Active: 4, Total: 120, Failed: 2, Rejected: 1, Fallbacks: 3, RxBytes: 3<<30 + 1536, TxBytes: 5<<20 + 100},
-		Stack: &Stack{InFlight: 6, SYNLimited: 51},
+		Stack: &Stack{InFlight: 6, SYNLimited: 51, TimeWaitRetired: 3},
 	}
 }
 

@@ -55,7 +55,7 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 			v.Connected, v.Refused, v.Unreachable, v.TimedOut, v.NotAllowed)
 	}
 	if st := s.Stack; st != nil {
-		fmt.Fprintf(&b, "stack: %d SYNs in flight, %d refused over the in-flight cap\n", st.InFlight, st.SYNLimited)
+		fmt.Fprintf(&b, "stack: %d SYNs in flight, %d refused over the in-flight cap, %d reopened a port in TIME_WAIT\n", st.InFlight, st.SYNLimited, st.TimeWaitRetired)
 	}
 	if d := s.DNS; d != nil {
 		fmt.Fprintf(&b, "dns: %d queries, %d failed, %d dropped, %d tunnel streams\n", d.Queries, d.Failed, d.Dropped, d.Streams)

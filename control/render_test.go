@@ -34,7 +34,7 @@ func TestRender(t *testing.T) {
 				"23 ms", "ok 22 ms",
 				"wwan0", "down (backup): probe lost", "1.5 KiB", "100 B", "lost",
 				"eth1", "withdrawn: no carrier",
-				"stack: 6 SYNs in flight, 51 refused over the in-flight cap\n",
+				"stack: 6 SYNs in flight, 51 refused over the in-flight cap, 3 reopened a port in TIME_WAIT\n",
 			},
 			wantNot: []string{"PEER", "handshakes:", "verdicts:"},
 		},
