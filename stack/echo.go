@@ -28,31 +28,26 @@ type EchoHandler interface {
 // echoRequest parses an ICMP or ICMPv6 echo request: no IPv4 options
 // that hide it, no fragment, no IPv6 extension header.
 func echoRequest(b []byte) (src, dst netip.Addr, id, seq uint16, data []byte, ok bool) {
-	switch header.IPVersion(b) {
-	case header.IPv4Version:
-		ip := header.IPv4(b)
-		if !ip.IsValid(len(b)) || ip.Protocol() != uint8(header.ICMPv4ProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
-			return
-		}
-		icmp := b[ip.HeaderLength():ip.TotalLength()]
-		if len(icmp) < header.ICMPv4MinimumSize || icmp[0] != byte(header.ICMPv4Echo) || icmp[1] != 0 {
-			return
-		}
-		src, dst = netip.AddrFrom4(ip.SourceAddress().As4()), netip.AddrFrom4(ip.DestinationAddress().As4())
-		return src, dst, binary.BigEndian.Uint16(icmp[4:]), binary.BigEndian.Uint16(icmp[6:]), icmp[8:], true
-	case header.IPv6Version:
-		ip := header.IPv6(b)
-		if !ip.IsValid(len(b)) || ip.NextHeader() != uint8(header.ICMPv6ProtocolNumber) {
-			return
-		}
-		icmp := b[header.IPv6MinimumSize : header.IPv6MinimumSize+int(ip.PayloadLength())]
-		if len(icmp) < header.ICMPv6EchoMinimumSize || icmp[0] != byte(header.ICMPv6EchoRequest) || icmp[1] != 0 {
-			return
-		}
-		src, dst = netip.AddrFrom16(ip.SourceAddress().As16()), netip.AddrFrom16(ip.DestinationAddress().As16())
-		return src, dst, binary.BigEndian.Uint16(icmp[4:]), binary.BigEndian.Uint16(icmp[6:]), icmp[8:], true
+	p, ok := parseIP(b)
+	if !ok {
+		return
 	}
-	return
+	var echo byte
+	switch {
+	case p.src.Len() == 4 && p.proto == uint8(header.ICMPv4ProtocolNumber):
+		echo = byte(header.ICMPv4Echo)
+	case p.src.Len() == 16 && p.proto == uint8(header.ICMPv6ProtocolNumber):
+		echo = byte(header.ICMPv6EchoRequest)
+	default:
+		return src, dst, 0, 0, nil, false
+	}
+	// ICMPv4's and ICMPv6's echo headers are laid out alike: type, code,
+	// checksum, identifier, sequence number, then the data.
+	icmp := p.payload
+	if len(icmp) < header.ICMPv4MinimumSize || icmp[0] != echo || icmp[1] != 0 {
+		return src, dst, 0, 0, nil, false
+	}
+	return addrOf(p.src), addrOf(p.dst), binary.BigEndian.Uint16(icmp[4:]), binary.BigEndian.Uint16(icmp[6:]), icmp[8:], true
 }
 
 // isEchoRequest: what link.deliver keeps from gVisor.

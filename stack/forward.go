@@ -115,10 +115,10 @@ func (c *appConn) WaitRead() error {
 	if c.ep.Readiness(waiter.ReadableEvents) != 0 {
 		return nil
 	}
-	entry, ch := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	entry, ch := waiter.NewChannelEntry(readyEvents)
 	c.wq.EventRegister(&entry)
 	defer c.wq.EventUnregister(&entry)
-	for c.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 {
+	for c.ep.Readiness(readyEvents) == 0 {
 		<-ch
 	}
 	return nil
@@ -367,12 +367,17 @@ func (s *Stack) relay(app *appConn, up net.Conn, src, dst netip.AddrPort) {
 }
 
 func addrPort(a tcpip.Address, port uint16) netip.AddrPort {
-	var ip netip.Addr
+	return netip.AddrPortFrom(addrOf(a), port)
+}
+
+// addrOf is a gVisor address as a netip.Addr (the zero Addr if it is
+// neither IPv4 nor IPv6).
+func addrOf(a tcpip.Address) netip.Addr {
 	switch a.Len() {
 	case 4:
-		ip = netip.AddrFrom4(a.As4())
+		return netip.AddrFrom4(a.As4())
 	case 16:
-		ip = netip.AddrFrom16(a.As16())
+		return netip.AddrFrom16(a.As16())
 	}
-	return netip.AddrPortFrom(ip, port)
+	return netip.Addr{}
 }

@@ -66,7 +66,7 @@ type link struct {
 	echo EchoHandler
 	// syn sees every packet before gVisor does, to act on new TCP SYNs
 	// (set before start; nil: none).
-	syn func(b []byte) bool
+	syn func(b []byte)
 }
 
 var _ stack.LinkEndpoint = (*link)(nil)

@@ -33,54 +33,34 @@ import (
 // pureSYN returns the 4-tuple (as gVisor's endpoint sees it: local is the
 // destination) of a TCP SYN without ACK in the IP packet b.
 func pureSYN(b []byte) (stack.TransportEndpointID, tcpip.NetworkProtocolNumber, bool) {
-	var (
-		id    stack.TransportEndpointID
-		proto tcpip.NetworkProtocolNumber
-		tcpb  []byte
-	)
-	switch header.IPVersion(b) {
-	case header.IPv4Version:
-		ip := header.IPv4(b)
-		if !ip.IsValid(len(b)) || ip.Protocol() != uint8(header.TCPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
-			return id, 0, false
-		}
-		tcpb = b[ip.HeaderLength():ip.TotalLength()]
-		id.RemoteAddress, id.LocalAddress = ip.SourceAddress(), ip.DestinationAddress()
-		proto = header.IPv4ProtocolNumber
-	case header.IPv6Version:
-		ip := header.IPv6(b)
-		// A SYN behind extension headers is left to gVisor as it is.
-		if !ip.IsValid(len(b)) || ip.NextHeader() != uint8(header.TCPProtocolNumber) {
-			return id, 0, false
-		}
-		tcpb = b[header.IPv6MinimumSize : header.IPv6MinimumSize+int(ip.PayloadLength())]
-		id.RemoteAddress, id.LocalAddress = ip.SourceAddress(), ip.DestinationAddress()
-		proto = header.IPv6ProtocolNumber
-	default:
-		return id, 0, false
+	p, ok := parseIP(b)
+	if !ok || p.proto != uint8(header.TCPProtocolNumber) || len(p.payload) < header.TCPMinimumSize {
+		return stack.TransportEndpointID{}, 0, false
 	}
-	if len(tcpb) < header.TCPMinimumSize {
-		return id, 0, false
-	}
-	th := header.TCP(tcpb)
+	th := header.TCP(p.payload)
 	if th.Flags()&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst) != header.TCPFlagSyn {
-		return id, 0, false
+		return stack.TransportEndpointID{}, 0, false
 	}
-	id.RemotePort, id.LocalPort = th.SourcePort(), th.DestinationPort()
-	return id, proto, true
+	proto := header.IPv4ProtocolNumber
+	if p.src.Len() == 16 {
+		proto = header.IPv6ProtocolNumber
+	}
+	return stack.TransportEndpointID{
+		LocalPort: th.DestinationPort(), LocalAddress: p.dst,
+		RemotePort: th.SourcePort(), RemoteAddress: p.src,
+	}, proto, true
 }
 
 // retireTimeWait is the link's SYN hook: it aborts the endpoint in
-// TIME_WAIT that holds the 4-tuple of the SYN in b, if any, and reports
-// whether there was one.
-func (s *Stack) retireTimeWait(b []byte) bool {
+// TIME_WAIT that holds the 4-tuple of the SYN in b, if any.
+func (s *Stack) retireTimeWait(b []byte) {
 	id, proto, ok := pureSYN(b)
 	if !ok {
-		return false
+		return
 	}
 	ep, ok := s.ip.FindTransportEndpoint(proto, header.TCPProtocolNumber, id, nicID).(*tcp.Endpoint)
 	if !ok || tcp.EndpointState(ep.State()) != tcp.StateTimeWait {
-		return false
+		return
 	}
 	// Abort unregisters the endpoint before it returns, so the SYN
 	// delivered next meets no endpoint and reaches handleTCP. It also
@@ -90,5 +70,4 @@ func (s *Stack) retireTimeWait(b []byte) bool {
 	// the first is pending).
 	ep.Abort()
 	s.timeWaitRetired.Add(1)
-	return true
 }

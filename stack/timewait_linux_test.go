@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -33,7 +34,7 @@ func TestPortReuseAfterTimeWait(t *testing.T) {
 			dst := destAddr(fam.v6, 1, port)
 			const appPort = 43210
 			for i := range fam.rounds {
-				c, err := env.dialFrom(net.JoinHostPort(fam.local, "43210"), dst)
+				c, err := env.dialFrom(net.JoinHostPort(fam.local, strconv.Itoa(appPort)), dst)
 				if err != nil {
 					t.Fatalf("round %d: connect from port %d: %v", i, appPort, err)
 				}

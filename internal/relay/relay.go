@@ -91,32 +91,25 @@ func Relay(a, b net.Conn) (Stats, error) {
 		// pass the EOF on.
 		closeBoth()
 	}
-	wg.Add(2)
-	if p, ok := a.(Parker); ok {
-		// a→b parks while a has nothing to read: no goroutine waits
-		// for an idle app (issue 11's memory budget), and each burst
-		// of its bytes is copied by a fresh goroutine, whose stack is
-		// small again.
-		src := &parkingReader{Conn: a, p: p}
-		src.resume = func() {
-			n, err := copyHalf(b, src)
-			atob.Add(n)
-			if errors.Is(err, errParked) {
-				return
-			}
-			finish(0, b, err)
+	// a→b in a goroutine, b→a in the caller's: a blocked goroutine
+	// costs an idle flow a stack (issue 11's memory budget), and the
+	// caller waits anyway. If a can park, a→b holds no goroutine at all
+	// while a has nothing to read, and each burst of its bytes is copied
+	// by a fresh goroutine, whose stack is small again.
+	var src net.Conn = a
+	copyAtoB := func() {
+		n, err := copyHalf(b, src)
+		atob.Add(n)
+		if errors.Is(err, errParked) {
+			return // resumed by a's Park
 		}
-		go src.resume()
-	} else {
-		// One direction in a goroutine of its own, the other in the
-		// caller's: a blocked goroutine costs an idle flow a stack,
-		// and the caller waits anyway.
-		go func() {
-			n, err := copyHalf(b, a)
-			atob.Add(n)
-			finish(0, b, err)
-		}()
+		finish(0, b, err)
 	}
+	if p, ok := a.(Parker); ok {
+		src = &parkingReader{Conn: a, p: p, resume: copyAtoB}
+	}
+	wg.Add(2)
+	go copyAtoB()
 	n, err := copyHalf(a, b)
 	btoa.Add(n)
 	finish(1, a, err)
