@@ -393,8 +393,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 		e, n := s.table.admit(addrPort(raw.RemoteAddr()).Addr(), func() {
 			// Evicted to make room: closed now, not at the
 			// deadline. Every evicted connection gets the same.
+			// SO_LINGER 0 before cancelling: the cancel runs
+			// serveConn's AfterFunc, whose Close would otherwise
+			// race SetLinger and could end it with a FIN. The
+			// cancel before the close, so serveConn counts it as
+			// evicted, not incomplete.
+			lingerZero(raw)
 			cancelConn()
-			abort(raw)
+			raw.Close()
 		}, msg1Queued(raw))
 		s.evicted.Add(uint64(n))
 		wg.Add(1)
@@ -436,10 +442,15 @@ func addrPort(a net.Addr) netip.AddrPort {
 // abort closes with a RST (SO_LINGER 0). Every rejected connection ends
 // this way, so a prober sees the same close whatever it sent.
 func abort(raw net.Conn) {
+	lingerZero(raw)
+	raw.Close()
+}
+
+// lingerZero makes raw's close, whoever calls it, a RST.
+func lingerZero(raw net.Conn) {
 	if tc, ok := raw.(*net.TCPConn); ok {
 		tc.SetLinger(0)
 	}
-	raw.Close()
 }
 
 func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, noFiles bool, handle func(context.Context, *Flow)) {
