@@ -4,6 +4,7 @@ package tunnel
 
 import (
 	"os"
+	"slices"
 	"sync"
 )
 
@@ -40,16 +41,25 @@ func (r *fdReserve) refill() bool {
 }
 
 // release closes one spare so that the caller's next open or accept can
-// have its descriptor; false if the reserve is empty.
+// have its descriptor; false if the reserve is empty. The lowest-numbered
+// one: a new descriptor takes the lowest free number, and RLIMIT_NOFILE
+// bounds numbers, not a count, so after the limit was lowered (prlimit,
+// or the tests) a higher spare could be above it and freeing it would
+// give accept nothing.
 func (r *fdReserve) release() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	n := len(r.files)
-	if n == 0 {
+	if len(r.files) == 0 {
 		return false
 	}
-	r.files[n-1].Close()
-	r.files = r.files[:n-1]
+	low := 0
+	for i, f := range r.files {
+		if f.Fd() < r.files[low].Fd() {
+			low = i
+		}
+	}
+	r.files[low].Close()
+	r.files = slices.Delete(r.files, low, low+1)
 	return true
 }
 

@@ -32,7 +32,22 @@ func TestOutOfFilesAnsweredLimited(t *testing.T) {
 	}
 	// The limit bounds descriptor numbers, and a new descriptor takes the
 	// lowest free one: allow exactly the lowest free number, for the
-	// client's socket, and none for the server's accept.
+	// client's socket, and none for the server's accept. Every hole
+	// below the server's highest spare is filled first: a free number
+	// below the spares would leave them all above the limit, where
+	// freeing one gives accept nothing (unlike a process that ran out,
+	// whose spares are all below its limit).
+	for top := p.srv.files.highest(); ; {
+		free := lowestFreeFD(t)
+		if free > top {
+			break
+		}
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+	}
 	free := lowestFreeFD(t)
 	lim := old
 	lim.Cur = uint64(free + 1)
@@ -51,6 +66,17 @@ func TestOutOfFilesAnsweredLimited(t *testing.T) {
 		t.Errorf("NoFiles = %d, want 1", n)
 	}
 	waitFor(t, "the next flow", func() bool { return echoOnce(t, p.cli) == nil })
+}
+
+// highest is the reserve's highest descriptor number (-1: none).
+func (r *fdReserve) highest() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	top := -1
+	for _, f := range r.files {
+		top = max(top, int(f.Fd()))
+	}
+	return top
 }
 
 // lowestFreeFD is the descriptor number the next open would get.
