@@ -121,6 +121,9 @@ type Config struct {
 	// through the handshake ahead of any flow, so that a new flow costs
 	// one round trip to its verdict, not two; 0: none.
 	Pool int
+	// Cipher: the transport ciphers offered to the concentrator besides
+	// ChaCha20-Poly1305 (tunnel.ClientConfig.Cipher).
+	Cipher tunnel.CipherPolicy
 	// ProbeIdleInterval is the probe cadence per uplink while no flow is
 	// open (0: probe.DefaultIdleInterval); the busy cadence is 100 ms.
 	ProbeIdleInterval time.Duration

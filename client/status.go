@@ -80,6 +80,8 @@ func (s *stats) status() control.Status {
 			Failed:    ts.Failures,
 			Rejected:  ts.Rejected,
 			Fallbacks: ts.Fallbacks,
+			Ciphers:   tunnel.CiphersOf(ts.OffersAES),
+			AESGCM:    ts.AESGCM,
 		},
 		Pool: &control.Pool{Ready: int64(ts.Pooled), Hits: ts.PoolHits, Stale: ts.PoolStale, Expired: ts.PoolExpired, Dials: ts.PoolDials, Failures: ts.PoolFailures},
 	}

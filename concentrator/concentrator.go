@@ -37,6 +37,9 @@ type Config struct {
 	// AllowPrivate (Policy.Deny).
 	Deny     []netip.Prefix
 	FastOpen bool
+	// Cipher: whether clients' offers of AES-256-GCM are taken
+	// (tunnel.ServerConfig.Cipher).
+	Cipher tunnel.CipherPolicy
 	// DialTimeout bounds the connect to the destination. It must stay
 	// below the client's handshake timeout so the client hears "timed
 	// out" from us rather than giving up on its own.
@@ -185,6 +188,7 @@ func Listen(ctx context.Context, cfg Config) (*Server, error) {
 		MaxHalfOpen:        cfg.MaxHalfOpen,
 		MaxHalfOpenPerAddr: cfg.MaxHalfOpenPerAddr,
 		MaxHalfOpenPerSite: cfg.MaxHalfOpenPerSite,
+		Cipher:             cfg.Cipher,
 		Logger:             cfg.Logger,
 	})
 	if err != nil {

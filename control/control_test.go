@@ -46,7 +46,7 @@ func clientStatus() Status {
 			},
 			{Name: "eth1", State: StateWithdrawn, Reason: "no carrier"},
 		},
-		Flows: Flows{Active: 4, Total: 120, Failed: 2, Rejected: 1, Fallbacks: 3, RxBytes: 3<<30 + 1536, TxBytes: 5<<20 + 100},
+		Flows: Flows{Active: 4, Total: 120, Failed: 2, Rejected: 1, Fallbacks: 3, RxBytes: 3<<30 + 1536, TxBytes: 5<<20 + 100, Ciphers: []string{"aes-256-gcm", "chacha20-poly1305"}, AESGCM: 117},
 		Stack: &Stack{InFlight: 6, SYNLimited: 51, TimeWaitRetired: 3},
 	}
 }

@@ -64,6 +64,8 @@ var (
 		"TCP flows refused (limits, policy).", nil, nil)
 	descFlowsFallback = prometheus.NewDesc("mpvpn_flows_fallback_total",
 		"TCP flows carried on plain TCP instead of MPTCP.", nil, nil)
+	descFlowsAESGCM = prometheus.NewDesc("mpvpn_flows_aes_gcm_total",
+		"TCP flows sealed with AES-256-GCM (the others: ChaCha20-Poly1305).", nil, nil)
 	descRx = prometheus.NewDesc("mpvpn_rx_bytes_total",
 		"Bytes received on mpvpn's flows.", nil, nil)
 	descTx = prometheus.NewDesc("mpvpn_tx_bytes_total",
@@ -116,7 +118,7 @@ var allDescs = []*prometheus.Desc{
 	descUplinkRx, descUplinkTx, descUplinkSubflows, descUplinkRTT,
 	descUplinkFallbacks, descUplinkProbeUp, descUplinkProbeRTT, descUplinkProbes,
 	descFlowsActive, descFlowsTotal, descFlowsFailed, descFlowsRejected,
-	descFlowsFallback, descRx, descTx, descNetlinkChanges,
+	descFlowsFallback, descFlowsAESGCM, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
 	descStackInFlight, descStackSYNLimited, descStackTimeWaitRetired, descDNS, descUDP, descUDPFlows, descPoolReady, descPool,
@@ -198,6 +200,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descFlowsFailed, float64(f.Failed))
 	counter(descFlowsRejected, float64(f.Rejected))
 	counter(descFlowsFallback, float64(f.Fallbacks))
+	counter(descFlowsAESGCM, float64(f.AESGCM))
 	counter(descRx, float64(f.RxBytes))
 	counter(descTx, float64(f.TxBytes))
 

@@ -88,6 +88,7 @@ func TestServeMetrics(t *testing.T) {
 				`mpvpn_flows_failed_total`:                            2,
 				`mpvpn_flows_rejected_total`:                          1,
 				`mpvpn_flows_fallback_total`:                          3,
+				`mpvpn_flows_aes_gcm_total`:                           117,
 				`mpvpn_rx_bytes_total`:                                3<<30 + 1536,
 				`mpvpn_tx_bytes_total`:                                5<<20 + 100,
 				`mpvpn_stack_syns_in_flight`:                          6,

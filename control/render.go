@@ -38,8 +38,12 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 	b.WriteString("\n")
 
 	f := s.Flows
-	fmt.Fprintf(&b, "flows: %d active, %d total, %d failed, %d rejected, %d on plain TCP; rx %s, tx %s",
-		f.Active, f.Total, f.Failed, f.Rejected, f.Fallbacks, humanBytes(f.RxBytes), humanBytes(f.TxBytes))
+	fmt.Fprintf(&b, "flows: %d active, %d total, %d failed, %d rejected, %d on plain TCP",
+		f.Active, f.Total, f.Failed, f.Rejected, f.Fallbacks)
+	if len(f.Ciphers) > 0 {
+		fmt.Fprintf(&b, ", %d sealed with aes-256-gcm (%s: %s)", f.AESGCM, map[string]string{"client": "offers", "server": "takes"}[s.Role], strings.Join(f.Ciphers, ", "))
+	}
+	fmt.Fprintf(&b, "; rx %s, tx %s", humanBytes(f.RxBytes), humanBytes(f.TxBytes))
 	if prev != nil && interval > 0 {
 		fmt.Fprintf(&b, "; now rx %s, tx %s",
 			humanRate(deltaRate(f.RxBytes, prev.Flows.RxBytes, interval)),

@@ -28,7 +28,7 @@ func TestRender(t *testing.T) {
 			s:    clientStatus(),
 			want: []string{
 				"mpvpn client v0.4.0", "203.0.113.7:443", "up 1d2h\n",
-				"4 active", "120 total", "2 failed", "1 rejected", "3 on plain TCP",
+				"4 active", "120 total", "2 failed", "1 rejected", "3 on plain TCP, 117 sealed with aes-256-gcm (offers: aes-256-gcm, chacha20-poly1305); rx",
 				"UPLINK", "STATE", "RX-RATE", "TX-RATE", "SUBFLOWS", "RTT", "PROBE",
 				"wlan0", "up", "192.168.1.20", "3.0 GiB", "5.0 MiB", "12.5 Mbit/s", "640.0 kbit/s",
 				"23 ms", "ok 22 ms",

@@ -256,6 +256,11 @@ type Flows struct {
 	Fallbacks uint64 `json:"fallbacks"`
 	RxBytes   uint64 `json:"rx_bytes"`
 	TxBytes   uint64 `json:"tx_bytes"`
+	// Ciphers: the transport ciphers this end offers (client) or takes
+	// (server), preferred first; AESGCM: flows sealed with AES-256-GCM
+	// (the others use ChaCha20-Poly1305).
+	Ciphers []string `json:"ciphers,omitempty"`
+	AESGCM  uint64   `json:"aes_gcm"`
 }
 
 // Peer is a client as the concentrator sees it.

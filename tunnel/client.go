@@ -69,7 +69,11 @@ type ClientConfig struct {
 	// new flow the pool shrinks to two (default 10 min).
 	PoolSize               int
 	PoolMaxAge, PoolLinger time.Duration
-	Logger                 *slog.Logger
+	// Cipher: which transport ciphers msg1 offers besides
+	// ChaCha20-Poly1305 (CipherAuto: AES-256-GCM if this host has AES
+	// instructions); the concentrator picks one of them.
+	Cipher CipherPolicy
+	Logger *slog.Logger
 }
 
 // ClientStats are a Client's counters.
@@ -91,6 +95,11 @@ type ClientStats struct {
 	// connection started from: with the path manager's Source, that
 	// names the uplink a middlebox stripped MPTCP on.
 	FallbacksBySource map[netip.Addr]uint64
+	// OffersAES: msg1 offers AES-256-GCM (ClientConfig.Cipher, and this
+	// host's AES instructions with CipherAuto). AESGCM: connected flows
+	// whose concentrator chose it; the others are ChaCha20-Poly1305.
+	OffersAES bool
+	AESGCM    uint64
 }
 
 // Client opens flows to one concentrator.
@@ -111,6 +120,8 @@ type Client struct {
 	// appFlows: open flows to a destination (not to a service) and
 	// those being opened; see Busy.
 	appFlows atomic.Int64
+	offerAES bool
+	aesFlows atomic.Uint64
 
 	nextID     atomic.Uint64
 	mu         sync.Mutex
@@ -167,6 +178,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		static: dhKey(cfg.Key),
 		mac1:   mac1Key(cfg.ServerKey),
 		now:    cfg.Now,
+
+		offerAES: cfg.Cipher.wantsAES(HardwareAES()),
 	}
 	c.pool.kick = make(chan struct{}, 1)
 	c.dialer.KeepAliveConfig = keepAlive()
@@ -196,6 +209,9 @@ func (c *Client) Stats() ClientStats {
 		PoolExpired:  c.pool.expired.Load(),
 		PoolDials:    c.pool.dials.Load(),
 		PoolFailures: c.pool.failures.Load(),
+
+		OffersAES: c.offerAES,
+		AESGCM:    c.aesFlows.Load(),
 	}
 	c.pool.mu.Lock()
 	st.Pooled = len(c.pool.ready)
@@ -327,17 +343,17 @@ func (c *Client) dial(ctx context.Context, dst target) (*Conn, time.Time, error)
 }
 
 func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*Conn, error) {
-	tc, send, recv, err := c.handshake(ctx, dst, stamp)
+	tc, keys, err := c.handshake(ctx, dst, stamp)
 	if err != nil {
 		return nil, err
 	}
-	return c.established(tc, send, recv, dst), nil
+	return c.established(tc, keys, dst), nil
 }
 
 // handshake opens one MPTCP connection and runs msg1 and msg2 for dst; a
 // verdict other than Connected is a *VerdictError. For a pool target,
 // Connected means authenticated and ready for a request frame.
-func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*net.TCPConn, *noise.CipherState, *noise.CipherState, error) {
+func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*net.TCPConn, transportKeys, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
 	defer cancel()
 
@@ -359,7 +375,7 @@ func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*
 	c.waitPastHorizon(ctx)
 	hs, msg1, ts, err := c.msg1For(dst)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, transportKeys{}, err
 	}
 	*stamp = ts
 	// With TCP_FASTOPEN_CONNECT and a cached cookie, this returns before
@@ -370,7 +386,7 @@ func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*
 		// plain TCP after any error); the error is the second
 		// attempt's, which for a refused, unreachable or silent
 		// server is the same as the first one's.
-		return nil, nil, nil, c.failed(ctx, "connect to", err)
+		return nil, transportKeys{}, c.failed(ctx, "connect to", err)
 	}
 	tc := raw.(*net.TCPConn)
 	if at.attempts > 1 && !at.lastMPTCP {
@@ -392,22 +408,22 @@ func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*
 	}
 	if err != nil {
 		tc.Close()
-		return nil, nil, nil, c.failed(ctx, "handshake with", err)
+		return nil, transportKeys{}, c.failed(ctx, "handshake with", err)
 	}
-	v, send, recv, err := readMsg2(hs, m2[:])
+	v, keys, err := readMsg2(hs, m2[:], c.offerAES)
 	if err != nil {
 		tc.Close()
-		return nil, nil, nil, fmt.Errorf("%w with %s: its answer failed authentication (is ServerKey this concentrator's key?): %w", ErrHandshake, c.server, err)
+		return nil, transportKeys{}, fmt.Errorf("%w with %s: its answer failed authentication (is ServerKey this concentrator's key?): %w", ErrHandshake, c.server, err)
 	}
 	if v != Connected {
 		tc.Close()
-		return nil, nil, nil, &VerdictError{Verdict: v, Dst: dst.dst, Service: dst.svc}
+		return nil, transportKeys{}, &VerdictError{Verdict: v, Dst: dst.dst, Service: dst.svc}
 	}
-	return tc, send, recv, nil
+	return tc, keys, nil
 }
 
 // established makes the flow's Conn of a connection through its verdict.
-func (c *Client) established(tc *net.TCPConn, send, recv *noise.CipherState, dst target) *Conn {
+func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target) *Conn {
 	// Only meaningful now: with Fast Open the connection did not exist
 	// when DialContext returned.
 	mp, _ := tc.MultipathTCP()
@@ -427,7 +443,10 @@ func (c *Client) established(tc *net.TCPConn, send, recv *noise.CipherState, dst
 	c.active.Add(1)
 	app := dst.svc == 0
 	var fc *Conn
-	fc = newConn(tc, send, recv, mp, func() {
+	if keys.cipher == AES256GCM {
+		c.aesFlows.Add(1)
+	}
+	fc = newConn(tc, keys.send, keys.recv, mp, func() {
 		c.active.Add(-1)
 		if app {
 			c.appFlows.Add(-1)
@@ -437,6 +456,7 @@ func (c *Client) established(tc *net.TCPConn, send, recv *noise.CipherState, dst
 		c.mu.Unlock()
 	})
 	fc.id = c.nextID.Add(1)
+	fc.cipher = keys.cipher
 	c.mu.Lock()
 	if c.conns == nil {
 		c.conns = map[*Conn]struct{}{}
@@ -522,7 +542,7 @@ func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, time.Time, 
 	}
 	ts := now()
 	var payload [msg1PayloadSize]byte
-	putMsg1Payload(payload[:], ts, dst)
+	putMsg1Payload(payload[:], ts, dst, c.offerAES)
 	msg, _, _, err := hs.WriteMessage(make([]byte, 0, msg1Size), payload[:])
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("tunnel: handshake: %w", err)
@@ -535,22 +555,26 @@ func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, time.Time, 
 }
 
 // readMsg2 authenticates the concentrator's answer and returns the
-// verdict with the transport keys (initiator: send with the first).
-func readMsg2(hs *noise.HandshakeState, m []byte) (Verdict, *noise.CipherState, *noise.CipherState, error) {
+// verdict with the transport keys (initiator: send with the first) for
+// the cipher it chose, which must be one the client offered.
+func readMsg2(hs *noise.HandshakeState, m []byte, offeredAES bool) (Verdict, transportKeys, error) {
 	if len(m) != msg2Size {
-		return 0, nil, nil, errBadPayload
+		return 0, transportKeys{}, errBadPayload
 	}
 	var buf [msg2PayloadSize]byte
 	payload, cs1, cs2, err := hs.ReadMessage(buf[:0], m)
 	if err != nil {
-		return 0, nil, nil, err
+		return 0, transportKeys{}, err
 	}
 	if cs1 == nil || cs2 == nil {
-		return 0, nil, nil, errors.New("handshake did not complete")
+		return 0, transportKeys{}, errors.New("handshake did not complete")
 	}
-	v, err := parseMsg2Payload(payload)
+	v, ciph, err := parseMsg2Payload(payload)
 	if err != nil {
-		return 0, nil, nil, err
+		return 0, transportKeys{}, err
 	}
-	return v, cs1, cs2, nil
+	if ciph == AES256GCM && !offeredAES {
+		return 0, transportKeys{}, fmt.Errorf("%w: the concentrator chose %s, which this client did not offer", errBadPayload, ciph)
+	}
+	return v, newTransportKeys(ciph, cs1, cs2), nil
 }

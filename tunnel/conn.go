@@ -118,7 +118,12 @@ type Conn struct {
 	closeOnce sync.Once
 	onClose   func()
 	id        uint64 // the Client's number for the flow; 0 on the server
+	cipher    Cipher
 }
+
+// Cipher is the AEAD the flow's frames are sealed with, as the two ends
+// agreed in the handshake.
+func (c *Conn) Cipher() Cipher { return c.cipher }
 
 // ID is the client's number for this flow, unique within its Client (0
 // for a flow accepted by a Server).

@@ -137,7 +137,7 @@ func FuzzServerMsg1(f *testing.F) {
 			t.Fatalf("accepted %+v", pf)
 		}
 		var payload [msg2PayloadSize]byte
-		putMsg2Payload(payload[:], Refused)
+		putMsg2Payload(payload[:], Refused, pf.cipher)
 		if _, _, _, err := pf.hs.WriteMessage(nil, payload[:]); err != nil {
 			t.Fatalf("cannot answer an accepted msg1: %v", err)
 		}
@@ -168,7 +168,7 @@ func FuzzClientMsg2(f *testing.F) {
 			f.Fatalf("seed msg1 rejected: %s", why)
 		}
 		var payload [msg2PayloadSize]byte
-		putMsg2Payload(payload[:], v)
+		putMsg2Payload(payload[:], v, pf.cipher)
 		m2, _, _, err := pf.hs.WriteMessage(nil, payload[:])
 		if err != nil {
 			f.Fatal(err)
@@ -179,15 +179,18 @@ func FuzzClientMsg2(f *testing.F) {
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		_, hs := msg1()
-		v, send, recv, err := readMsg2(hs, data)
+		v, keys, err := readMsg2(hs, data, cli.offerAES)
 		if err != nil {
-			if send != nil || recv != nil {
+			if keys.send != nil || keys.recv != nil {
 				t.Fatal("keys returned with an error")
 			}
 			return
 		}
-		if !v.valid() || send == nil || recv == nil {
+		if !v.valid() || keys.send == nil || keys.recv == nil {
 			t.Fatalf("accepted verdict %d", v)
+		}
+		if !keys.cipher.valid() || (keys.cipher == AES256GCM && !cli.offerAES) {
+			t.Fatalf("accepted cipher %s (offered AES: %v)", keys.cipher, cli.offerAES)
 		}
 		if len(data) != msg2Size {
 			t.Fatalf("accepted a %d-byte msg2", len(data))

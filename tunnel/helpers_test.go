@@ -118,16 +118,17 @@ func (p pair) handshake(t testing.TB) (cs, cr, ss, sr *noise.CipherState) {
 		t.Fatalf("msg1 rejected: %s", why)
 	}
 	var payload [msg2PayloadSize]byte
-	putMsg2Payload(payload[:], Connected)
+	putMsg2Payload(payload[:], Connected, pf.cipher)
 	m2, cs1, cs2, err := pf.hs.WriteMessage(nil, payload[:])
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, send, recv, err := readMsg2(hs, m2)
+	v, keys, err := readMsg2(hs, m2, p.cli.offerAES)
 	if err != nil || v != Connected {
 		t.Fatalf("msg2: %v %v", v, err)
 	}
-	return send, recv, cs2, cs1
+	srv := newTransportKeys(pf.cipher, cs2, cs1)
+	return keys.send, keys.recv, srv.send, srv.recv
 }
 
 // connPair returns two Conns over net.Pipe, keyed by a real handshake.

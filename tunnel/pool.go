@@ -49,10 +49,10 @@ const (
 var errPoolGone = errors.New("pooled connection closed by the concentrator")
 
 type pooledConn struct {
-	tc         *net.TCPConn
-	send, recv *noise.CipherState
-	born       time.Time
-	gen        uint64
+	tc   *net.TCPConn
+	keys transportKeys
+	born time.Time
+	gen  uint64
 }
 
 type pool struct {
@@ -216,7 +216,7 @@ func (c *Client) fillOne(ctx context.Context, gen uint64) {
 	p := &c.pool
 	p.dials.Add(1)
 	var stamp time.Time
-	tc, send, recv, err := c.handshake(ctx, target{pool: true}, &stamp)
+	tc, keys, err := c.handshake(ctx, target{pool: true}, &stamp)
 	p.mu.Lock()
 	p.dialing--
 	if err != nil {
@@ -245,7 +245,7 @@ func (c *Client) fillOne(ctx context.Context, gen uint64) {
 	// metered uplink they would be most of what an idle client sends.
 	// established turns them back on.
 	tc.SetKeepAlive(false)
-	p.ready = append(p.ready, &pooledConn{tc: tc, send: send, recv: recv, born: time.Now(), gen: gen})
+	p.ready = append(p.ready, &pooledConn{tc: tc, keys: keys, born: time.Now(), gen: gen})
 	p.mu.Unlock()
 }
 
@@ -261,7 +261,7 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 	var req [requestSize]byte
 	putTarget(req[:], t)
 	var wbuf [requestFrameSize]byte
-	out, err := sealFrame(wbuf[:], pc.send, req[:])
+	out, err := sealFrame(wbuf[:], pc.keys.send, req[:])
 	var vbuf [verdictFrameSize]byte
 	n := 0
 	if err == nil {
@@ -279,7 +279,7 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 		}
 		return nil, c.failed(ctx, "request to", err)
 	}
-	v, err := openVerdictFrame(vbuf[:], pc.recv)
+	v, err := openVerdictFrame(vbuf[:], pc.keys.recv)
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("%w with %s: its verdict frame failed authentication: %w", ErrHandshake, c.server, err)
@@ -289,7 +289,7 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 		return nil, &VerdictError{Verdict: v, Dst: t.dst, Service: t.svc}
 	}
 	tc.SetKeepAliveConfig(keepAlive())
-	return c.established(tc, pc.send, pc.recv, t), nil
+	return c.established(tc, pc.keys, t), nil
 }
 
 func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
@@ -300,7 +300,12 @@ func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
 	if err != nil {
 		return 0, ErrTampered
 	}
-	return parseMsg2Payload(pt)
+	v, ciph, err := parseMsg2Payload(pt)
+	if err == nil && ciph != 0 {
+		// The cipher was agreed in msg2; a verdict frame's byte is zero.
+		err = errBadPayload
+	}
+	return v, err
 }
 
 // peekAlive tells whether tc still looks open: nothing to read (the

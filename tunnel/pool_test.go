@@ -237,7 +237,7 @@ func TestPoolGoneOnUse(t *testing.T) {
 	p := newPair(t, ServerConfig{}, ClientConfig{})
 	key := [32]byte{1}
 	cs := func() *noise.CipherState { return noise.UnsafeNewCipherState(cipherSuite, key, 0) }
-	pc := &pooledConn{tc: raw.(*net.TCPConn), send: cs(), recv: cs(), born: time.Now()}
+	pc := &pooledConn{tc: raw.(*net.TCPConn), keys: transportKeys{send: cs(), recv: cs()}, born: time.Now()}
 	if _, err := p.cli.usePooled(context.Background(), pc, target{dst: testDst}); !errors.Is(err, errPoolGone) {
 		t.Fatalf("usePooled on a connection closed under it: %v, want errPoolGone", err)
 	}

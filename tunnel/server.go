@@ -72,7 +72,11 @@ type ServerConfig struct {
 	// waiting, per client key and in all; over either msg2 answers
 	// Limited and the client's pool backs off. Defaults 64 and 16384.
 	MaxPooledPerPeer, MaxPooled int
-	Logger                      *slog.Logger
+	// Cipher: whether a client's offer of AES-256-GCM is taken
+	// (CipherAuto: if this host has AES instructions); otherwise, and
+	// for a client that offers nothing, ChaCha20-Poly1305.
+	Cipher CipherPolicy
+	Logger *slog.Logger
 }
 
 // ServerStats are a Server's counters. Every accepted connection ends up
@@ -114,6 +118,13 @@ type ServerStats struct {
 	Pooled      int64  // waiting for their request frame now
 	PoolLimited uint64 // pool handshakes answered Limited (MaxPooledPerPeer, MaxPooled)
 	PoolUnused  uint64 // closed without a request: PoolIdle passed, the client closed it, or a bad request frame
+
+	// AcceptsAES: a client's offer of AES-256-GCM is taken
+	// (ServerConfig.Cipher, and this host's AES instructions with
+	// CipherAuto). AESGCM: flows whose transport is AES-256-GCM; the
+	// other Flows are ChaCha20-Poly1305.
+	AcceptsAES bool
+	AESGCM     uint64
 }
 
 // Server is the concentrator side of the protocol.
@@ -138,6 +149,8 @@ type Server struct {
 	active                                       atomic.Int64
 	pooled                                       atomic.Int64
 	poolLimited, poolUnused, noFiles             atomic.Uint64
+	aesFlows                                     atomic.Uint64
+	acceptAES                                    bool
 
 	files fdReserve // descriptors held for accepts when none are left
 }
@@ -254,6 +267,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		start:   time.Now(),
 		table:   newHalfOpen(cfg.MaxHalfOpen, cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite),
 		rmemMax: tcpRmemMax(),
+
+		acceptAES: cfg.Cipher.wantsAES(HardwareAES()),
 	}
 	s.horizon = s.start.Add(cfg.FutureSkew)
 	for _, p := range cfg.Peers {
@@ -318,6 +333,8 @@ func (s *Server) Stats() ServerStats {
 		PoolLimited:  s.poolLimited.Load(),
 		PoolUnused:   s.poolUnused.Load(),
 		NoFiles:      s.noFiles.Load(),
+		AcceptsAES:   s.acceptAES,
+		AESGCM:       s.aesFlows.Load(),
 	}
 }
 
@@ -493,7 +510,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 			s.log.Warn("out of file descriptors: new connections are answered limited (raise LimitNOFILE / RLIMIT_NOFILE)", "count", s.noFiles.Load())
 		}
 		p.peer.limited.Add(1)
-		s.writeMsg2(raw, p.hs, Limited)
+		s.writeMsg2(raw, p.hs, Limited, p.cipher)
 		raw.Close()
 		return
 	}
@@ -521,9 +538,9 @@ func (s *Server) newFlow(raw net.Conn, p *pendingFlow) *Flow {
 		s:       s,
 		raw:     raw,
 		hs:      p.hs,
-		send:    p.send,
-		recv:    p.recv,
-		pooled:  p.send != nil,
+		keys:    p.keys,
+		pooled:  p.keys.send != nil,
+		Cipher:  p.cipher,
 	}
 	if tc, ok := raw.(*net.TCPConn); ok {
 		f.MultipathTCP, _ = tc.MultipathTCP()
@@ -535,6 +552,9 @@ func (s *Server) newFlow(raw net.Conn, p *pendingFlow) *Flow {
 // to handle.
 func (s *Server) serveFlow(ctx context.Context, p *pendingFlow, f *Flow, rateOK bool, handle func(context.Context, *Flow)) {
 	s.flows.Add(1)
+	if f.Cipher == AES256GCM {
+		s.aesFlows.Add(1)
+	}
 	if !f.MultipathTCP {
 		if _, ok := f.raw.(*net.TCPConn); ok {
 			s.fallbacks.Add(1)
@@ -613,12 +633,13 @@ func (r reject) String() string {
 }
 
 type pendingFlow struct {
-	hs   *noise.HandshakeState // nil once msg2 went out (pooled)
-	key  PublicKey
-	peer *peerState
-	dst  target
+	hs     *noise.HandshakeState // nil once msg2 went out (pooled)
+	key    PublicKey
+	peer   *peerState
+	dst    target
+	cipher Cipher // the transport, as msg2 will say
 	// On a pooled connection, the transport keys from msg2 on.
-	send, recv *noise.CipherState
+	keys transportKeys
 }
 
 // checkMsg1 runs the checks in order of cost: size and mac1 (a BLAKE2s),
@@ -643,7 +664,7 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 	if peer == nil {
 		return nil, rejectPeer
 	}
-	ts, dst, err := parseMsg1Payload(payload)
+	ts, dst, offeredAES, err := parseMsg1Payload(payload)
 	if err != nil {
 		return nil, rejectPayload
 	}
@@ -660,7 +681,7 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 		peer.full.Add(1)
 		return nil, rejectReplayFull
 	}
-	return &pendingFlow{hs: hs, key: key, peer: peer, dst: dst}, 0
+	return &pendingFlow{hs: hs, key: key, peer: peer, dst: dst, cipher: negotiate(offeredAES, s.acceptAES)}, 0
 }
 
 // Flow is an authenticated request for a connection to Dst. The client is
@@ -674,6 +695,8 @@ type Flow struct {
 	Remote  netip.AddrPort // the client connection's source address
 	// MultipathTCP: the client's connection is MPTCP (false: plain TCP).
 	MultipathTCP bool
+	// Cipher: the transport the flow's frames are sealed with.
+	Cipher Cipher
 
 	s       *Server
 	raw     net.Conn
@@ -682,9 +705,9 @@ type Flow struct {
 	release func()
 	// pooled: the verdict goes into a verdict frame under send (the
 	// handshake is long done); decided once it went.
-	pooled     bool
-	decided    bool
-	send, recv *noise.CipherState
+	pooled  bool
+	decided bool
+	keys    transportKeys // pooled: from msg2 on
 }
 
 var errDecided = errors.New("tunnel: flow already accepted or refused")
@@ -699,40 +722,40 @@ func (f *Flow) undecided() bool {
 }
 
 // msg2 writes the verdict; called with f.mu held.
-func (f *Flow) msg2(v Verdict) (send, recv *noise.CipherState, err error) {
+func (f *Flow) msg2(v Verdict) (transportKeys, error) {
 	if f.pooled {
 		if f.decided {
-			return nil, nil, errDecided
+			return transportKeys{}, errDecided
 		}
 		f.decided = true
-		if err := f.s.writeVerdictFrame(f.raw, f.send, v); err != nil {
-			return nil, nil, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
+		if err := f.s.writeVerdictFrame(f.raw, f.keys.send, v); err != nil {
+			return transportKeys{}, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
 		}
-		return f.send, f.recv, nil
+		return f.keys, nil
 	}
 	if f.hs == nil {
-		return nil, nil, errDecided
+		return transportKeys{}, errDecided
 	}
 	hs := f.hs
 	f.hs = nil
-	send, recv, err = f.s.writeMsg2(f.raw, hs, v)
+	keys, err := f.s.writeMsg2(f.raw, hs, v, f.Cipher)
 	if err != nil {
-		return nil, nil, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
+		return transportKeys{}, fmt.Errorf("tunnel: send verdict to %s: %w", f.Remote, err)
 	}
-	return send, recv, nil
+	return keys, nil
 }
 
-// writeMsg2 completes the handshake with verdict v and returns the
-// responder's transport keys (send, receive).
-func (s *Server) writeMsg2(raw net.Conn, hs *noise.HandshakeState, v Verdict) (send, recv *noise.CipherState, err error) {
+// writeMsg2 completes the handshake with verdict v and transport cipher c
+// and returns the responder's transport keys.
+func (s *Server) writeMsg2(raw net.Conn, hs *noise.HandshakeState, v Verdict, c Cipher) (transportKeys, error) {
 	var payload [msg2PayloadSize]byte
-	putMsg2Payload(payload[:], v)
+	putMsg2Payload(payload[:], v, c)
 	m, cs1, cs2, err := hs.WriteMessage(make([]byte, 0, msg2Size), payload[:])
 	if err == nil && (cs1 == nil || cs2 == nil) {
 		err = errors.New("handshake did not complete")
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("msg2: %w", err)
+		return transportKeys{}, fmt.Errorf("msg2: %w", err)
 	}
 	// 64 bytes into an empty send buffer; the deadline only guards
 	// against a peer that stopped reading with a full window.
@@ -740,10 +763,10 @@ func (s *Server) writeMsg2(raw net.Conn, hs *noise.HandshakeState, v Verdict) (s
 	_, err = raw.Write(m)
 	raw.SetWriteDeadline(time.Time{})
 	if err != nil {
-		return nil, nil, err
+		return transportKeys{}, err
 	}
 	// Responder: receive with the first CipherState, send with the second.
-	return cs2, cs1, nil
+	return newTransportKeys(c, cs2, cs1), nil
 }
 
 // Accept sends the Connected verdict and returns the flow's stream. The
@@ -752,7 +775,7 @@ func (s *Server) writeMsg2(raw net.Conn, hs *noise.HandshakeState, v Verdict) (s
 func (f *Flow) Accept() (*Conn, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	send, recv, err := f.msg2(Connected)
+	keys, err := f.msg2(Connected)
 	if err != nil {
 		if !errors.Is(err, errDecided) {
 			f.raw.Close()
@@ -760,7 +783,9 @@ func (f *Flow) Accept() (*Conn, error) {
 		}
 		return nil, err
 	}
-	return newConn(f.raw, send, recv, f.MultipathTCP, f.release), nil
+	c := newConn(f.raw, keys.send, keys.recv, f.MultipathTCP, f.release)
+	c.cipher = keys.cipher
+	return c, nil
 }
 
 // Refuse sends verdict v (anything but Connected) inside the encrypted
@@ -771,7 +796,7 @@ func (f *Flow) Refuse(v Verdict) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	_, _, err := f.msg2(v)
+	_, err := f.msg2(v)
 	if errors.Is(err, errDecided) {
 		return err
 	}

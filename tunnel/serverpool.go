@@ -46,11 +46,11 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 		s.poolLimited.Add(1)
 		p.peer.limited.Add(1)
 		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
-		s.writeMsg2(raw, p.hs, Limited)
+		s.writeMsg2(raw, p.hs, Limited, p.cipher)
 		raw.Close()
 		return
 	}
-	send, recv, err := s.writeMsg2(raw, p.hs, Connected)
+	keys, err := s.writeMsg2(raw, p.hs, Connected, p.cipher)
 	if err != nil {
 		unpool()
 		s.poolUnused.Add(1)
@@ -68,7 +68,7 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	}
 	waitFrom := time.Now()
 	raw.SetReadDeadline(waitFrom.Add(s.cfg.PoolIdle))
-	t, err := readRequestFrame(raw, recv)
+	t, err := readRequestFrame(raw, keys.recv)
 	unpool()
 	if err != nil {
 		s.poolUnused.Add(1)
@@ -100,7 +100,7 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 			s.log.Debug("receive buffer not set", "err", err)
 		}
 	}
-	p.dst, p.send, p.recv = t, send, recv
+	p.dst, p.keys = t, keys
 	s.serveFlow(ctx, p, s.newFlow(raw, p), true, handle)
 }
 
@@ -135,7 +135,7 @@ func sealFrame(buf []byte, cs *noise.CipherState, pt []byte) ([]byte, error) {
 // writeVerdictFrame sends v as the first frame of a pooled connection.
 func (s *Server) writeVerdictFrame(raw net.Conn, send *noise.CipherState, v Verdict) error {
 	var payload [msg2PayloadSize]byte
-	putMsg2Payload(payload[:], v)
+	putMsg2Payload(payload[:], v, 0) // the cipher byte: agreed in msg2
 	var buf [verdictFrameSize]byte
 	out, err := sealFrame(buf[:], send, payload[:])
 	if err != nil {

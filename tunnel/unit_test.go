@@ -111,8 +111,8 @@ func TestMsg1Payload(t *testing.T) {
 	for _, dst := range []string{"198.51.100.10:443", "[2001:db8::1]:80", "[::ffff:192.0.2.1]:22", "0.0.0.0:1", "[::]:65535"} {
 		ap := netip.MustParseAddrPort(dst)
 		var b [msg1PayloadSize]byte
-		putMsg1Payload(b[:], ts, target{dst: ap})
-		gts, gdst, err := parseMsg1Payload(b[:])
+		putMsg1Payload(b[:], ts, target{dst: ap}, false)
+		gts, gdst, _, err := parseMsg1Payload(b[:])
 		if err != nil {
 			t.Fatalf("%s: %v", dst, err)
 		}
@@ -121,9 +121,16 @@ func TestMsg1Payload(t *testing.T) {
 			t.Fatalf("%s: got %v %v", dst, gts, gdst)
 		}
 	}
+	for _, aes := range []bool{false, true} {
+		var b [msg1PayloadSize]byte
+		putMsg1Payload(b[:], ts, target{pool: true}, aes)
+		if _, got, offered, err := parseMsg1Payload(b[:]); err != nil || !got.pool || offered != aes {
+			t.Fatalf("pool request offering AES %v: got %v, offered %v, %v", aes, got, offered, err)
+		}
+	}
 	var svc [msg1PayloadSize]byte
-	putMsg1Payload(svc[:], ts, target{svc: ServiceResolver})
-	if gts, got, err := parseMsg1Payload(svc[:]); err != nil || !gts.Equal(ts) || got != (target{svc: ServiceResolver}) {
+	putMsg1Payload(svc[:], ts, target{svc: ServiceResolver}, false)
+	if gts, got, _, err := parseMsg1Payload(svc[:]); err != nil || !gts.Equal(ts) || got != (target{svc: ServiceResolver}) {
 		t.Fatalf("resolver request: got %v %v %v", gts, got, err)
 	}
 	for name, m := range map[string]func(b []byte){
@@ -134,12 +141,12 @@ func TestMsg1Payload(t *testing.T) {
 	} {
 		b := svc
 		m(b[:])
-		if _, _, err := parseMsg1Payload(b[:]); err == nil {
+		if _, _, _, err := parseMsg1Payload(b[:]); err == nil {
 			t.Errorf("service, %s: accepted", name)
 		}
 	}
 	var good [msg1PayloadSize]byte
-	putMsg1Payload(good[:], ts, target{dst: testDst})
+	putMsg1Payload(good[:], ts, target{dst: testDst}, true)
 	mutations := map[string]func(b []byte){
 		"short":          nil,
 		"proto UDP":      func(b []byte) { b[12] = 17 },
@@ -154,16 +161,18 @@ func TestMsg1Payload(t *testing.T) {
 			b[13] = 6
 			copy(b[14:30], netip.MustParseAddr("::ffff:1.2.3.4").AsSlice())
 		},
+		"unknown cipher offered": func(b []byte) { b[32] |= 1 << 1 },
+		"offer padding":          func(b []byte) { b[35] = 1 },
 	}
 	for name, m := range mutations {
 		b := good
 		in := b[:]
 		if m == nil {
-			in = in[:31]
+			in = in[:msg1PayloadSize-1]
 		} else {
 			m(in)
 		}
-		if _, _, err := parseMsg1Payload(in); err == nil {
+		if _, _, _, err := parseMsg1Payload(in); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
@@ -171,14 +180,22 @@ func TestMsg1Payload(t *testing.T) {
 
 func TestMsg2Payload(t *testing.T) {
 	for v := Connected; v <= Limited; v++ {
-		var b [msg2PayloadSize]byte
-		putMsg2Payload(b[:], v)
-		if got, err := parseMsg2Payload(b[:]); err != nil || got != v {
-			t.Fatalf("%s: %v %v", v, got, err)
+		for _, c := range []Cipher{ChaCha20Poly1305, AES256GCM} {
+			var b [msg2PayloadSize]byte
+			putMsg2Payload(b[:], v, c)
+			if got, gc, err := parseMsg2Payload(b[:]); err != nil || got != v || gc != c {
+				t.Fatalf("%s, %s: %v %v %v", v, c, got, gc, err)
+			}
 		}
 	}
-	for _, b := range [][]byte{make([]byte, 16), {7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, {1}} {
-		if _, err := parseMsg2Payload(b); err == nil {
+	for _, b := range [][]byte{
+		make([]byte, 16),
+		{7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+		{1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1},
+		{1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, // no cipher 2
+		{1},
+	} {
+		if _, _, err := parseMsg2Payload(b); err == nil {
 			t.Errorf("%x accepted", b)
 		}
 	}

@@ -19,13 +19,15 @@ import (
 const (
 	tagSize = 16 // Poly1305
 
-	// msg1: Noise IK "e, es, s, ss" + payload, then mac1.
-	msg1PayloadSize = 32
-	msg1NoiseSize   = KeySize + (KeySize + tagSize) + (msg1PayloadSize + tagSize) // 128
+	// msg1: Noise IK "e, es, s, ss" + payload, then mac1. The payload:
+	// timestamp, target (requestSize), the ciphers the client offers.
+	msg1PayloadSize = timestampSize + requestSize + offerSize                     // 36
+	msg1NoiseSize   = KeySize + (KeySize + tagSize) + (msg1PayloadSize + tagSize) // 132
 	mac1Size        = 16
-	msg1Size        = msg1NoiseSize + mac1Size // 144
+	msg1Size        = msg1NoiseSize + mac1Size // 148
 
-	// msg2: Noise IK "e, ee, se" + payload.
+	// msg2: Noise IK "e, ee, se" + payload (verdict, chosen cipher,
+	// zeros).
 	msg2PayloadSize = 16
 	msg2Size        = KeySize + msg2PayloadSize + tagSize // 64
 
@@ -43,7 +45,12 @@ const (
 	maxPlaintext    = maxCiphertext - tagSize        // 32750
 
 	timestampSize = 12
-	protoTCP      = 6 // IANA protocol number; 17 (UDP) is reserved for later
+	// offerSize: msg1's last bytes. The first is a bit set of the
+	// transport ciphers the client offers beyond ChaCha20-Poly1305,
+	// which every end speaks (bit 0: AES-256-GCM); the rest are zero.
+	offerSize = 4
+	offerAES  = 1 << 0
+	protoTCP  = 6 // IANA protocol number; 17 (UDP) is reserved for later
 	// protoService: the flow asks for one of the concentrator's own
 	// services (the family byte names it), not for a destination. 0 is
 	// IPv6's hop-by-hop option, never a transport protocol, so it cannot
@@ -58,9 +65,10 @@ const (
 
 	// A request frame's plaintext: bytes 12..31 of msg1's payload layout
 	// (protocol, family or service, address, port); a verdict frame's:
-	// msg2's payload layout. Each is the first frame of its direction on
-	// a pooled connection, and always this size.
-	requestSize      = msg1PayloadSize - timestampSize // 20
+	// msg2's payload layout, its cipher byte zero (the cipher was agreed
+	// in msg2). Each is the first frame of its direction on a pooled
+	// connection, and always this size.
+	requestSize      = 20
 	requestFrameSize = frameHeaderSize + requestSize + tagSize
 	verdictFrameSize = frameHeaderSize + msg2PayloadSize + tagSize
 )
@@ -170,11 +178,16 @@ func parseTimestamp(b []byte) (time.Time, error) {
 
 var errBadPayload = errors.New("malformed payload")
 
-// putMsg1Payload writes the 32-byte request: the timestamp, then the
-// target (putTarget).
-func putMsg1Payload(b []byte, ts time.Time, t target) {
-	putTimestamp(b[0:12], ts)
-	putTarget(b[12:msg1PayloadSize], t)
+// putMsg1Payload writes the 36-byte request: the timestamp, the target
+// (putTarget), then the offer: whether the client offers AES-256-GCM.
+func putMsg1Payload(b []byte, ts time.Time, t target, aes bool) {
+	putTimestamp(b[0:timestampSize], ts)
+	putTarget(b[timestampSize:timestampSize+requestSize], t)
+	o := b[timestampSize+requestSize : msg1PayloadSize]
+	clear(o)
+	if aes {
+		o[0] = offerAES
+	}
 }
 
 // putTarget writes the 20 bytes that name t: protocol, family, address,
@@ -207,16 +220,25 @@ func putTarget(b []byte, t target) {
 
 // parseMsg1Payload is strict: every byte has one valid meaning, so a
 // future version cannot be misread as this one.
-func parseMsg1Payload(b []byte) (time.Time, target, error) {
+// It returns the timestamp, the target, and whether the client offers
+// AES-256-GCM.
+func parseMsg1Payload(b []byte) (time.Time, target, bool, error) {
 	if len(b) != msg1PayloadSize {
-		return time.Time{}, target{}, errBadPayload
+		return time.Time{}, target{}, false, errBadPayload
 	}
-	ts, err := parseTimestamp(b[0:12])
+	ts, err := parseTimestamp(b[0:timestampSize])
 	if err != nil {
-		return time.Time{}, target{}, err
+		return time.Time{}, target{}, false, err
 	}
-	t, err := parseTarget(b[12:], true)
-	return ts, t, err
+	t, err := parseTarget(b[timestampSize:timestampSize+requestSize], true)
+	if err != nil {
+		return time.Time{}, target{}, false, err
+	}
+	o := b[timestampSize+requestSize:]
+	if o[0]&^offerAES != 0 || o[1] != 0 || o[2] != 0 || o[3] != 0 {
+		return time.Time{}, target{}, false, errBadPayload
+	}
+	return ts, t, o[0]&offerAES != 0, nil
 }
 
 // parseTarget reads the 20 bytes putTarget writes, as strictly; pool says
@@ -280,25 +302,28 @@ func parseDst(b []byte) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(a, port), nil
 }
 
-func putMsg2Payload(b []byte, v Verdict) {
+// putMsg2Payload writes the verdict and the transport cipher the
+// concentrator chose (ChaCha20Poly1305, 0, in a verdict frame).
+func putMsg2Payload(b []byte, v Verdict, c Cipher) {
 	clear(b[:msg2PayloadSize])
 	b[0] = byte(v)
+	b[1] = byte(c)
 }
 
-func parseMsg2Payload(b []byte) (Verdict, error) {
+func parseMsg2Payload(b []byte) (Verdict, Cipher, error) {
 	if len(b) != msg2PayloadSize {
-		return 0, errBadPayload
+		return 0, 0, errBadPayload
 	}
-	v := Verdict(b[0])
-	if !v.valid() {
-		return 0, errBadPayload
+	v, c := Verdict(b[0]), Cipher(b[1])
+	if !v.valid() || !c.valid() {
+		return 0, 0, errBadPayload
 	}
-	for _, z := range b[1:] {
+	for _, z := range b[2:] {
 		if z != 0 {
-			return 0, errBadPayload
+			return 0, 0, errBadPayload
 		}
 	}
-	return v, nil
+	return v, c, nil
 }
 
 func newHandshake(initiator bool, static noise.DHKey, peer []byte, rng io.Reader) (*noise.HandshakeState, error) {

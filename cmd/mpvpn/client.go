@@ -62,6 +62,7 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "pool", Value: tunnel.DefaultPoolSize, Usage: "keep `N` connections to the server authenticated ahead of any flow (renewed every 5 min, two after 10 min without a new flow), so a new flow's first byte waits one round trip less; 0: off"},
 			&cli.DurationFlag{Name: "probe-idle-interval", Value: probe.DefaultIdleInterval, Usage: "probe each uplink this often while no flow is open (every 100 ms while one is), so an idle metered uplink carries a twentieth of the probe traffic; 100ms: never back off"},
 			&cli.BoolFlag{Name: "fast-open", Value: true, Usage: "TCP Fast Open to the server, so a new flow costs no extra round trip once a cookie is cached"},
+			cipherFlag("auto offers the server AES-256-GCM when this CPU has AES instructions (the server takes it if its CPU has them too), else only ChaCha20-Poly1305; aes-256-gcm always offers it; chacha20-poly1305 never does"),
 			journalFlag,
 		}, append(controlFlags(defaultClientSocket), logFlags...)...),
 		Action: runClient,
@@ -71,12 +72,17 @@ func clientCommand() *cli.Command {
 // parseClient turns the command line (and --config file) into the
 // client's Config; Config.Validate, in client.Run, checks the rest.
 func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
+	cipher, err := tunnel.ParseCipherPolicy(c.String("cipher"))
+	if err != nil {
+		return nil, usageError("--cipher: %v", err)
+	}
 	cfg := client.Config{
 		TUN:               c.String("tun"),
 		MTU:               c.Int("mtu"),
 		Table:             c.Int("table"),
 		FastOpen:          c.Bool("fast-open"),
 		Pool:              c.Int("pool"),
+		Cipher:            cipher,
 		ProbeIdleInterval: c.Duration("probe-idle-interval"),
 		AllDownTimeout:    c.Duration("all-down-timeout"),
 		Control:           c.Path("control"),
@@ -85,7 +91,6 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		Version:           version,
 		Logger:            log,
 	}
-	var err error
 	if c.String("server") == "" {
 		return nil, usageError("--server is required (the concentrator's ADDR:PORT)")
 	}

@@ -78,6 +78,12 @@ func newLogger(c *cli.Context) (*slog.Logger, error) {
 }
 
 // usageError marks a mistake in the command line or config file.
+// cipherFlag is --cipher, the same three values on both ends; usage says
+// what this end does with them.
+func cipherFlag(usage string) cli.Flag {
+	return &cli.StringFlag{Name: "cipher", Value: "auto", Usage: "seal flows with this `CIPHER`: " + usage}
+}
+
 func usageError(format string, args ...any) error {
 	return errors.New(fmt.Sprintf(format, args...))
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/internal/sysctl"
 	"github.com/mpvpn/mpvpn/pathmgr"
+	"github.com/mpvpn/mpvpn/tunnel"
 )
 
 func serverCommand() *cli.Command {
@@ -32,6 +33,7 @@ func serverCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-private", Usage: "let clients reach loopback, private, CGNAT and link-local destinations and this host's own addresses (never the listener itself or cloud metadata)"},
 			&cli.StringSliceFlag{Name: "deny", Usage: "always refuse destinations in this `CIDR`, even with --allow-private, also in IPv4-mapped, NAT64 and 6to4 forms (repeatable): for addresses of this host that are not on its interfaces, such as the public address a 1:1 NAT gives it (EC2, GCP)"},
 			&cli.BoolFlag{Name: "fast-open", Usage: "accept TCP Fast Open on the listener, so a flow's first message rides in the SYN (off by default: Linux up to at least 6.18 stalls Multipath TCP connections that opened with data in the SYN once a second subflow joins; see the README)"},
+			cipherFlag("auto takes a client's offer of AES-256-GCM when this CPU has AES instructions, else uses ChaCha20-Poly1305; aes-256-gcm takes every offer; chacha20-poly1305 takes none"),
 			&cli.DurationFlag{Name: "dial-timeout", Value: concentratorDialTimeout, Usage: "give up connecting to a destination after this long"},
 			&cli.IntFlag{Name: "max-flows-per-client", Value: 4096, Usage: "most flows one client key may have open at once; more are refused"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: defaultHandshakeTimeout, Usage: "close a connection that has not authenticated this long after it was accepted; every rejected connection is closed at exactly this time, whatever it sent"},
@@ -108,6 +110,10 @@ func runServer(c *cli.Context) error {
 		}
 		deny = append(deny, p)
 	}
+	cipher, err := tunnel.ParseCipherPolicy(c.String("cipher"))
+	if err != nil {
+		return usageError("--cipher: %v", err)
+	}
 	var announce []netip.Addr
 	for _, a := range c.StringSlice("announce") {
 		ip, err := netip.ParseAddr(a)
@@ -135,6 +141,7 @@ func runServer(c *cli.Context) error {
 		AllowPrivate:       c.Bool("allow-private"),
 		Deny:               deny,
 		FastOpen:           c.Bool("fast-open"),
+		Cipher:             cipher,
 		DialTimeout:        c.Duration("dial-timeout"),
 		HandshakeDeadline:  c.Duration("handshake-timeout"),
 		MaxFlowsPerPeer:    c.Int("max-flows-per-client"),

@@ -101,6 +101,8 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 			// Each limit is a refusal, as policy is.
 			Rejected:  cs.NotAllowed + ts.Limited + ts.RateLimited + ts.Full + cs.OutOfFiles + ts.NoFiles,
 			Fallbacks: ts.Fallbacks,
+			Ciphers:   tunnel.CiphersOf(ts.AcceptsAES),
+			AESGCM:    ts.AESGCM,
 			RxBytes:   cs.BytesUp,
 			TxBytes:   cs.BytesDown,
 		},
