@@ -28,7 +28,9 @@
 #   agg       mpvpn, one TCP flow to 198.51.100.10 up/down
 #             Mbit/s | % of ceiling | target ≥95 % and ≥ kernel MPTCP: met / NOT met
 #   unshaped  direct kernel TCP (client→concentrator over wan0) up/down  Mbit/s or Gbit/s
-#   unshaped  mpvpn, one flow up/down | % of direct | CPU-s per Gbit (client, server)
+#   unshaped  mpvpn, one flow up/down | % of direct | CPU-s per Gbit (client, server),
+#             the cipher its flows used (--cipher auto), and again with
+#             --cipher chacha20-poly1305 on both ends
 #   unshaped  peers.sh anchors (own namespaces pa-*): wireguard-go, tun2socks up/down
 #             | % of peers' direct | CPU-s per Gbit of the daemons
 #   setup     time_connect / time_starttransfer of a small HTTP reply, median of
@@ -696,7 +698,7 @@ probe_cost() {
 # its TUN (two at a time) without a flood, then during one: hsflood in the
 # internet namespace, from 64 addresses of the destination network put on
 # its loopback, keeps 80 connections per address open (silent or sending
-# 144 bytes of garbage, the size of a real first message) and replaces
+# 148 bytes of garbage, the size of a real first message) and replaces
 # every one the concentrator closes, at up to 3000 new connections a
 # second: 5120 held at once if it could, more than the whole half-open
 # table (4096).
@@ -773,38 +775,84 @@ unshaped() {
 			log "unshaped rep $rep $dir: direct kernel TCP"
 			iperf $dir "$NS_CLI" "$CONC_ADDR" 5201 -- -B "$WAN0_ADDR"; v=$IPERF_V; V[D.$dir]+=" $v"; log "  $v"
 			log "unshaped rep $rep $dir: mpvpn"
-			local c0 s0 c1 s1 secs
-			c0=$(ticks "$CLIENT_PID"); s0=$(ticks "$SERVER_PID")
-			iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V
-			c1=$(ticks "$CLIENT_PID"); s1=$(ticks "$SERVER_PID")
-			secs=$IPERF_SECS
-			V[P.$dir]+=" $v"
-			if isnum "$v"; then
-				# CPU-seconds per second, per Gbit/s
-				V[Pc.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs/($v/1000)" %.3f)"
-				V[Ps.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs/($v/1000)" %.3f)"
-				V[Pcc.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs" %.2f)"
-				V[Psc.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs" %.2f)"
-			fi
-			log "  $v (client $(((c1 - c0) * 100 / HZ)) cs, server $(((s1 - s0) * 100 / HZ)) cs CPU in ${secs}s)"
+			mpvpn_iperf V P $dir
 		done
 	done
+	local cipher
+	cipher=$(flows_cipher)
 	local d p
 	for dir in up down; do
 		# shellcheck disable=SC2086
 		{ d=$(median ${V[D.$dir]}); p=$(median ${V[P.$dir]}); }
 		row unshaped "direct kernel TCP (client→concentrator over wan0), $dir" "$(rate "$d")" "100 %" "mpvpn-topo up --no-emu: veths, no link emulator, no shaping; 2 routed hops"
-		# shellcheck disable=SC2086
-		row unshaped "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$d") of direct**" \
-			"CPU-s per Gbit: client $(median ${V[Pc.$dir]:-}), server $(median ${V[Ps.$dir]:-}) (busy: client $(median ${V[Pcc.$dir]:-}), server $(median ${V[Psc.$dir]:-}) cores)"
+		row unshaped "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$d") of direct**" "$(cpu_note V P $dir); --cipher auto: $cipher"
 		[ $dir = up ] && PLAIN_UP=$p || PLAIN_DOWN=$p
 	done
+	# The other cipher, in the same run: what the choice is worth here.
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+	if start_server --cipher chacha20-poly1305 && start_client --cipher chacha20-poly1305; then
+		for rep in $(seq "$REPS"); do
+			for dir in up down; do
+				log "unshaped rep $rep $dir: mpvpn --cipher chacha20-poly1305"
+				mpvpn_iperf V C $dir
+			done
+		done
+		cipher=$(flows_cipher)
+		for dir in up down; do
+			# shellcheck disable=SC2086
+			{ d=$(median ${V[D.$dir]}); p=$(median ${V[C.$dir]}); }
+			row unshaped "mpvpn --cipher chacha20-poly1305 (both ends), $dir" "$(rate "$p")" "$(pct "$p" "$d") of direct" "$(cpu_note V C $dir); flows on $cipher"
+		done
+	else
+		row unshaped "mpvpn --cipher chacha20-poly1305 (both ends)" "FAIL" "-" "did not start"
+	fi
+	stop_pid "$CLIENT_PID"
+	stop_pid "$SERVER_PID"
+	start_server || die "mpvpn server did not start (unshaped)"
+	start_client || die "mpvpn client did not come up (unshaped)"
 	sysvpn_rows unshaped "the same veths, in the same run; target: the plain client's rate"
 	stop_pid "$CLIENT_PID"
 	stop_pid "$SERVER_PID"
 	stop_pid "$ip1"
 	stop_pid "$ip2"
 	want_peers && peers
+}
+
+# mpvpn_iperf ARRAY KEY DIR: one iperf3 run through the running client to
+# the internet host; appends the rate to ARRAY[KEY.DIR] and the client's and
+# server's CPU to ARRAY[KEYc.DIR] etc. (CPU-s per Gbit, cores busy).
+mpvpn_iperf() {
+	local -n A=$1
+	local k=$2 dir=$3 v c0 s0 c1 s1 secs
+	c0=$(ticks "$CLIENT_PID"); s0=$(ticks "$SERVER_PID")
+	iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V
+	c1=$(ticks "$CLIENT_PID"); s1=$(ticks "$SERVER_PID")
+	secs=$IPERF_SECS
+	A[$k.$dir]+=" $v"
+	if isnum "$v"; then
+		# CPU-seconds per second, per Gbit/s
+		A[${k}c.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs/($v/1000)" %.3f)"
+		A[${k}s.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs/($v/1000)" %.3f)"
+		A[${k}cc.$dir]+=" $(calc "($c1-$c0)/$HZ/$secs" %.2f)"
+		A[${k}sc.$dir]+=" $(calc "($s1-$s0)/$HZ/$secs" %.2f)"
+	fi
+	log "  $v (client $(((c1 - c0) * 100 / HZ)) cs, server $(((s1 - s0) * 100 / HZ)) cs CPU in ${secs}s)"
+}
+
+# cpu_note ARRAY KEY DIR: the medians mpvpn_iperf collected, as a note.
+cpu_note() {
+	local -n A=$1
+	local k=$2 dir=$3
+	# shellcheck disable=SC2086
+	echo "CPU-s per Gbit: client $(median ${A[${k}c.$dir]:-}), server $(median ${A[${k}s.$dir]:-}) (busy: client $(median ${A[${k}cc.$dir]:-}), server $(median ${A[${k}sc.$dir]:-}) cores)"
+}
+
+# flows_cipher: which cipher the running client's flows were sealed with,
+# from its status (every flow on one, or a mix).
+flows_cipher() {
+	"$MPVPN" status --json --socket "$WORK/client-$CLIENT_N.sock" |
+		jq -r 'if .flows.total == 0 then "no flows" elif .flows.aes_gcm == .flows.total then "aes-256-gcm" elif .flows.aes_gcm == 0 then "chacha20-poly1305" else "\(.flows.aes_gcm) of \(.flows.total) on aes-256-gcm" end' 2>/dev/null || echo "status failed"
 }
 
 want_peers() { [ "$SKIP_PEERS" != 1 ]; }

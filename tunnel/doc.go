@@ -11,10 +11,10 @@
 // prologue "mpvpn v1". The client knows the concentrator's static key in
 // advance; the concentrator learns and checks the client's from msg1.
 //
-//	msg1, client → server, always 144 bytes:
+//	msg1, client → server, always 148 bytes:
 //	  0   32  e                 ephemeral public key (clear)
 //	  32  48  s                 client static key, encrypted (32 + 16 tag)
-//	  80  48  payload           encrypted (32 + 16 tag):
+//	  80  52  payload           encrypted (36 + 16 tag):
 //	            0  12  timestamp  TAI64N-like: 2^62 + Unix seconds (8, BE),
 //	                              nanoseconds (4, BE)
 //	            12  1  protocol   6 (TCP); others reserved
@@ -31,9 +31,14 @@
 //	          or, for a pooled connection (see Pool below):
 //	            12  1  protocol   255 (pool)
 //	            13 19  zero
-//	  128 16  mac1              BLAKE2s-128 keyed with
+//	          then, in every msg1:
+//	            32  1  offer      transport ciphers offered besides
+//	                              ChaCha20-Poly1305: bit 0 AES-256-GCM,
+//	                              the other bits zero
+//	            33  3  zero
+//	  132 16  mac1              BLAKE2s-128 keyed with
 //	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),
-//	                              over bytes 0..127
+//	                              over bytes 0..131
 //
 //	msg2, server → client, always 64 bytes, sent only once the server
 //	has decided (Flow.Accept / Flow.Refuse; the concentrator dials the
@@ -42,7 +47,9 @@
 //	  32  32  payload           encrypted (16 + 16 tag):
 //	            0   1  verdict    Connected=1 Refused=2 Unreachable=3
 //	                              TimedOut=4 NotAllowed=5 Limited=6
-//	            1  15  reserved   zero
+//	            1   1  cipher     the transport: 0 ChaCha20-Poly1305,
+//	                              1 AES-256-GCM (only if offered)
+//	            2  14  reserved   zero
 //
 // msg1 carries no application bytes: it is replayable and, for the
 // destination, not forward secret (Noise payload properties 1/2). The
@@ -67,7 +74,8 @@
 //	         destination or a service; never the pool) + 16 tag
 //	verdict frame, server → client, always 34 bytes:
 //	  0   2  length   32
-//	  2  32  ciphertext of msg2's 16-byte payload + 16 tag
+//	  2  32  ciphertext of msg2's 16-byte payload (its cipher byte
+//	         zero: the cipher was agreed in msg2) + 16 tag
 //
 // after which the stream is ordinary frames. One round trip, as direct
 // TCP's own handshake, and the destination travels under the transport
@@ -88,7 +96,7 @@
 //
 // # Server checks, cheapest first
 //
-//  1. exactly 144 bytes read, mac1 valid (one BLAKE2s; no DH for anyone
+//  1. exactly 148 bytes read, mac1 valid (one BLAKE2s; no DH for anyone
 //     who does not know the server's public key);
 //  2. Noise decryption (es, ss) and the client's static key among the
 //     configured peers;
@@ -131,10 +139,20 @@
 // # Transport
 //
 // After msg2 both sides hold the CipherStates from Split (the initiator
-// sends with the first). The stream is a sequence of frames:
+// sends with the first), for the cipher msg2 named: ChaCha20-Poly1305
+// with Split's keys as they are (Noise's own transport), or AES-256-GCM
+// with keys derived from them (keyed BLAKE2s-256 of "mpvpn v1 transport
+// aes-256-gcm"; Noise's AESGCM nonce). The client offers AES-256-GCM
+// when ClientConfig.Cipher allows it (by default: this CPU has AES
+// instructions, HardwareAES), and the concentrator takes the offer when
+// ServerConfig.Cipher does (the same default), so AES is used only where
+// both ends run it in hardware. Both the offer and the choice are inside
+// the handshake's AEAD payloads and its hash: no one on the path can
+// change either, and a client refuses a choice it did not offer. The
+// stream is a sequence of frames:
 //
 //	length  2 bytes, big-endian: the ciphertext length, 16..32766
-//	ciphertext  ChaCha20-Poly1305 (Noise nonce = frame counter, no AD):
+//	ciphertext  the AEAD (nonce = frame counter, no AD):
 //	            up to 32750 bytes of plaintext + 16 tag
 //
 // A frame is at most 32 KiB on the wire. That is faster than 64 KiB (see

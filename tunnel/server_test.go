@@ -318,11 +318,11 @@ func TestProbesGetSilence(t *testing.T) {
 		{name: "nothing", send: func(net.Conn) {}},
 		{name: "nothing, then FIN", send: func(c net.Conn) { c.(*net.TCPConn).CloseWrite() }},
 	}
-	for _, n := range []int{1, 49, 50, 51, 143, 144, 145, 4096, 65536} {
+	for _, n := range []int{1, 49, 50, 51, msg1Size - 1, msg1Size, msg1Size + 1, 4096, 65536} {
 		probes = append(probes, probe{name: fmt.Sprintf("%d bytes", n), send: garbage(n)})
 	}
 	probes = append(probes,
-		probe{name: "144 bytes, then FIN", send: func(c net.Conn) { garbage(144)(c); c.(*net.TCPConn).CloseWrite() }},
+		probe{name: "msg1 size, then FIN", send: func(c net.Conn) { garbage(msg1Size)(c); c.(*net.TCPConn).CloseWrite() }},
 		probe{name: "byte at a time", send: func(c net.Conn) {
 			for i := 0; i < 200; i++ {
 				if _, err := c.Write([]byte{byte(i)}); err != nil {

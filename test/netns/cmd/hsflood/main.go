@@ -9,7 +9,7 @@
 //
 // Each of -sources consecutive addresses starting at -src (which must be
 // configured on the host, e.g. on lo) keeps -conns connections open: a
-// "silent" one sends nothing, a "garbage" one sends 144 random bytes (the
+// "silent" one sends nothing, a "garbage" one sends 148 random bytes (the
 // size of a real first message) and then nothing; "mixed" alternates.
 // When the server closes one, it is opened again, no faster than -rate
 // new connections a second in all. So the flood holds sources×conns
@@ -125,7 +125,7 @@ func run(target, src string, sources, conns int, mode string, perSec float64, du
 					}
 					opened := time.Now()
 					if garbage {
-						var b [144]byte
+						var b [148]byte
 						rand.Read(b[:])
 						conn.Write(b[:])
 					}
