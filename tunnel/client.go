@@ -3,6 +3,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -108,6 +109,9 @@ type Client struct {
 	log    *slog.Logger
 	server string
 	static noise.DHKey
+	sk     staticKey // static, made once (dh.go)
+	ss     []byte    // the static-static DH with ssPeer (ServerKey)
+	ssPeer PublicKey
 	mac1   [32]byte
 	dialer net.Dialer
 
@@ -156,7 +160,12 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.ServerKey.IsZero() {
 		return nil, errors.New("tunnel: no server public key")
 	}
-	if err := checkPeerKey(cfg.Key, cfg.ServerKey); err != nil {
+	sk, err := newStaticKey(cfg.Key)
+	if err != nil {
+		return nil, err
+	}
+	ss, err := staticStatic(sk, cfg.ServerKey)
+	if err != nil {
 		return nil, fmt.Errorf("tunnel: server key: %w", err)
 	}
 	if cfg.HandshakeTimeout <= 0 {
@@ -176,6 +185,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		log:    cfg.Logger,
 		server: cfg.Server.String(),
 		static: dhKey(cfg.Key),
+		sk:     sk,
+		ss:     ss,
+		ssPeer: cfg.ServerKey,
 		mac1:   mac1Key(cfg.ServerKey),
 		now:    cfg.Now,
 
@@ -532,7 +544,13 @@ func (c *Client) msg1(dst netip.AddrPort) (*noise.HandshakeState, []byte, error)
 
 // msg1For builds the first handshake message for t, and returns its stamp.
 func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, time.Time, error) {
-	hs, err := newHandshake(true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), c.rand)
+	dh := &handshakeDH{static: c.sk.priv, staticRaw: c.sk.raw, ss: func(pub []byte) ([]byte, bool) {
+		if len(pub) != KeySize || PublicKey(pub) != c.ssPeer {
+			return nil, false
+		}
+		return bytes.Clone(c.ss), true
+	}}
+	hs, err := newHandshake(dh, true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), c.rand)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("tunnel: handshake state: %w", err)
 	}

@@ -140,20 +140,16 @@ func parseKey(kind, s string) ([KeySize]byte, error) {
 	return k, nil
 }
 
-// checkPeerKey rejects a public key whose shared secret with priv would be
-// all zeros (a low-order point): Noise's DH would fail on every handshake,
-// so it is better refused at configuration time with a clear message.
-func checkPeerKey(priv PrivateKey, pub PublicKey) error {
-	p, err := ecdh.X25519().NewPublicKey(pub[:])
+// staticStatic is the DH of an end's static key with a peer's static
+// public key (Noise's "ss"), the same in every handshake between the two,
+// and so computed once, at configuration. It is an error if pub is a
+// low-order point (the shared secret would be all zeros): Noise's DH
+// would fail on every handshake, so it is better refused at once with a
+// clear message.
+func staticStatic(k staticKey, pub PublicKey) ([]byte, error) {
+	ss, err := x25519(k.priv, pub[:])
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("public key %s is not usable (low-order point): %w", pub, err)
 	}
-	s, err := ecdh.X25519().NewPrivateKey(priv[:])
-	if err != nil {
-		return err
-	}
-	if _, err := s.ECDH(p); err != nil {
-		return fmt.Errorf("public key %s is not usable (low-order point): %w", pub, err)
-	}
-	return nil
+	return ss, nil
 }

@@ -132,6 +132,7 @@ type Server struct {
 	cfg     ServerConfig
 	log     *slog.Logger
 	static  noise.DHKey
+	sk      staticKey // static, made once (dh.go)
 	mac1    [32]byte
 	peers   map[PublicKey]*peerState
 	start   time.Time // with its monotonic reading: see Now
@@ -156,6 +157,7 @@ type Server struct {
 }
 
 type peerState struct {
+	ss       []byte       // the static-static DH with this peer (dh.go)
 	flows    atomic.Int64 // open now
 	pooled   atomic.Int64 // pooled connections waiting now
 	total    atomic.Uint64
@@ -258,10 +260,15 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		return nil, fmt.Errorf("tunnel: half-open limits per address (%d) and per /48 (%d) must not exceed the total (%d)",
 			cfg.MaxHalfOpenPerAddr, cfg.MaxHalfOpenPerSite, cfg.MaxHalfOpen)
 	}
+	sk, err := newStaticKey(cfg.Key)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		static:  dhKey(cfg.Key),
+		sk:      sk,
 		mac1:    mac1Key(cfg.Key.Public()),
 		peers:   make(map[PublicKey]*peerState, len(cfg.Peers)),
 		start:   time.Now(),
@@ -275,10 +282,12 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		if p.IsZero() {
 			return nil, errors.New("tunnel: a peer key is all zeros")
 		}
-		if err := checkPeerKey(cfg.Key, p); err != nil {
+		ss, err := staticStatic(sk, p)
+		if err != nil {
 			return nil, fmt.Errorf("tunnel: peer: %w", err)
 		}
 		s.peers[p] = &peerState{
+			ss:     ss,
 			replay: newReplayCache(defaultPeerReplayMax),
 			bucket: tokenbucket.New(cfg.PeerHandshakeRate, cfg.PeerHandshakeBurst),
 		}
@@ -650,7 +659,17 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 	if !mac1Valid(&s.mac1, m) {
 		return nil, rejectMAC
 	}
-	hs, err := newHandshake(false, s.static, nil, s.rand)
+	dh := &handshakeDH{static: s.sk.priv, staticRaw: s.sk.raw, ss: func(pub []byte) ([]byte, bool) {
+		if len(pub) != KeySize {
+			return nil, false
+		}
+		p := s.peers[PublicKey(pub)]
+		if p == nil {
+			return nil, false
+		}
+		return bytes.Clone(p.ss), true
+	}}
+	hs, err := newHandshake(dh, false, s.static, nil, s.rand)
 	if err != nil {
 		return nil, rejectNoise
 	}

@@ -326,9 +326,9 @@ func parseMsg2Payload(b []byte) (Verdict, Cipher, error) {
 	return v, c, nil
 }
 
-func newHandshake(initiator bool, static noise.DHKey, peer []byte, rng io.Reader) (*noise.HandshakeState, error) {
+func newHandshake(dh *handshakeDH, initiator bool, static noise.DHKey, peer []byte, rng io.Reader) (*noise.HandshakeState, error) {
 	cfg := noise.Config{
-		CipherSuite:   cipherSuite,
+		CipherSuite:   dh.suite(),
 		Pattern:       noise.HandshakeIK,
 		Initiator:     initiator,
 		Prologue:      prologue,
