@@ -8,7 +8,9 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"net"
 	"testing"
+	"time"
 
 	"github.com/flynn/noise"
 )
@@ -181,5 +183,62 @@ func TestCipherKeysSeparate(t *testing.T) {
 		if !same && (n != 0 || !errors.Is(err, ErrTampered)) {
 			t.Errorf("%s: read %d bytes, %v; want ErrTampered", tt.name, n, err)
 		}
+	}
+}
+
+// TestOlderClientMsg1: a client from before the cipher offer sends a
+// 144-byte msg1 (no offer) and waits for msg2. The concentrator takes it,
+// answers with ChaCha20-Poly1305 (a msg2 whose bytes after the verdict
+// are all zero, as that client's strict parser wants), and the flow
+// works; so the concentrator can be upgraded before its clients.
+func TestOlderClientMsg1(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{Cipher: CipherAES}, ClientConfig{Server: lnAddr(ln), PoolSize: -1})
+	serve(t, p.srv, ln, echoAccept)
+	c := p.cli
+	dh := &handshakeDH{static: c.sk.priv, staticRaw: c.sk.raw}
+	hs, err := newHandshake(dh, true, c.static, append([]byte(nil), c.cfg.ServerKey[:]...), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var payload [msg1V0PayloadSize]byte
+	putTimestamp(payload[:timestampSize], time.Now())
+	putTarget(payload[timestampSize:], target{dst: testDst})
+	msg, _, _, err := hs.WriteMessage(nil, payload[:])
+	if err != nil || len(msg) != msg1V0NoiseSize {
+		t.Fatalf("old msg1: %d bytes, %v", len(msg), err)
+	}
+	mac := mac1(&c.mac1, msg)
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := raw.Write(append(msg, mac[:]...)); err != nil {
+		t.Fatal(err)
+	}
+	var m2 [msg2Size]byte
+	if _, err := io.ReadFull(raw, m2[:]); err != nil {
+		t.Fatalf("no msg2 for an older client's msg1: %v", err)
+	}
+	pl, cs1, cs2, err := hs.ReadMessage(nil, m2[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pl[0] != byte(Connected) || !bytes.Equal(pl[1:], make([]byte, msg2PayloadSize-1)) {
+		t.Fatalf("msg2 payload %x: want Connected and zeros", pl)
+	}
+	fc := newConn(raw, cs1, cs2, false, nil)
+	if _, err := fc.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	fc.CloseWrite()
+	got, err := io.ReadAll(fc)
+	if err != nil || string(got) != "ping" {
+		t.Fatalf("echo: %q, %v", got, err)
+	}
+	if s := p.srv.Stats(); s.Flows != 1 || s.AESGCM != 0 {
+		t.Errorf("server stats: %d flows, %d on AES; want 1, 0", s.Flows, s.AESGCM)
 	}
 }

@@ -96,7 +96,9 @@
 //
 // # Server checks, cheapest first
 //
-//  1. exactly 148 bytes read, mac1 valid (one BLAKE2s; no DH for anyone
+//  1. exactly 148 bytes read, or 144 whose mac1 is valid (a client from
+//     before the cipher offer, taken as offering ChaCha20-Poly1305 only),
+//     mac1 valid (one BLAKE2s; no DH for anyone
 //     who does not know the server's public key);
 //  2. Noise decryption (es, ss) and the client's static key among the
 //     configured peers;

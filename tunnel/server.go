@@ -486,11 +486,21 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	deadline := acceptedAt.Add(s.cfg.HandshakeDeadline)
 	raw.SetReadDeadline(deadline)
 	// msg1 has a fixed size: read exactly that, nothing of what follows.
-	var m1 [msg1Size]byte
+	// An older client's is 4 bytes shorter (msg1V0Size) and it then waits
+	// for msg2: its 144 bytes are taken as such if their mac1 says so
+	// (one BLAKE2s; a 148-byte msg1 passes it by chance with probability
+	// 2^-128), else 4 more are read.
+	var buf [msg1Size]byte
+	m1 := buf[:msg1V0Size]
 	var p *pendingFlow
 	why := rejectIncomplete
-	if _, err := io.ReadFull(raw, m1[:]); err == nil && s.table.check(e) {
-		p, why = s.checkMsg1(m1[:])
+	_, err := io.ReadFull(raw, m1)
+	if err == nil && !mac1Valid(&s.mac1, m1) {
+		m1 = buf[:]
+		_, err = io.ReadFull(raw, m1[msg1V0Size:])
+	}
+	if err == nil && s.table.check(e) {
+		p, why = s.checkMsg1(m1)
 		if p == nil {
 			s.table.uncheck(e)
 		}
@@ -674,7 +684,7 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 		return nil, rejectNoise
 	}
 	var buf [msg1PayloadSize]byte
-	payload, _, _, err := hs.ReadMessage(buf[:0], m[:msg1NoiseSize])
+	payload, _, _, err := hs.ReadMessage(buf[:0], m[:len(m)-mac1Size])
 	if err != nil {
 		return nil, rejectNoise
 	}

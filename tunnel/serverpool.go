@@ -71,11 +71,13 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	t, err := readRequestFrame(raw, keys.recv)
 	unpool()
 	if err != nil {
-		s.poolUnused.Add(1)
 		if ctx.Err() == nil {
 			s.log.Debug("pooled connection closed unused", "peer", p.key.String(), "err", err)
 		}
 		abort(raw)
+		// Counted once closed: a test that waits for the count then
+		// finds the RST sent.
+		s.poolUnused.Add(1)
 		return
 	}
 	raw.SetReadDeadline(time.Time{})

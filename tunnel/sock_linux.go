@@ -155,7 +155,7 @@ func msg1Queued(c net.Conn) func() bool {
 	return func() bool {
 		n := 0
 		rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
-		return n >= msg1Size
+		return n >= msg1V0Size // the shorter of the two
 	}
 }
 

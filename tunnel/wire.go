@@ -26,6 +26,14 @@ const (
 	mac1Size        = 16
 	msg1Size        = msg1NoiseSize + mac1Size // 148
 
+	// The first message of clients before the cipher offer (2026-12):
+	// no offer, 144 bytes. The concentrator still takes it, as an offer
+	// of ChaCha20-Poly1305 alone, so that it can be upgraded before its
+	// clients (serveConn).
+	msg1V0PayloadSize = timestampSize + requestSize                                   // 32
+	msg1V0NoiseSize   = KeySize + (KeySize + tagSize) + (msg1V0PayloadSize + tagSize) // 128
+	msg1V0Size        = msg1V0NoiseSize + mac1Size                                    // 144
+
 	// msg2: Noise IK "e, ee, se" + payload (verdict, chosen cipher,
 	// zeros).
 	msg2PayloadSize = 16
@@ -147,12 +155,15 @@ func mac1(key *[blake2s.Size]byte, msg []byte) [mac1Size]byte {
 	return m
 }
 
+// mac1Valid checks the mac1 of a msg1 of either size (msg1Size, or
+// msg1V0Size from an older client).
 func mac1Valid(key *[blake2s.Size]byte, msg1 []byte) bool {
-	if len(msg1) != msg1Size {
+	if len(msg1) != msg1Size && len(msg1) != msg1V0Size {
 		return false
 	}
-	m := mac1(key, msg1[:msg1NoiseSize])
-	return hmac.Equal(m[:], msg1[msg1NoiseSize:])
+	n := len(msg1) - mac1Size
+	m := mac1(key, msg1[:n])
+	return hmac.Equal(m[:], msg1[n:])
 }
 
 // TAI64N-like timestamp: 8 bytes of 2^62 + Unix seconds, 4 bytes of
@@ -222,8 +233,10 @@ func putTarget(b []byte, t target) {
 // future version cannot be misread as this one.
 // It returns the timestamp, the target, and whether the client offers
 // AES-256-GCM.
+//
+// An older client's 32-byte payload has no offer: ChaCha20-Poly1305.
 func parseMsg1Payload(b []byte) (time.Time, target, bool, error) {
-	if len(b) != msg1PayloadSize {
+	if len(b) != msg1PayloadSize && len(b) != msg1V0PayloadSize {
 		return time.Time{}, target{}, false, errBadPayload
 	}
 	ts, err := parseTimestamp(b[0:timestampSize])
@@ -235,6 +248,9 @@ func parseMsg1Payload(b []byte) (time.Time, target, bool, error) {
 		return time.Time{}, target{}, false, err
 	}
 	o := b[timestampSize+requestSize:]
+	if len(o) == 0 {
+		return ts, t, false, nil
+	}
 	if o[0]&^offerAES != 0 || o[1] != 0 || o[2] != 0 || o[3] != 0 {
 		return time.Time{}, target{}, false, errBadPayload
 	}
