@@ -168,6 +168,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: server key: %w", err)
 	}
+	if cfg.Cipher > CipherAES {
+		return nil, fmt.Errorf("tunnel: cipher policy %s", cfg.Cipher)
+	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = defaultHandshakeTimeout
 	}

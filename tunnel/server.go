@@ -233,6 +233,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if len(cfg.Peers) == 0 {
 		return nil, errors.New("tunnel: no peers: the server would accept nobody")
 	}
+	if cfg.Cipher > CipherAES {
+		return nil, fmt.Errorf("tunnel: cipher policy %s", cfg.Cipher)
+	}
 	def := func(v *int, d int) {
 		if *v <= 0 {
 			*v = d
