@@ -233,7 +233,9 @@ func (f *Forwarder) answer(q []byte) []byte {
 	}
 	f.failed.Add(1)
 	f.log.Debug("DNS query failed", "err", err)
-	if errors.Is(err, ErrClosed) {
+	if errors.Is(err, ErrClosed) || f.ctx.Err() != nil {
+		// Closing: whether the query saw the stream fail or the
+		// context end first, nobody is left to answer.
 		return nil
 	}
 	return servfail(q)
