@@ -118,14 +118,7 @@ func TestCipherNegotiation(t *testing.T) {
 func TestCipherNotOffered(t *testing.T) {
 	for _, offered := range []bool{false, true} {
 		p := newPair(t, ServerConfig{Cipher: CipherAES}, ClientConfig{Cipher: map[bool]CipherPolicy{false: CipherChaCha, true: CipherAES}[offered]})
-		hs, m1, err := p.cli.msg1(testDst)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pf, why := p.srv.checkMsg1(m1)
-		if pf == nil {
-			t.Fatalf("msg1 rejected: %s", why)
-		}
+		hs, pf := p.checkedMsg1(t)
 		if want := map[bool]Cipher{false: ChaCha20Poly1305, true: AES256GCM}[offered]; pf.cipher != want {
 			t.Errorf("offered AES %v: the server chose %s, want %s", offered, pf.cipher, want)
 		}

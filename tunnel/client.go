@@ -461,7 +461,7 @@ func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target) *C
 	if keys.cipher == AES256GCM {
 		c.aesFlows.Add(1)
 	}
-	fc = newConn(tc, keys.send, keys.recv, mp, func() {
+	fc = newKeyedConn(tc, keys, mp, func() {
 		c.active.Add(-1)
 		if app {
 			c.appFlows.Add(-1)
@@ -471,7 +471,6 @@ func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target) *C
 		c.mu.Unlock()
 	})
 	fc.id = c.nextID.Add(1)
-	fc.cipher = keys.cipher
 	c.mu.Lock()
 	if c.conns == nil {
 		c.conns = map[*Conn]struct{}{}

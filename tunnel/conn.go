@@ -129,6 +129,14 @@ func (c *Conn) Cipher() Cipher { return c.cipher }
 // for a flow accepted by a Server).
 func (c *Conn) ID() uint64 { return c.id }
 
+// newKeyedConn is newConn for a connection through its handshake: the
+// transport keys and the cipher they were agreed for.
+func newKeyedConn(raw net.Conn, keys transportKeys, mptcp bool, onClose func()) *Conn {
+	c := newConn(raw, keys.send, keys.recv, mptcp, onClose)
+	c.cipher = keys.cipher
+	return c
+}
+
 func newConn(raw net.Conn, send, recv *noise.CipherState, mptcp bool, onClose func()) *Conn {
 	c := &Conn{raw: raw, send: send, recv: recv, mptcp: mptcp, onClose: onClose, frameCap: writeFramePayload, frameTimeout: DefaultFrameTimeout}
 	c.tcp, _ = raw.(*net.TCPConn)

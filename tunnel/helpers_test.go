@@ -105,9 +105,9 @@ func newPair(t testing.TB, scfg ServerConfig, ccfg ClientConfig) pair {
 
 var testDst = netip.MustParseAddrPort("198.51.100.10:443")
 
-// handshake runs the real handshake code with no network in between and
-// returns the transport keys: client send/recv, server send/recv.
-func (p pair) handshake(t testing.TB) (cs, cr, ss, sr *noise.CipherState) {
+// checkedMsg1 makes the client's msg1 for testDst and has the server
+// accept it: the client's handshake state and the server's pending flow.
+func (p pair) checkedMsg1(t testing.TB) (*noise.HandshakeState, *pendingFlow) {
 	t.Helper()
 	hs, m1, err := p.cli.msg1(testDst)
 	if err != nil {
@@ -117,6 +117,14 @@ func (p pair) handshake(t testing.TB) (cs, cr, ss, sr *noise.CipherState) {
 	if pf == nil {
 		t.Fatalf("msg1 rejected: %s", why)
 	}
+	return hs, pf
+}
+
+// handshake runs the real handshake code with no network in between and
+// returns the transport keys: client send/recv, server send/recv.
+func (p pair) handshake(t testing.TB) (cs, cr, ss, sr *noise.CipherState) {
+	t.Helper()
+	hs, pf := p.checkedMsg1(t)
 	var payload [msg2PayloadSize]byte
 	putMsg2Payload(payload[:], Connected, pf.cipher)
 	m2, cs1, cs2, err := pf.hs.WriteMessage(nil, payload[:])

@@ -815,9 +815,7 @@ func (f *Flow) Accept() (*Conn, error) {
 		}
 		return nil, err
 	}
-	c := newConn(f.raw, keys.send, keys.recv, f.MultipathTCP, f.release)
-	c.cipher = keys.cipher
-	return c, nil
+	return newKeyedConn(f.raw, keys, f.MultipathTCP, f.release), nil
 }
 
 // Refuse sends verdict v (anything but Connected) inside the encrypted
