@@ -107,6 +107,14 @@ func (c *appConn) Abort() error {
 	return c.Close()
 }
 
+// Readable reports whether the app's bytes (or its FIN, or an error) are
+// there to read now, so that a Read would not block. The tunnel's
+// ReadFrom asks after a Read that filled a frame, to send more frames in
+// one write only when they are already here.
+func (c *appConn) Readable() bool {
+	return c.ep.Readiness(waiter.ReadableEvents) != 0
+}
+
 // WaitRead blocks until a Read would not block: data, the app's FIN or an
 // error is there, or the endpoint was closed (gVisor 2025-05: Close
 // notifies every event, and a closed endpoint is readable). It ignores

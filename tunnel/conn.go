@@ -563,9 +563,14 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// ReadFrom encrypts what r yields, one frame per Read of r, until r's EOF
-// (returning nil, as io.Copy expects; it does not CloseWrite). The
-// plaintext is read straight into the frame buffer and sealed in place.
+// ReadFrom encrypts what r yields until r's EOF (returning nil, as
+// io.Copy expects; it does not CloseWrite). The plaintext is read straight
+// into frame buffers and sealed in place.
+//
+// A Read that fills a frame while r already holds more is followed by
+// more Reads, up to batchFrames full frames, and the frames go out in one
+// write: see batchFrames for why. Only bytes r holds already are waited
+// for, so no byte waits on the next one.
 //
 // While r has nothing to give, ReadFrom holds no buffer: a *net.TCPConn
 // is read through its file descriptor with a buffer taken from the pool
@@ -579,38 +584,38 @@ func (c *Conn) Write(p []byte) (int, error) {
 // handed over is lost.
 func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	if tc, ok := r.(*net.TCPConn); ok {
-		if lr := newLazyReader(tc, c.frameCap); lr != nil {
+		if lr := newLazyReader(tc); lr != nil {
 			return c.readFromLazy(lr)
 		}
 	}
 	waiter, _ := r.(interface{ WaitRead() error })
-	var bp *[]byte
-	defer func() {
-		if bp != nil {
-			writeBufPool.Put(bp)
-		}
-	}()
+	ready, _ := r.(interface{ Readable() bool })
+	b := newBatch(c.frameCap)
+	defer b.release()
 	var total int64
 	for {
 		if waiter != nil {
-			if bp != nil {
-				writeBufPool.Put(bp)
-				bp = nil
-			}
+			b.release()
 			if err := waiter.WaitRead(); err != nil {
 				return total, err
 			}
 		}
-		if bp == nil {
-			bp = writeBufPool.Get().(*[]byte)
+		b.take()
+		var rerr error
+		for {
+			var n int
+			n, rerr = r.Read(b.space())
+			b.add(n)
+			if rerr != nil || n < c.frameCap || b.full() || ready == nil || !ready.Readable() {
+				break
+			}
 		}
-		buf := *bp
-		n, rerr := r.Read(buf[frameHeaderSize : frameHeaderSize+c.frameCap])
-		if n > 0 {
-			if err := c.sendRead(buf, n); err != nil {
+		if b.k > 0 {
+			n, err := c.sendBatch(b)
+			total += int64(n)
+			if err != nil {
 				return total, err
 			}
-			total += int64(n)
 		}
 		if rerr == io.EOF {
 			return total, nil
@@ -622,18 +627,29 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 }
 
 func (c *Conn) readFromLazy(lr *lazyReader) (int64, error) {
+	b := newBatch(c.frameCap)
+	lr.b = b
+	defer b.release()
 	var total int64
 	for {
-		bp, n, rerr := lr.read()
-		if n > 0 {
-			err := c.sendRead(*bp, n)
-			writeBufPool.Put(bp)
+		// The first read waits, without a buffer; the ones after it
+		// only take what the socket holds now.
+		n, _, rerr := lr.read(true)
+		b.add(n)
+		for rerr == nil && n == c.frameCap && !b.full() {
+			var wouldBlock bool
+			n, wouldBlock, rerr = lr.read(false)
+			if wouldBlock {
+				break
+			}
+			b.add(n)
+		}
+		if b.k > 0 {
+			n, err := c.sendBatch(b)
+			total += int64(n)
 			if err != nil {
 				return total, err
 			}
-			total += int64(n)
-		} else if bp != nil {
-			writeBufPool.Put(bp)
 		}
 		if rerr == io.EOF {
 			return total, nil
@@ -644,19 +660,99 @@ func (c *Conn) readFromLazy(lr *lazyReader) (int64, error) {
 	}
 }
 
-// sendRead sends the n bytes ReadFrom read into buf[frameHeaderSize:] as
-// one frame. Any failure is fatal to the stream (see ReadFrom).
-func (c *Conn) sendRead(buf []byte, n int) error {
+// batchFrames is the most frames ReadFrom sends in one write(2). Linux
+// 6.18's MPTCP sends a write's last partial segment at once on every
+// subflow (MSG_MORE does not reach the subflows: __mptcp_push_pending
+// pushes with flags 0), so each write ends in a short segment. Measured
+// on the aggregation links (40 + 20 Mbit/s, 2026-12-02): with one 32 KiB
+// frame per write the subflows' segments averaged 0.5 to 1 % smaller
+// than kernel MPTCP's under iperf3, which writes 128 KiB at a time.
+const batchFrames = 4
+
+var batchBufPool = sync.Pool{New: func() any { b := make([]byte, batchFrames*maxFrameSize); return &b }}
+
+// batch is up to batchFrames frames back to back in one pooled buffer:
+// frame i's plaintext is read in place at i*slot+frameHeaderSize and
+// sealed in place. Every frame but the last is full (frameCap bytes), so
+// the sealed frames are contiguous.
+type batch struct {
+	bp   *[]byte
+	n    [batchFrames]int // plaintext bytes of each frame
+	k    int              // frames filled
+	slot int              // a full frame on the wire
+	cap  int              // frameCap
+}
+
+func newBatch(frameCap int) *batch {
+	return &batch{slot: frameHeaderSize + frameCap + tagSize, cap: frameCap}
+}
+
+func (b *batch) take() {
+	if b.bp == nil {
+		b.bp = batchBufPool.Get().(*[]byte)
+	}
+}
+
+// release gives the buffer back; the batch must be empty.
+func (b *batch) release() {
+	if b.bp != nil {
+		batchBufPool.Put(b.bp)
+		b.bp = nil
+	}
+}
+
+// space is where the next frame's plaintext goes.
+func (b *batch) space() []byte {
+	s := b.k*b.slot + frameHeaderSize
+	return (*b.bp)[s : s+b.cap]
+}
+
+// add counts n bytes read into space() as a frame (none if n is 0).
+func (b *batch) add(n int) {
+	if n > 0 {
+		b.n[b.k] = n
+		b.k++
+	}
+}
+
+func (b *batch) full() bool { return b.k == batchFrames }
+
+// sendBatch seals b's frames and writes them in one write, then empties
+// b. It returns the plaintext bytes sent. Any failure is fatal to the
+// stream (see ReadFrom).
+func (c *Conn) sendBatch(b *batch) (int, error) {
+	buf := *b.bp
+	total := 0
+	for i := range b.k {
+		total += b.n[i]
+	}
+	k := b.k
+	b.k = 0
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	err := c.writable()
+	end := 0
+	for i := 0; i < k && err == nil; i++ {
+		s := i * b.slot
+		out, serr := c.send.Encrypt(buf[s:s+frameHeaderSize], nil, buf[s+frameHeaderSize:s+frameHeaderSize+b.n[i]])
+		if serr != nil {
+			// ErrMaxNonce, as in writeFrame.
+			err = fmt.Errorf("send nonce exhausted: %w", serr)
+			break
+		}
+		binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
+		end = s + len(out)
+	}
 	if err == nil {
-		err = c.writeFrame(buf, buf[frameHeaderSize:frameHeaderSize+n])
+		_, err = c.raw.Write(buf[:end])
 	}
-	if err != nil && c.werr == nil {
-		err = c.writeFailed(fmt.Errorf("tunnel: %d bytes read from the source could not be sent: %w", n, err))
+	if err != nil {
+		if c.werr == nil {
+			err = c.writeFailed(fmt.Errorf("tunnel: %d bytes read from the source could not be sent: %w", total, err))
+		}
+		return 0, err
 	}
-	return err
+	return total, nil
 }
 
 // CloseWrite sends the end-of-stream frame, then shuts down the sending

@@ -57,40 +57,41 @@ func (t *tryReader) read(p []byte) (n int, wouldBlock bool, err error) {
 	return t.n, false, nil
 }
 
-// lazyReader reads a socket into a pooled frame buffer that it takes only
-// once data is there and gives back when a read would block, so a relay
+// lazyReader reads a socket into a batch's pooled buffer, which it takes
+// only once data is there and gives back when it must wait, so a relay
 // waiting on an idle source holds no buffer (issue 8: ReadFrom held one
 // 64 KiB buffer for the life of every flow).
 type lazyReader struct {
-	rc  syscall.RawConn
-	fn  func(fd uintptr) bool
-	max int
-	bp  *[]byte
-	n   int
-	err error
+	rc   syscall.RawConn
+	fn   func(fd uintptr) bool
+	b    *batch
+	wait bool
+	n    int
+	err  error
 }
 
-func newLazyReader(tc *net.TCPConn, max int) *lazyReader {
+func newLazyReader(tc *net.TCPConn) *lazyReader {
 	rc, err := tc.SyscallConn()
 	if err != nil {
 		return nil
 	}
-	l := &lazyReader{rc: rc, max: max}
+	l := &lazyReader{rc: rc}
 	l.fn = func(fd uintptr) bool {
-		if l.bp == nil {
-			l.bp = writeBufPool.Get().(*[]byte)
-		}
+		l.b.take()
 		for {
-			l.n, l.err = unix.Read(int(fd), (*l.bp)[frameHeaderSize:frameHeaderSize+l.max])
+			l.n, l.err = unix.Read(int(fd), l.b.space())
 			switch l.err {
 			case unix.EINTR:
 				continue
 			case unix.EAGAIN:
+				if !l.wait {
+					return true
+				}
 				// Wait for data without the buffer (RawConn.Read
 				// parks until the fd is readable, then calls fn
-				// again).
-				writeBufPool.Put(l.bp)
-				l.bp = nil
+				// again). Waiting happens only for a batch's
+				// first frame.
+				l.b.release()
 				return false
 			}
 			return true
@@ -99,20 +100,21 @@ func newLazyReader(tc *net.TCPConn, max int) *lazyReader {
 	return l
 }
 
-// read returns a buffer holding n bytes at [frameHeaderSize:], now the
-// caller's to put back in writeBufPool (nil if none was taken), or an
-// error (io.EOF at the end).
-func (l *lazyReader) read() (*[]byte, int, error) {
-	err := l.rc.Read(l.fn)
-	bp := l.bp
-	l.bp = nil
+// read reads the batch's next frame from the socket and returns its
+// size, or an error (io.EOF at the end). With wait false it returns at
+// once, wouldBlock if the socket holds nothing.
+func (l *lazyReader) read(wait bool) (n int, wouldBlock bool, err error) {
+	l.wait = wait
+	err = l.rc.Read(l.fn)
 	switch {
 	case err != nil:
-		return bp, 0, err
+		return 0, false, err
+	case l.err == unix.EAGAIN:
+		return 0, true, nil
 	case l.err != nil:
-		return bp, 0, os.NewSyscallError("read", l.err)
+		return 0, false, os.NewSyscallError("read", l.err)
 	case l.n == 0:
-		return bp, 0, io.EOF
+		return 0, false, io.EOF
 	}
-	return bp, l.n, nil
+	return l.n, false, nil
 }

@@ -148,6 +148,14 @@ func (r *parkingReader) WaitRead() error {
 	return nil
 }
 
+// Readable passes on the conn's own Readable (see stack's appConn), which
+// the tunnel's ReadFrom uses to batch frames; a conn without one reports
+// false, and ReadFrom then sends a frame per read.
+func (r *parkingReader) Readable() bool {
+	rd, ok := r.Conn.(interface{ Readable() bool })
+	return ok && rd.Readable()
+}
+
 func copyHalf(dst, src net.Conn) (int64, error) {
 	// A conn that frames its own bytes (tunnel.Conn) copies best with its
 	// own WriteTo/ReadFrom. *net.TCPConn is excluded on purpose: with a
