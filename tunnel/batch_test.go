@@ -1,0 +1,128 @@
+package tunnel
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+)
+
+// readySource is a reader that says whether it holds more bytes, as the
+// netstack's conns do.
+type readySource struct{ *bytes.Reader }
+
+func (r readySource) Readable() bool { return r.Len() > 0 }
+
+// countingWriter records the size of every Write.
+type countingWriter struct {
+	bytes.Buffer
+	writes []int
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.writes = append(w.writes, len(p))
+	return w.Buffer.Write(p)
+}
+
+func TestReadFromBatches(t *testing.T) {
+	const fc = 1000 // frameCap
+	frame := frameHeaderSize + fc + tagSize
+	tests := []struct {
+		name     string
+		size     int
+		readable bool
+		want     []int // write sizes, the end-of-stream frame not included
+	}{
+		{"one short frame", 300, true, []int{frameHeaderSize + 300 + tagSize}},
+		{"exactly one frame", fc, true, []int{frame}},
+		{"three frames, one write", 2*fc + 500, true, []int{3*frame - fc + 500}},
+		{"a full batch, then the rest", 5*fc + 500, true, []int{4 * frame, 2*frame - fc + 500}},
+		{"no Readable: a write per frame", 2*fc + 500, false, []int{frame, frame, frameHeaderSize + 500 + tagSize}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := newPair(t, ServerConfig{}, ClientConfig{})
+			cs, _, _, sr := p.handshake(t)
+			var wire countingWriter
+			c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+			c.frameCap = fc
+			data := bytes.Repeat([]byte("0123456789abcdef"), tt.size/16+1)[:tt.size]
+			var src io.Reader = readySource{bytes.NewReader(data)}
+			if !tt.readable {
+				src = bytes.NewReader(data)
+			}
+			n, err := c.ReadFrom(src)
+			if err != nil || n != int64(tt.size) {
+				t.Fatalf("ReadFrom = %d, %v; want %d, nil", n, err, tt.size)
+			}
+			if !equalInts(wire.writes, tt.want) {
+				t.Errorf("writes %v, want %v", wire.writes, tt.want)
+			}
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			r := newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil)
+			got, err := io.ReadAll(r)
+			if err != nil {
+				t.Fatalf("reading the stream back: %v", err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Errorf("read back %d bytes, not the %d sent", len(got), len(data))
+			}
+		})
+	}
+}
+
+// A source error after full frames: the frames read before it are sent,
+// then the error is returned.
+func TestReadFromBatchThenError(t *testing.T) {
+	p := newPair(t, ServerConfig{}, ClientConfig{})
+	cs, _, _, sr := p.handshake(t)
+	var wire countingWriter
+	c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+	c.frameCap = 1000
+	boom := errors.New("boom")
+	data := bytes.Repeat([]byte{7}, 2000)
+	src := readySource{bytes.NewReader(data)}
+	n, err := c.ReadFrom(&failAtEnd{readySource: src, err: boom})
+	if !errors.Is(err, boom) || n != 2000 {
+		t.Fatalf("ReadFrom = %d, %v; want 2000, boom", n, err)
+	}
+	if len(wire.writes) != 1 {
+		t.Errorf("writes %v, want the two frames in one", wire.writes)
+	}
+	c.CloseWrite()
+	got, _ := io.ReadAll(newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil))
+	if !bytes.Equal(got, data) {
+		t.Errorf("read back %d bytes, want %d", len(got), len(data))
+	}
+}
+
+// failAtEnd returns err instead of io.EOF, and stays Readable, as a
+// reset conn is.
+type failAtEnd struct {
+	readySource
+	err error
+}
+
+func (f *failAtEnd) Read(p []byte) (int, error) {
+	n, err := f.readySource.Read(p)
+	if err == io.EOF {
+		return n, f.err
+	}
+	return n, err
+}
+
+func (f *failAtEnd) Readable() bool { return true }
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
