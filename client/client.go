@@ -274,6 +274,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		Now:       concentratorClock(pr, time.Now()),
 		Horizon:   pr.ServerHorizon,
 		PoolSize:  poolSize(cfg.Pool),
+		NoReuse:   cfg.NoReuse,
 		Cipher:    cfg.Cipher,
 		Logger:    log,
 	})

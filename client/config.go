@@ -121,6 +121,9 @@ type Config struct {
 	// through the handshake ahead of any flow, so that a new flow costs
 	// one round trip to its verdict, not two; 0: none.
 	Pool int
+	// NoReuse: a flow's connection is closed when the flow ends instead
+	// of going back into the pool for the next flow (--reuse=false).
+	NoReuse bool
 	// Cipher: the transport ciphers offered to the concentrator besides
 	// ChaCha20-Poly1305 (tunnel.ClientConfig.Cipher).
 	Cipher tunnel.CipherPolicy

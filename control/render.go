@@ -70,9 +70,9 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 	}
 	if p := s.Pool; p != nil {
 		if s.Role == "server" {
-			fmt.Fprintf(&b, "pool: %d connections waiting for a flow; %d over the per-client cap, %d closed unused\n", p.Ready, p.Limited, p.Unused)
+			fmt.Fprintf(&b, "pool: %d connections waiting for a flow; %d over the per-client cap, %d closed unused, %d kept after their flow\n", p.Ready, p.Limited, p.Unused, p.Reused)
 		} else {
-			fmt.Fprintf(&b, "pool: %d ready; %d flows took one, %d stale, %d expired; %d dialled, %d failed\n", p.Ready, p.Hits, p.Stale, p.Expired, p.Dials, p.Failures)
+			fmt.Fprintf(&b, "pool: %d ready; %d flows took one, %d stale, %d expired; %d dialled, %d failed; %d put back after their flow\n", p.Ready, p.Hits, p.Stale, p.Expired, p.Dials, p.Failures, p.Reused)
 		}
 	}
 	if _, err := io.WriteString(w, b.String()); err != nil {

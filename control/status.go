@@ -49,6 +49,9 @@ type Pool struct {
 	Failures uint64 `json:"failures"`
 	Limited  uint64 `json:"limited"` // server: answered Limited (the per-client cap)
 	Unused   uint64 `json:"unused"`  // server: closed without a flow (idle timeout, client closed)
+	// Reused: connections a finished flow left for the next one
+	// (client: put back into the pool; server: kept waiting).
+	Reused uint64 `json:"reused"`
 }
 
 // Counts lists the counters, for metrics.
@@ -56,7 +59,7 @@ func (p Pool) Counts() []Count {
 	return []Count{
 		{"hit", p.Hits}, {"stale", p.Stale}, {"expired", p.Expired},
 		{"dial", p.Dials}, {"dial_failed", p.Failures},
-		{"limited", p.Limited}, {"unused", p.Unused},
+		{"limited", p.Limited}, {"unused", p.Unused}, {"reused", p.Reused},
 	}
 }
 

@@ -70,6 +70,10 @@ type ClientConfig struct {
 	// new flow the pool shrinks to two (default 10 min).
 	PoolSize               int
 	PoolMaxAge, PoolLinger time.Duration
+	// NoReuse: close a flow's connection when the flow ends, instead of
+	// putting it back into the pool for the next flow (reuse.go). Reuse
+	// needs the pool.
+	NoReuse bool
 	// Cipher: which transport ciphers msg1 offers besides
 	// ChaCha20-Poly1305 (CipherAuto: AES-256-GCM if this host has AES
 	// instructions); the concentrator picks one of them.
@@ -92,6 +96,8 @@ type ClientStats struct {
 	Pooled                           int
 	PoolHits, PoolStale, PoolExpired uint64
 	PoolDials, PoolFailures          uint64
+	// PoolReused: connections a finished flow put back into the pool.
+	PoolReused uint64
 	// FallbacksBySource splits Fallbacks by the local address the
 	// connection started from: with the path manager's Source, that
 	// names the uplink a middlebox stripped MPTCP on.
@@ -224,6 +230,7 @@ func (c *Client) Stats() ClientStats {
 		PoolExpired:  c.pool.expired.Load(),
 		PoolDials:    c.pool.dials.Load(),
 		PoolFailures: c.pool.failures.Load(),
+		PoolReused:   c.pool.reused.Load(),
 
 		OffersAES: c.offerAES,
 		AESGCM:    c.aesFlows.Load(),
@@ -358,11 +365,12 @@ func (c *Client) dial(ctx context.Context, dst target) (*Conn, time.Time, error)
 }
 
 func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*Conn, error) {
+	gen := c.poolGen()
 	tc, keys, err := c.handshake(ctx, dst, stamp)
 	if err != nil {
 		return nil, err
 	}
-	return c.established(tc, keys, dst), nil
+	return c.established(tc, keys, dst, time.Now(), gen), nil
 }
 
 // handshake opens one MPTCP connection and runs msg1 and msg2 for dst; a
@@ -438,7 +446,7 @@ func (c *Client) handshake(ctx context.Context, dst target, stamp *time.Time) (*
 }
 
 // established makes the flow's Conn of a connection through its verdict.
-func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target) *Conn {
+func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target, born time.Time, gen uint64) *Conn {
 	// Only meaningful now: with Fast Open the connection did not exist
 	// when DialContext returned.
 	mp, _ := tc.MultipathTCP()
@@ -461,16 +469,24 @@ func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target) *C
 	if keys.cipher == AES256GCM {
 		c.aesFlows.Add(1)
 	}
+	reuse := c.reuseHook(born, gen)
+	if reuse != nil {
+		c.pool.returning.Add(1)
+	}
 	fc = newKeyedConn(tc, keys, mp, func() {
 		c.active.Add(-1)
 		if app {
 			c.appFlows.Add(-1)
+		}
+		if reuse != nil {
+			c.pool.returning.Add(-1)
 		}
 		c.mu.Lock()
 		delete(c.conns, fc)
 		c.mu.Unlock()
 	})
 	fc.id = c.nextID.Add(1)
+	fc.onReuse = reuse
 	c.mu.Lock()
 	if c.conns == nil {
 		c.conns = map[*Conn]struct{}{}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flynn/noise"
@@ -109,6 +110,7 @@ type Conn struct {
 	userRD       time.Time
 	frameRD      time.Time
 	rawRD        time.Time
+	handed       bool // the connection went to another flow (reuse.go): hands off
 
 	wmu     sync.Mutex
 	send    *noise.CipherState
@@ -119,6 +121,18 @@ type Conn struct {
 	onClose   func()
 	id        uint64 // the Client's number for the flow; 0 on the server
 	cipher    Cipher
+
+	// onReuse, when set, takes the connection for another flow once
+	// this one ended cleanly both ways (reuse.go); Close then hands it
+	// over instead of closing it, and CloseWrite sends the end-of-stream
+	// frame without shutting the TCP side down.
+	onReuse func(reusable)
+	// afterEOF: how many bytes may follow the peer's end-of-stream frame
+	// in the same read (the server: a client's next request frame, sent
+	// as soon as the client's flow was over); after holds them.
+	afterEOF int
+	after    []byte
+	aborted  atomic.Bool
 }
 
 // Cipher is the AEAD the flow's frames are sealed with, as the two ends
@@ -166,16 +180,23 @@ func (c *Conn) TCP() *net.TCPConn { return c.tcp }
 // handshake completed (false: it fell back to plain TCP).
 func (c *Conn) MultipathTCP() bool { return c.mptcp }
 
-func (c *Conn) LocalAddr() net.Addr                { return c.raw.LocalAddr() }
-func (c *Conn) RemoteAddr() net.Addr               { return c.raw.RemoteAddr() }
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.raw.SetWriteDeadline(t) }
+func (c *Conn) LocalAddr() net.Addr  { return c.raw.LocalAddr() }
+func (c *Conn) RemoteAddr() net.Addr { return c.raw.RemoteAddr() }
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.dmu.Lock()
+	defer c.dmu.Unlock()
+	if c.handed {
+		return net.ErrClosed
+	}
+	return c.raw.SetWriteDeadline(t)
+}
 
 // SetDeadline sets the read and write deadlines.
 func (c *Conn) SetDeadline(t time.Time) error {
 	if err := c.SetReadDeadline(t); err != nil {
 		return err
 	}
-	return c.raw.SetWriteDeadline(t)
+	return c.SetWriteDeadline(t)
 }
 
 // SetReadDeadline sets the caller's read deadline. A frame's own deadline
@@ -190,6 +211,9 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 // applyRD gives raw the earlier of the caller's and the frame's
 // deadlines; called with dmu held.
 func (c *Conn) applyRD() error {
+	if c.handed {
+		return net.ErrClosed
+	}
 	d := c.userRD
 	if !c.frameRD.IsZero() && (d.IsZero() || c.frameRD.Before(d)) {
 		d = c.frameRD
@@ -241,11 +265,19 @@ func (c *Conn) midFrameErr(err error) error {
 	return err
 }
 
-// Close closes the connection in both directions at once.
+// Close closes the connection in both directions at once. When the flow
+// ended cleanly both ways (each end's end-of-stream frame sent and
+// received, nothing failed) and the Conn may be reused, the connection
+// goes back instead, to carry the next flow (reuse.go).
 func (c *Conn) Close() error {
 	err := net.ErrClosed
 	c.closeOnce.Do(func() {
-		err = c.raw.Close()
+		if r, ok := c.reusable(); ok {
+			c.onReuse(r)
+			err = nil
+		} else {
+			err = c.raw.Close()
+		}
 		if c.onClose != nil {
 			c.onClose()
 		}
@@ -255,8 +287,9 @@ func (c *Conn) Close() error {
 
 // Abort closes the connection with a reset instead of a FIN, so the peer
 // (and through it the app at the far end) learns at once that the flow is
-// gone.
+// gone. An aborted connection is never reused.
 func (c *Conn) Abort() error {
+	c.aborted.Store(true)
 	if c.tcp != nil {
 		c.tcp.SetLinger(0)
 	}
@@ -369,10 +402,15 @@ func (c *Conn) endOfStream(ct []byte) error {
 	if _, err := c.recv.Decrypt(ct[:0], nil, ct); err != nil {
 		return c.readFailed(authErr(err))
 	}
-	if c.re > c.rs {
-		// The peer's Conn sends nothing after its end-of-stream frame;
-		// bytes already here after it are a protocol violation.
-		return c.readFailed(fmt.Errorf("%w: data after end of stream", ErrBadFrame))
+	if n := c.re - c.rs; n > 0 {
+		// The peer's Conn sends nothing after its end-of-stream frame
+		// but, on a connection that may be reused, the start of the
+		// next flow's request; anything more is a protocol violation.
+		if c.onReuse == nil || n > c.afterEOF {
+			return c.readFailed(fmt.Errorf("%w: data after end of stream", ErrBadFrame))
+		}
+		c.after = append([]byte(nil), (*c.rbuf)[c.rs:c.re]...)
+		c.rs = c.re
 	}
 	c.rerr = io.EOF
 	c.releaseReadBuf()
@@ -772,6 +810,11 @@ func (c *Conn) CloseWrite() error {
 		return err
 	}
 	c.wclosed = true
+	if c.onReuse != nil {
+		// The frame said it; a FIN would end the connection, which
+		// may carry another flow.
+		return nil
+	}
 	if cw, ok := c.raw.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

@@ -66,7 +66,10 @@ type pool struct {
 	notTill time.Time
 	kick    chan struct{}
 
-	hits, stale, expired, dials, failures atomic.Uint64
+	hits, stale, expired, dials, failures, reused atomic.Uint64
+	// returning: flows open now on connections they will put back when
+	// they end cleanly (reuse.go).
+	returning atomic.Int64
 }
 
 func (p *pool) signal() {
@@ -182,7 +185,15 @@ func (c *Client) RunPool(ctx context.Context) error {
 			p.ready[0] = nil
 			p.ready = p.ready[1:]
 		}
-		want := c.poolTarget(now) - len(p.ready) - p.dialing
+		target := c.poolTarget(now)
+		want := target - len(p.ready) - p.dialing
+		// Flows that will put their connection back count towards
+		// the target, up to half of it: a pool kept full by dials
+		// while flows cycle would close what they put back (a
+		// handshake per flow again, at both ends), and one that
+		// waited for every open flow would be empty while long ones
+		// last.
+		want -= min(int(p.returning.Load()), target/2)
 		if now.Before(p.notTill) {
 			want = 0
 		}
@@ -289,7 +300,7 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 		return nil, &VerdictError{Verdict: v, Dst: t.dst, Service: t.svc}
 	}
 	tc.SetKeepAliveConfig(keepAlive())
-	return c.established(tc, pc.keys, t), nil
+	return c.established(tc, pc.keys, t, pc.born, pc.gen), nil
 }
 
 func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {

@@ -74,7 +74,9 @@ func echoOnce(t testing.TB, c *Client) error {
 func TestPool(t *testing.T) {
 	ln := listenMPTCP(t, false)
 	var g gate
-	p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 3, Source: g.source})
+	// The pool alone: a finished flow's connection is not put back
+	// (TestReuse has that).
+	p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 3, Source: g.source, NoReuse: true})
 	var dsts atomic.Int64
 	serve(t, p.srv, ln, func(ctx context.Context, f *Flow) {
 		if f.Dst == testDst {
@@ -94,6 +96,9 @@ func TestPool(t *testing.T) {
 	if cs.PoolHits != 3 || cs.Connected != 5 || cs.Failures != 0 || cs.Pooled != 0 {
 		t.Errorf("client stats %+v: want 3 flows from the pool, 2 fresh, none failed", cs)
 	}
+	// The server keeps each finished flow's connection for a moment,
+	// until it sees the client close it.
+	waitFor(t, "the server holding nothing pooled", func() bool { return p.srv.Stats().Pooled == 0 })
 	ss := p.srv.Stats()
 	if ss.Flows != 5 || ss.Pooled != 0 || dsts.Load() != 5 {
 		t.Errorf("server stats %+v, %d flows to the destination", ss, dsts.Load())
@@ -158,8 +163,10 @@ func TestPoolServerClosed(t *testing.T) {
 			}
 		}
 		cs := p.cli.Stats()
-		if cs.Failures != 0 || cs.Connected != 3 || cs.PoolHits != 0 || cs.PoolStale != 3 {
-			t.Errorf("client stats %+v: want 3 stale pooled connections skipped, 3 flows connected", cs)
+		// The first flow dials afresh; the later ones may take the
+		// connection it put back (reuse), never a stale one.
+		if cs.Failures != 0 || cs.Connected != 3 || cs.PoolStale < 3 || cs.PoolHits > cs.PoolReused {
+			t.Errorf("client stats %+v: want 3 stale pooled connections skipped, 3 flows connected, hits only on connections put back", cs)
 		}
 	})
 	t.Run("restart", func(t *testing.T) {
@@ -204,7 +211,9 @@ func TestPoolServerClosed(t *testing.T) {
 			}
 		}
 		cs := p.cli.Stats()
-		if cs.Failures != before.Failures || cs.Connected != before.Connected+5 || cs.PoolHits != before.PoolHits {
+		// Hits after the restart only on connections the flows after
+		// it put back (reuse), none on the dead pool's.
+		if cs.Failures != before.Failures || cs.Connected != before.Connected+5 || cs.PoolHits-before.PoolHits > cs.PoolReused-before.PoolReused {
 			t.Errorf("after the restart: stats %+v (before %+v): want 5 flows connected, none from the dead pool, none failed", cs, before)
 		}
 		if cs.PoolStale < 3 {

@@ -118,6 +118,9 @@ type ServerStats struct {
 	Pooled      int64  // waiting for their request frame now
 	PoolLimited uint64 // pool handshakes answered Limited (MaxPooledPerPeer, MaxPooled)
 	PoolUnused  uint64 // closed without a request: PoolIdle passed, the client closed it, or a bad request frame
+	// Reused: connections kept, after their flow ended cleanly, for the
+	// client's next flow (they count in Pooled while they wait).
+	Reused uint64
 
 	// AcceptsAES: a client's offer of AES-256-GCM is taken
 	// (ServerConfig.Cipher, and this host's AES instructions with
@@ -149,7 +152,7 @@ type Server struct {
 	rejects                                      [numRejects]atomic.Uint64
 	active                                       atomic.Int64
 	pooled                                       atomic.Int64
-	poolLimited, poolUnused, noFiles             atomic.Uint64
+	poolLimited, poolUnused, noFiles, reused     atomic.Uint64
 	aesFlows                                     atomic.Uint64
 	acceptAES                                    bool
 
@@ -344,6 +347,7 @@ func (s *Server) Stats() ServerStats {
 		Pooled:       s.pooled.Load(),
 		PoolLimited:  s.poolLimited.Load(),
 		PoolUnused:   s.poolUnused.Load(),
+		Reused:       s.reused.Load(),
 		NoFiles:      s.noFiles.Load(),
 		AcceptsAES:   s.acceptAES,
 		AESGCM:       s.aesFlows.Load(),
@@ -374,6 +378,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 	s.files.refill()
 	defer s.files.close()
 	ctx, cancel := context.WithCancel(ctx)
+	// Connections kept for another flow outlive the goroutine that
+	// accepted them (reuse.go); Serve waits for them too.
+	sv := &serveState{ctx: ctx, handle: handle}
+	defer sv.closeAndWait()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
@@ -436,7 +444,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, handle func(context
 		go func() {
 			defer wg.Done()
 			defer cancelConn()
-			s.serveConn(connCtx, raw, acceptedAt, e, noFiles, handle)
+			s.serveConn(connCtx, raw, acceptedAt, e, noFiles, sv)
 		}()
 	}
 }
@@ -482,7 +490,7 @@ func lingerZero(raw net.Conn) {
 	}
 }
 
-func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, noFiles bool, handle func(context.Context, *Flow)) {
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Time, e *hoEntry, noFiles bool, sv *serveState) {
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
 
@@ -543,16 +551,18 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, acceptedAt time.Ti
 	rateOK := p.peer.bucket.Take(s.Now().UnixNano())
 	p.peer.mu.Unlock()
 	if p.dst.pool {
-		s.servePooled(ctx, raw, p, rateOK, handle)
+		s.servePooled(ctx, raw, p, rateOK, sv)
 		return
 	}
-	s.serveFlow(ctx, p, s.newFlow(raw, p), rateOK, handle)
+	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), rateOK, sv.handle)
 }
 
 // newFlow makes the Flow of an authenticated connection; its verdict
 // goes into msg2 (p.hs) or, on a pooled connection, into a verdict frame.
-func (s *Server) newFlow(raw net.Conn, p *pendingFlow) *Flow {
+func (s *Server) newFlow(raw net.Conn, p *pendingFlow, sv *serveState) *Flow {
 	f := &Flow{
+		peer:    p.peer,
+		sv:      sv,
 		Peer:    p.key,
 		Dst:     p.dst.dst,
 		Service: p.dst.svc,
@@ -740,6 +750,9 @@ type Flow struct {
 	pooled  bool
 	decided bool
 	keys    transportKeys // pooled: from msg2 on
+	// For the connection's next flow (reuse.go).
+	peer *peerState
+	sv   *serveState
 }
 
 var errDecided = errors.New("tunnel: flow already accepted or refused")
@@ -815,7 +828,10 @@ func (f *Flow) Accept() (*Conn, error) {
 		}
 		return nil, err
 	}
-	return newKeyedConn(f.raw, keys, f.MultipathTCP, f.release), nil
+	c := newKeyedConn(f.raw, keys, f.MultipathTCP, f.release)
+	c.onReuse = f.s.reuseHook(f)
+	c.afterEOF = requestFrameSize
+	return c, nil
 }
 
 // Refuse sends verdict v (anything but Connected) inside the encrypted

@@ -5,6 +5,7 @@ package tunnel
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -34,7 +35,7 @@ const pooledRcvBuf = 4 << 20
 // since the request frame is sealed with keys only the holder of msg1's
 // ephemeral key can derive. The destination itself now travels under
 // forward-secret keys (ee, se), not under msg1's es/ss.
-func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, handle func(context.Context, *Flow)) {
+func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
 	peerN := p.peer.pooled.Add(1)
 	total := s.pooled.Add(1)
 	unpool := func() {
@@ -59,7 +60,18 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	}
 	p.hs = nil
 	p.peer.lastSeen.Store(time.Now().UnixNano())
+	s.awaitRequest(ctx, raw, raw, p, keys, true, sv)
+}
 
+// awaitRequest waits, on a connection counted in pooled, for the request
+// frame (read from src: raw, or what was read of it already and then
+// raw) and serves it as a flow. fresh: the connection is just through
+// its handshake, not back from a flow.
+func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, p *pendingFlow, keys transportKeys, fresh bool, sv *serveState) {
+	unpool := func() {
+		p.peer.pooled.Add(-1)
+		s.pooled.Add(-1)
+	}
 	// No keepalives while it waits: PoolIdle bounds its life, and on a
 	// client's metered uplink they would cost more than the pool saves.
 	tc, _ := raw.(*net.TCPConn)
@@ -68,13 +80,21 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	}
 	waitFrom := time.Now()
 	raw.SetReadDeadline(waitFrom.Add(s.cfg.PoolIdle))
-	t, err := readRequestFrame(raw, keys.recv)
+	t, err := readRequestFrame(src, keys.recv)
 	unpool()
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Debug("pooled connection closed unused", "peer", p.key.String(), "err", err)
 		}
-		abort(raw)
+		if fresh || !errors.Is(err, io.EOF) && !isTimeout(err) {
+			abort(raw)
+		} else {
+			// Back from a flow, the connection may still hold the
+			// end of its replies in the send buffer: a client that
+			// closed its side (FIN: it does not reuse, or its pool
+			// is full) or PoolIdle passed gets them, then a FIN.
+			raw.Close()
+		}
 		// Counted once closed: a test that waits for the count then
 		// finds the RST sent.
 		s.poolUnused.Add(1)
@@ -84,7 +104,7 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	if tc != nil {
 		tc.SetKeepAliveConfig(keepAlive())
 	}
-	if time.Since(waitFrom) >= pooledWarm && s.rmemMax > 0 {
+	if fresh && time.Since(waitFrom) >= pooledWarm && s.rmemMax > 0 {
 		// Linux 6.18 (measured 2026-12): an MPTCP connection idle for
 		// seconds between its handshake and its first data never grows
 		// its receive buffer as a fresh one does (the first segment
@@ -103,7 +123,7 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 		}
 	}
 	p.dst, p.keys = t, keys
-	s.serveFlow(ctx, p, s.newFlow(raw, p), true, handle)
+	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), true, sv.handle)
 }
 
 // readRequestFrame reads exactly a request frame, nothing after it (the

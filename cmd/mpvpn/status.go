@@ -130,7 +130,7 @@ func serverStatusOf(cs concentrator.Stats, peers []tunnel.PeerStats, listen stri
 			NotAllowed:  cs.NotAllowed,
 		},
 		DNS:  &control.DNS{Streams: cs.DNSStreams, Queries: cs.DNSQueries, Failed: cs.DNSFailed},
-		Pool: &control.Pool{Ready: ts.Pooled, Limited: ts.PoolLimited, Unused: ts.PoolUnused},
+		Pool: &control.Pool{Ready: ts.Pooled, Limited: ts.PoolLimited, Unused: ts.PoolUnused, Reused: ts.Reused},
 		UDP: &control.UDP{Streams: cs.UDP.Streams, Flows: cs.UDP.ActiveFlows, Up: cs.UDP.Up, Down: cs.UDP.Down,
 			UpBytes: cs.UDP.UpBytes, DownBytes: cs.UDP.DownBytes, Refused: cs.UDP.Refused, Dropped: cs.UDP.Dropped,
 			Sockets: cs.UDP.Flows, Evicted: uint64(cs.UDP.EvictedFlows), SendErrors: cs.UDP.SendErrors,

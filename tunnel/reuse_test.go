@@ -1,0 +1,267 @@
+//go:build linux
+
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"testing"
+	"time"
+)
+
+// TestConnReuseAfterEOF: the bytes that follow the peer's end-of-stream
+// frame in the same read go to the next flow when they can be its request
+// frame, and are a protocol violation otherwise, or on a Conn that is not
+// reused.
+func TestConnReuseAfterEOF(t *testing.T) {
+	tests := []struct {
+		name     string
+		reuse    bool
+		extra    int // bytes after the request frame
+		wantErr  error
+		wantNext bool
+	}{
+		{name: "request frame after the end", reuse: true, wantNext: true},
+		{name: "more than a request frame", reuse: true, extra: 1, wantErr: ErrBadFrame},
+		{name: "not reused", reuse: false, wantErr: ErrBadFrame},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := newPair(t, ServerConfig{}, ClientConfig{})
+			cs, _, ss, sr := p.handshake(t)
+			var stream []byte
+			seal := func(pt []byte) {
+				buf := make([]byte, frameHeaderSize+len(pt)+tagSize)
+				out, err := sealFrame(buf, cs, pt)
+				if err != nil {
+					t.Fatal(err)
+				}
+				stream = append(stream, out...)
+			}
+			seal([]byte("hello"))
+			seal(nil) // end of stream
+			var req [requestSize]byte
+			putTarget(req[:], target{dst: testDst})
+			seal(req[:])
+			stream = append(stream, make([]byte, tt.extra)...)
+
+			var got reusable
+			handed := false
+			c := newConn(&fakeConn{r: bytes.NewReader(stream)}, ss, sr, false, nil)
+			if tt.reuse {
+				c.afterEOF = requestFrameSize
+				c.onReuse = func(r reusable) { got, handed = r, true }
+			}
+			b, err := io.ReadAll(c)
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("ReadAll: %q, %v; want %v", b, err, tt.wantErr)
+				}
+				if handed {
+					t.Fatal("a Conn that failed was handed on")
+				}
+				return
+			}
+			if err != nil || string(b) != "hello" {
+				t.Fatalf("ReadAll: %q, %v", b, err)
+			}
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Close(); err != nil || !handed {
+				t.Fatalf("Close: %v, handed on: %v", err, handed)
+			}
+			if err := c.SetDeadline(time.Now()); err == nil {
+				t.Error("SetDeadline on a Conn whose connection went on to another flow")
+			}
+			next, err := readRequestFrame(bytes.NewReader(got.after), got.keys.recv)
+			if err != nil || next.dst != testDst {
+				t.Fatalf("the next request: %v, %v", next, err)
+			}
+		})
+	}
+}
+
+// TestConnReuseNeedsCleanEnd: a Conn is handed on only when both
+// directions ended with their end-of-stream frames and nothing failed.
+func TestConnReuseNeedsCleanEnd(t *testing.T) {
+	tests := []struct {
+		name      string
+		readEnd   bool // the peer's end-of-stream frame was read
+		closeW    bool // our end-of-stream frame was sent
+		abort     bool
+		wantReuse bool
+	}{
+		{name: "both ends", readEnd: true, closeW: true, wantReuse: true},
+		{name: "peer still sending", closeW: true},
+		{name: "ours not ended", readEnd: true},
+		{name: "aborted", readEnd: true, closeW: true, abort: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := newPair(t, ServerConfig{}, ClientConfig{})
+			cs, _, ss, sr := p.handshake(t)
+			buf := make([]byte, frameHeaderSize+tagSize)
+			eof, err := sealFrame(buf, cs, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw := &fakeConn{r: bytes.NewReader(eof)}
+			handed := false
+			c := newConn(raw, ss, sr, false, nil)
+			c.onReuse = func(reusable) { handed = true }
+			if tt.readEnd {
+				if _, err := io.ReadAll(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.closeW {
+				if err := c.CloseWrite(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.abort {
+				c.Abort()
+			} else {
+				c.Close()
+			}
+			if handed != tt.wantReuse || raw.closed.Load() == tt.wantReuse {
+				t.Errorf("handed on %v, closed %v; want handed on %v", handed, raw.closed.Load(), tt.wantReuse)
+			}
+		})
+	}
+}
+
+// TestReuse: flows through a real client and server on loopback MPTCP.
+// A flow that ended cleanly leaves its connection for the next flow; one
+// that did not, or with reuse off, or after a Flush, does not; and a
+// reused connection the concentrator closed is skipped like a stale
+// pooled one. Every flow's bytes arrive.
+func TestReuse(t *testing.T) {
+	tests := []struct {
+		name     string
+		noReuse  bool
+		poolIdle time.Duration
+		// between runs after the first flow, before the second.
+		between func(t *testing.T, p pair)
+		// wantConns: TCP connections the server accepted for the
+		// flows (the pool's one included).
+		wantConns  uint64
+		wantReused uint64 // client: connections put back
+		wantStale  uint64
+	}{
+		{name: "five flows, one connection", wantConns: 1, wantReused: 5},
+		{name: "reuse off", noReuse: true, wantConns: 5},
+		{name: "flushed", between: func(t *testing.T, p pair) { p.cli.Flush() }, wantConns: 2, wantReused: 5},
+		{
+			name: "closed by the concentrator at its PoolIdle", poolIdle: time.Second,
+			between: func(t *testing.T, p pair) {
+				waitFor(t, "the server closed the reused connection", func() bool { return p.srv.Stats().PoolUnused >= 1 })
+			},
+			wantConns: 2, wantReused: 5, wantStale: 1,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ln := listenMPTCP(t, false)
+			var g gate
+			p := newPair(t, ServerConfig{PoolIdle: tt.poolIdle}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source, NoReuse: tt.noReuse})
+			serve(t, p.srv, ln, echoAccept)
+			runPool(t, p.cli)
+			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
+			g.off.Store(true) // from here on, only flows put connections back
+			for i := range 5 {
+				if err := echoOnce(t, p.cli); err != nil {
+					t.Fatalf("flow %d: %v", i, err)
+				}
+				if i == 0 && tt.between != nil {
+					tt.between(t, p)
+				}
+			}
+			cs, ss := p.cli.Stats(), p.srv.Stats()
+			if cs.Connected != 5 || cs.Failures != 0 || ss.Flows != 5 {
+				t.Errorf("client %+v, server %+v: want 5 flows connected, none failed", cs, ss)
+			}
+			if ss.Accepted != tt.wantConns || cs.PoolReused != tt.wantReused || cs.PoolStale != tt.wantStale {
+				t.Errorf("%d connections accepted, %d put back, %d stale; want %d, %d, %d", ss.Accepted, cs.PoolReused, cs.PoolStale, tt.wantConns, tt.wantReused, tt.wantStale)
+			}
+			if !tt.noReuse {
+				waitFor(t, "the server kept the connections", func() bool { return p.srv.Stats().Reused >= tt.wantReused })
+			}
+		})
+	}
+}
+
+// TestReuseNotAfterFailure: a flow that ends with a reset or a
+// truncated stream leaves nothing behind; the next flow dials afresh.
+func TestReuseNotAfterFailure(t *testing.T) {
+	tests := []struct {
+		name   string
+		handle func(context.Context, *Flow)
+		client func(t *testing.T, p pair, c *Conn)
+	}{
+		{
+			name:   "client aborts",
+			handle: echoAccept,
+			client: func(t *testing.T, p pair, c *Conn) {
+				c.Write([]byte("ping"))
+				c.CloseWrite()
+				io.ReadAll(c)
+				c.Abort()
+			},
+		},
+		{
+			name:   "the pool flushed during the flow (an uplink withdrawn)",
+			handle: echoAccept,
+			client: func(t *testing.T, p pair, c *Conn) {
+				p.cli.Flush()
+				c.Write([]byte("ping"))
+				c.CloseWrite()
+				if b, err := io.ReadAll(c); err != nil || string(b) != "ping" {
+					t.Errorf("echo: %q, %v", b, err)
+				}
+				c.Close()
+			},
+		},
+		{
+			name: "server ends without its end-of-stream frame",
+			handle: func(_ context.Context, f *Flow) {
+				c, err := f.Accept()
+				if err == nil {
+					c.Write([]byte("partial"))
+					c.Close()
+				}
+			},
+			client: func(t *testing.T, p pair, c *Conn) {
+				c.CloseWrite()
+				// ErrTruncated, or a reset if our end-of-stream
+				// frame was still unread when the server closed.
+				if _, err := io.ReadAll(c); err == nil {
+					t.Error("ReadAll: a stream without its end-of-stream frame read as complete")
+				}
+				c.Close()
+			},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ln := listenMPTCP(t, false)
+			var g gate
+			p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source})
+			serve(t, p.srv, ln, tt.handle)
+			runPool(t, p.cli)
+			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
+			g.off.Store(true)
+			c, err := p.cli.DialTCP(context.Background(), testDst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.client(t, p, c)
+			if st := p.cli.Stats(); st.PoolReused != 0 || st.Pooled != 0 {
+				t.Errorf("after a failed flow: %d put back, %d pooled; want none", st.PoolReused, st.Pooled)
+			}
+		})
+	}
+}
