@@ -94,7 +94,7 @@ var (
 	descPoolReady = prometheus.NewDesc("mpvpn_pool_ready",
 		"Connections to the concentrator authenticated ahead of any flow, waiting now (client: its pool; server: its clients').", nil, nil)
 	descPool = prometheus.NewDesc("mpvpn_pool_total",
-		"The connection pool, by event: a flow took one (hit); one was found closed by the server (stale) or retired unused (expired); dialled, failed; refused by the per-client cap (limited) or closed unused by the server (unused).", []string{"event"}, nil)
+		"The connection pool, by event: a flow took one (hit); one was found closed by the server (stale) or retired unused (expired); dialled, failed; refused by the per-client cap (limited) or closed unused by the server (unused); left by a finished flow for the next one (reused).", []string{"event"}, nil)
 	descUDPFlows = prometheus.NewDesc("mpvpn_udp_flows",
 		"Application UDP sockets with a relay flow now.", nil, nil)
 	descDNS = prometheus.NewDesc("mpvpn_dns_total",

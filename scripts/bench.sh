@@ -654,6 +654,19 @@ flow_rate() {
 		log "flowrate: mpvpn at $rel of the relay's rate"
 		row flowrate "mpvpn relative to the relay" "$rel" "-" "target ≥ 100 % of the relay, ≤ 0.5 ms CPU per flow on each end"
 	fi
+	# The same with connection reuse off: every flow takes a pooled
+	# connection that has done its own handshake, none is handed back.
+	stop_pid "$CLIENT_PID"
+	if start_client --reuse=false; then
+		REL=- ab_case "mpvpn --reuse=false" "http://$DEST_ADDR/hello" "$CLIENT_PID" "$SERVER_PID"
+		if isnum "${RPS:-x}" && isnum "${relay:-x}"; then
+			row flowrate "mpvpn --reuse=false relative to the relay" "$(pct "$RPS" "$relay")" "-" "each flow pays a Noise handshake and an MPTCP dial (the pool's), as before reuse"
+		fi
+		stop_pid "$CLIENT_PID"
+	else
+		row flowrate "mpvpn --reuse=false" "FAIL" "-" "client did not come up"
+	fi
+	start_client || die "mpvpn client did not come up again"
 	stop_pid "$scl"
 	stop_pid "$sc"
 }
