@@ -138,7 +138,8 @@ type Client struct {
 	conns      map[*Conn]struct{} // open flows, for Conns and AbortAll
 	fallbackBy map[netip.Addr]uint64
 
-	pool pool
+	pool    pool
+	rmemMax int // net.ipv4.tcp_rmem's maximum, for pooled connections
 }
 
 const defaultHandshakeTimeout = 10 * time.Second
@@ -201,6 +202,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		now:    cfg.Now,
 
 		offerAES: cfg.Cipher.wantsAES(HardwareAES()),
+		rmemMax:  tcpRmemMax(),
 	}
 	c.pool.kick = make(chan struct{}, 1)
 	c.dialer.KeepAliveConfig = keepAlive()

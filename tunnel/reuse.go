@@ -104,7 +104,7 @@ func (c *Client) putBack(r reusable, born time.Time, gen uint64) {
 		time.Since(born) < c.cfg.PoolMaxAge && len(p.ready) < c.cfg.PoolSize
 	if keep {
 		i, _ := slices.BinarySearchFunc(p.ready, born, func(pc *pooledConn, t time.Time) int { return pc.born.Compare(t) })
-		p.ready = slices.Insert(p.ready, i, &pooledConn{tc: tc, keys: r.keys, born: born, gen: gen})
+		p.ready = slices.Insert(p.ready, i, &pooledConn{tc: tc, keys: r.keys, born: born, idle: time.Now(), gen: gen})
 	}
 	p.mu.Unlock()
 	if !keep {

@@ -7,8 +7,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestConnReuseAfterEOF: the bytes that follow the peer's end-of-stream
@@ -261,6 +264,98 @@ func TestReuseNotAfterFailure(t *testing.T) {
 			tt.client(t, p, c)
 			if st := p.cli.Stats(); st.PoolReused != 0 || st.Pooled != 0 {
 				t.Errorf("after a failed flow: %d put back, %d pooled; want none", st.PoolReused, st.Pooled)
+			}
+		})
+	}
+}
+
+// rcvBuf is SO_RCVBUF of c's socket.
+func rcvBuf(t *testing.T, c *Conn) int {
+	t.Helper()
+	sc, ok := c.raw.(syscall.Conn)
+	if !ok {
+		t.Fatalf("%T has no socket", c.raw)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := 0
+	var serr error
+	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) }); err != nil || serr != nil {
+		t.Fatalf("SO_RCVBUF: %v, %v", err, serr)
+	}
+	return v
+}
+
+// TestPooledReceiveBuffer: a pooled connection, fresh or left by a
+// finished flow, that waited longer than pooledWarm has its receive
+// buffer set on both ends when the next flow takes it (the kernel's
+// autotuning would keep it small, see servePooled); one taken at once is
+// left to the autotuning.
+func TestPooledReceiveBuffer(t *testing.T) {
+	want := 2 * min(tcpRmemMax()/2, pooledRcvBuf) // the kernel doubles it
+	if want <= 0 {
+		cannotRun(t, "net.ipv4.tcp_rmem unreadable")
+	}
+	tests := []struct {
+		name   string
+		wait   time.Duration
+		reused bool // the connection carried a flow before
+		pinned bool
+	}{
+		{name: "taken at once", wait: 0, pinned: false},
+		{name: "waited", wait: pooledWarm + 200*time.Millisecond, pinned: true},
+		{name: "reused after a wait", wait: pooledWarm + 200*time.Millisecond, reused: true, pinned: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ln := listenMPTCP(t, false)
+			srvBuf := make(chan int, 2)
+			handle := func(ctx context.Context, f *Flow) {
+				c, err := f.Accept()
+				if err != nil {
+					return
+				}
+				srvBuf <- rcvBuf(t, c)
+				defer c.Close()
+				io.Copy(c, c)
+				c.CloseWrite()
+				io.Copy(io.Discard, c)
+			}
+			var g gate
+			p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source})
+			serve(t, p.srv, ln, handle)
+			runPool(t, p.cli)
+			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
+			g.off.Store(true)
+			if tt.reused {
+				if err := echoOnce(t, p.cli); err != nil {
+					t.Fatal(err)
+				}
+				<-srvBuf
+				waitFor(t, "the connection put back", func() bool { return p.cli.Stats().Pooled == 1 })
+			}
+			time.Sleep(tt.wait)
+			fc, err := p.cli.DialTCP(context.Background(), testDst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer fc.Close()
+			cli := rcvBuf(t, fc)
+			if _, err := fc.Write([]byte("ping")); err != nil {
+				t.Fatal(err)
+			}
+			fc.CloseWrite()
+			if b, err := io.ReadAll(fc); err != nil || string(b) != "ping" {
+				t.Fatalf("echo: %q, %v", b, err)
+			}
+			srv := <-srvBuf
+			if st := p.cli.Stats(); st.PoolHits < 1 || (tt.reused && st.PoolReused < 1) {
+				t.Fatalf("the flow did not take the pooled connection: %+v", st)
+			}
+			if (cli == want) != tt.pinned || (srv == want) != tt.pinned {
+				t.Errorf("SO_RCVBUF client %d, server %d; set to %d: %v, want %v", cli, srv, want, cli == want && srv == want, tt.pinned)
 			}
 		})
 	}

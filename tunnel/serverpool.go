@@ -104,7 +104,7 @@ func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, 
 	if tc != nil {
 		tc.SetKeepAliveConfig(keepAlive())
 	}
-	if fresh && time.Since(waitFrom) >= pooledWarm && s.rmemMax > 0 {
+	if time.Since(waitFrom) >= pooledWarm && s.rmemMax > 0 {
 		// Linux 6.18 (measured 2026-12): an MPTCP connection idle for
 		// seconds between its handshake and its first data never grows
 		// its receive buffer as a fresh one does (the first segment
@@ -117,7 +117,8 @@ func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, 
 		// gets, at once, a buffer as large as autotuning would give a
 		// fast flow (a limit, not an allocation: an idle flow holds
 		// none of it), capped at pooledRcvBuf so that an upload to a
-		// slow destination cannot queue more than that here.
+		// slow destination cannot queue more than that here. A
+		// connection a finished flow left waits the same way.
 		if err := pinReceiveBuffer(raw, min(s.rmemMax/2, pooledRcvBuf)); err != nil {
 			s.log.Debug("receive buffer not set", "err", err)
 		}
