@@ -271,17 +271,13 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 	defer cancel()
 	tc := pc.tc
 	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(aLongTimeAgo) })
-	if time.Since(pc.idle) >= pooledWarm && c.rmemMax > 0 {
-		// The download side of what servePooled does for uploads: a
-		// connection that waited would keep its receive buffer small
-		// (measured 2026-12-03, Linux 6.18, 40 + 20 Mbit/s: downloads
-		// through pooled connections at 96 % of the two links' sum
-		// against 97 % through fresh ones, the same through both once
-		// the buffer is set).
-		if err := pinReceiveBuffer(tc, min(c.rmemMax/2, pooledRcvBuf)); err != nil {
-			c.log.Debug("receive buffer not set", "err", err)
-		}
-	}
+	// The download side of what awaitRequest does for uploads: a
+	// connection that waited would keep its receive buffer small
+	// (measured 2026-12-03, Linux 6.18, 40 + 20 Mbit/s: downloads
+	// through pooled connections at 96 % of the two links' sum against
+	// 97 % through fresh ones, the same through both once the buffer is
+	// set).
+	pinAfterWait(tc, pc.idle, c.rmemMax, c.log)
 	var req [requestSize]byte
 	putTarget(req[:], t)
 	var wbuf [requestFrameSize]byte

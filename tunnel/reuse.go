@@ -169,11 +169,7 @@ func (s *Server) reuseHook(f *Flow) func(reusable) {
 // awaitReuse holds a connection whose flow ended until the client's next
 // request frame, under the caps of pooled connections, then serves it.
 func (s *Server) awaitReuse(sv *serveState, r reusable, p *pendingFlow) {
-	peerN := p.peer.pooled.Add(1)
-	total := s.pooled.Add(1)
-	if peerN > int64(s.cfg.MaxPooledPerPeer) || total > int64(s.cfg.MaxPooled) {
-		p.peer.pooled.Add(-1)
-		s.pooled.Add(-1)
+	if peerN, total, ok := s.enterPool(p.peer); !ok {
 		s.log.Debug("finished flow's connection over the pool's caps: closed", "peer", p.key.String(), "peer_pooled", peerN, "pooled", total)
 		r.raw.Close()
 		return

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"syscall"
 	"testing"
@@ -137,6 +138,23 @@ func TestConnReuseNeedsCleanEnd(t *testing.T) {
 	}
 }
 
+// onePooled starts a server with handle on loopback MPTCP and a client
+// (ccfg, with its Server, a pool of one, and a gate for Source) whose pool
+// has filled; the gate is then off, so from here on only flows put
+// connections back into the pool.
+func onePooled(t *testing.T, scfg ServerConfig, ccfg ClientConfig, handle func(context.Context, *Flow)) pair {
+	t.Helper()
+	ln := listenMPTCP(t, false)
+	var g gate
+	ccfg.Server, ccfg.PoolSize, ccfg.Source = lnAddr(ln), 1, g.source
+	p := newPair(t, scfg, ccfg)
+	serve(t, p.srv, ln, handle)
+	runPool(t, p.cli)
+	waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
+	g.off.Store(true)
+	return p
+}
+
 // TestReuse: flows through a real client and server on loopback MPTCP.
 // A flow that ended cleanly leaves its connection for the next flow; one
 // that did not, or with reuse off, or after a Flush, does not; and a
@@ -168,13 +186,7 @@ func TestReuse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ln := listenMPTCP(t, false)
-			var g gate
-			p := newPair(t, ServerConfig{PoolIdle: tt.poolIdle}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source, NoReuse: tt.noReuse})
-			serve(t, p.srv, ln, echoAccept)
-			runPool(t, p.cli)
-			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
-			g.off.Store(true) // from here on, only flows put connections back
+			p := onePooled(t, ServerConfig{PoolIdle: tt.poolIdle}, ClientConfig{NoReuse: tt.noReuse}, echoAccept)
 			for i := range 5 {
 				if err := echoOnce(t, p.cli); err != nil {
 					t.Fatalf("flow %d: %v", i, err)
@@ -250,13 +262,7 @@ func TestReuseNotAfterFailure(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ln := listenMPTCP(t, false)
-			var g gate
-			p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source})
-			serve(t, p.srv, ln, tt.handle)
-			runPool(t, p.cli)
-			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
-			g.off.Store(true)
+			p := onePooled(t, ServerConfig{}, ClientConfig{}, tt.handle)
 			c, err := p.cli.DialTCP(context.Background(), testDst)
 			if err != nil {
 				t.Fatal(err)
@@ -269,23 +275,23 @@ func TestReuseNotAfterFailure(t *testing.T) {
 	}
 }
 
-// rcvBuf is SO_RCVBUF of c's socket.
-func rcvBuf(t *testing.T, c *Conn) int {
-	t.Helper()
+// rcvBuf is SO_RCVBUF of c's socket. It does not fail the test itself,
+// so a server's handler may call it too.
+func rcvBuf(c *Conn) (int, error) {
 	sc, ok := c.raw.(syscall.Conn)
 	if !ok {
-		t.Fatalf("%T has no socket", c.raw)
+		return 0, fmt.Errorf("%T has no socket", c.raw)
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	v := 0
 	var serr error
 	if err := rc.Control(func(fd uintptr) { v, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) }); err != nil || serr != nil {
-		t.Fatalf("SO_RCVBUF: %v, %v", err, serr)
+		return 0, fmt.Errorf("SO_RCVBUF: %v, %v", err, serr)
 	}
-	return v
+	return v, nil
 }
 
 // TestPooledReceiveBuffer: a pooled connection, fresh or left by a
@@ -310,25 +316,23 @@ func TestPooledReceiveBuffer(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ln := listenMPTCP(t, false)
 			srvBuf := make(chan int, 2)
 			handle := func(ctx context.Context, f *Flow) {
 				c, err := f.Accept()
 				if err != nil {
 					return
 				}
-				srvBuf <- rcvBuf(t, c)
+				v, err := rcvBuf(c)
+				if err != nil {
+					t.Error(err)
+				}
+				srvBuf <- v
 				defer c.Close()
 				io.Copy(c, c)
 				c.CloseWrite()
 				io.Copy(io.Discard, c)
 			}
-			var g gate
-			p := newPair(t, ServerConfig{}, ClientConfig{Server: lnAddr(ln), PoolSize: 1, Source: g.source})
-			serve(t, p.srv, ln, handle)
-			runPool(t, p.cli)
-			waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
-			g.off.Store(true)
+			p := onePooled(t, ServerConfig{}, ClientConfig{}, handle)
 			if tt.reused {
 				if err := echoOnce(t, p.cli); err != nil {
 					t.Fatal(err)
@@ -342,7 +346,10 @@ func TestPooledReceiveBuffer(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer fc.Close()
-			cli := rcvBuf(t, fc)
+			cli, err := rcvBuf(fc)
+			if err != nil {
+				t.Fatal(err)
+			}
 			if _, err := fc.Write([]byte("ping")); err != nil {
 				t.Fatal(err)
 			}

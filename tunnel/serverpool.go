@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"time"
 
@@ -36,14 +37,12 @@ const pooledRcvBuf = 4 << 20
 // ephemeral key can derive. The destination itself now travels under
 // forward-secret keys (ee, se), not under msg1's es/ss.
 func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
-	peerN := p.peer.pooled.Add(1)
-	total := s.pooled.Add(1)
-	unpool := func() {
-		p.peer.pooled.Add(-1)
-		s.pooled.Add(-1)
+	peerN, total, ok := s.enterPool(p.peer)
+	if ok && !rateOK {
+		s.leavePool(p.peer)
+		ok = false
 	}
-	if !rateOK || peerN > int64(s.cfg.MaxPooledPerPeer) || total > int64(s.cfg.MaxPooled) {
-		unpool()
+	if !ok {
 		s.poolLimited.Add(1)
 		p.peer.limited.Add(1)
 		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
@@ -53,7 +52,7 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	}
 	keys, err := s.writeMsg2(raw, p.hs, Connected, p.cipher)
 	if err != nil {
-		unpool()
+		s.leavePool(p.peer)
 		s.poolUnused.Add(1)
 		raw.Close()
 		return
@@ -68,10 +67,6 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 // raw) and serves it as a flow. fresh: the connection is just through
 // its handshake, not back from a flow.
 func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, p *pendingFlow, keys transportKeys, fresh bool, sv *serveState) {
-	unpool := func() {
-		p.peer.pooled.Add(-1)
-		s.pooled.Add(-1)
-	}
 	// No keepalives while it waits: PoolIdle bounds its life, and on a
 	// client's metered uplink they would cost more than the pool saves.
 	tc, _ := raw.(*net.TCPConn)
@@ -81,7 +76,7 @@ func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, 
 	waitFrom := time.Now()
 	raw.SetReadDeadline(waitFrom.Add(s.cfg.PoolIdle))
 	t, err := readRequestFrame(src, keys.recv)
-	unpool()
+	s.leavePool(p.peer)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Debug("pooled connection closed unused", "peer", p.key.String(), "err", err)
@@ -104,27 +99,54 @@ func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, 
 	if tc != nil {
 		tc.SetKeepAliveConfig(keepAlive())
 	}
-	if time.Since(waitFrom) >= pooledWarm && s.rmemMax > 0 {
-		// Linux 6.18 (measured 2026-12): an MPTCP connection idle for
-		// seconds between its handshake and its first data never grows
-		// its receive buffer as a fresh one does (the first segment
-		// after the idle echoes a timestamp from before it, and the
-		// receive-side RTT estimate the autotuning paces itself by
-		// takes the idle for a round trip): one upload then ran at a
-		// third of the links' rate for its whole 5 s, in both the
-		// e2e test and a plain MPTCP socket pair, and at full rate
-		// with the buffer set. So a pooled connection that waited
-		// gets, at once, a buffer as large as autotuning would give a
-		// fast flow (a limit, not an allocation: an idle flow holds
-		// none of it), capped at pooledRcvBuf so that an upload to a
-		// slow destination cannot queue more than that here. A
-		// connection a finished flow left waits the same way.
-		if err := pinReceiveBuffer(raw, min(s.rmemMax/2, pooledRcvBuf)); err != nil {
-			s.log.Debug("receive buffer not set", "err", err)
-		}
-	}
+	// Linux 6.18 (measured 2026-12): an MPTCP connection idle for
+	// seconds between its handshake and its first data never grows
+	// its receive buffer as a fresh one does (the first segment
+	// after the idle echoes a timestamp from before it, and the
+	// receive-side RTT estimate the autotuning paces itself by
+	// takes the idle for a round trip): one upload then ran at a
+	// third of the links' rate for its whole 5 s, in both the
+	// e2e test and a plain MPTCP socket pair, and at full rate
+	// with the buffer set. So a pooled connection that waited
+	// gets, at once, a buffer as large as autotuning would give a
+	// fast flow (a limit, not an allocation: an idle flow holds
+	// none of it), capped at pooledRcvBuf so that an upload to a
+	// slow destination cannot queue more than that here. A
+	// connection a finished flow left waits the same way.
+	pinAfterWait(raw, waitFrom, s.rmemMax, s.log)
 	p.dst, p.keys = t, keys
 	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), true, sv.handle)
+}
+
+// enterPool counts a connection waiting for its request frame against
+// MaxPooledPerPeer and MaxPooled. ok false: over one of them, and not
+// counted; the counts are returned either way, for the log.
+func (s *Server) enterPool(peer *peerState) (peerN, total int64, ok bool) {
+	peerN, total = peer.pooled.Add(1), s.pooled.Add(1)
+	if peerN > int64(s.cfg.MaxPooledPerPeer) || total > int64(s.cfg.MaxPooled) {
+		s.leavePool(peer)
+		return peerN, total, false
+	}
+	return peerN, total, true
+}
+
+// leavePool undoes enterPool's count.
+func (s *Server) leavePool(peer *peerState) {
+	peer.pooled.Add(-1)
+	s.pooled.Add(-1)
+}
+
+// pinAfterWait sets c's receive buffer (pinReceiveBuffer) when c has
+// waited since since for longer than pooledWarm: as large as autotuning
+// would give it under rmemMax (net.ipv4.tcp_rmem's maximum; 0: unknown,
+// left alone), at most pooledRcvBuf. See awaitRequest for why.
+func pinAfterWait(c net.Conn, since time.Time, rmemMax int, log *slog.Logger) {
+	if time.Since(since) < pooledWarm || rmemMax <= 0 {
+		return
+	}
+	if err := pinReceiveBuffer(c, min(rmemMax/2, pooledRcvBuf)); err != nil {
+		log.Debug("receive buffer not set", "err", err)
+	}
 }
 
 // readRequestFrame reads exactly a request frame, nothing after it (the
