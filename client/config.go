@@ -75,6 +75,10 @@ type Config struct {
 	// Uplinks to carry flows over; empty: every interface with a
 	// default route, in metric order.
 	Uplinks []pathmgr.UplinkConfig
+	// SubflowsPerUplink: how many subflows each uplink opens per flow
+	// (0 means 1); more than one need ports the concentrator announces
+	// (mpvpn server --ports), and spread a flow over equal-cost paths.
+	SubflowsPerUplink int
 	// Routes: destinations carried by mpvpn. RouteAll: everything, IPv4
 	// and IPv6 (Routes then add nothing). Exclude: destinations that never
 	// enter the tunnel. AllowLAN: with RouteAll, the directly connected
@@ -298,6 +302,9 @@ func (c Config) Validate() error {
 	if _, err := dnsconf.ParseMode(string(c.DNSHook)); err != nil {
 		errs = append(errs, fmt.Errorf("--dns-hook: %w", err))
 	}
+	if c.SubflowsPerUplink < 0 || c.SubflowsPerUplink > pathmgr.MaxEndpoints {
+		bad("--subflows %d: want 1 to %d per uplink (the kernel opens at most %d subflows beside a connection's first)", c.SubflowsPerUplink, pathmgr.MaxEndpoints, pathmgr.MaxEndpoints)
+	}
 	if len(c.Uplinks) > pathmgr.MaxUplinks {
 		bad("%d uplinks: the kernel holds at most %d MPTCP endpoints", len(c.Uplinks), pathmgr.MaxUplinks)
 	}
@@ -307,7 +314,8 @@ func (c Config) Validate() error {
 // pathmgr is the path manager's Config for c (without uplinks).
 func (c Config) pathmgr() pathmgr.Config {
 	return pathmgr.Config{Uplinks: c.Uplinks, TableBase: c.Table, RulePrio: c.Table, Mark: c.Mark, Logger: c.Logger,
-		IPv6: c.Server.IsValid() && !c.Server.Addr().Unmap().Is4(), AnyFamily: c.ServerAlt.IsValid()}
+		IPv6: c.Server.IsValid() && !c.Server.Addr().Unmap().Is4(), AnyFamily: c.ServerAlt.IsValid(),
+		SubflowsPerUplink: c.SubflowsPerUplink}
 }
 
 // routing is routing's Config for c: its table and rules 100 above the

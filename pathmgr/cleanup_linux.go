@@ -88,9 +88,10 @@ func Cleanup(cfg Config) ([]string, error) {
 }
 
 // mpvpnShaped reports whether ep looks like the endpoints addEndpoint
-// adds: `subflow`, maybe `backup`, no port, bound to an interface.
+// adds: `subflow`, maybe `fullmesh` and `backup`, no port, bound to an
+// interface.
 func mpvpnShaped(ep Endpoint) bool {
-	return ep.IfIndex != 0 && ep.Port == 0 && ep.Flags&^FlagBackup == FlagSubflow
+	return ep.IfIndex != 0 && ep.Port == 0 && ep.Flags&^(FlagBackup|FlagFullmesh) == FlagSubflow
 }
 
 // removeRulesAndTables deletes the rules at cfg's priorities that look up

@@ -142,7 +142,6 @@ func TestCleanupAfterCrash(t *testing.T) {
 		if done, err := Cleanup(cfg); err != nil || len(done) != 0 {
 			t.Fatalf("Cleanup of a clean namespace = %q, %v", done, err)
 		}
-		before := takeSnapshot(t)
 
 		crashed := start(t, cfg)
 		ups := crashed.Uplinks()
@@ -212,7 +211,10 @@ func TestCleanupAfterCrash(t *testing.T) {
 		// things: the limits and rp_filter are the journal's, not
 		// Cleanup's.
 		after := takeSnapshot(t)
-		after.limits, after.rpFilter = before.limits, before.rpFilter
+		if after.limits != withForeign.limits {
+			t.Errorf("Cleanup changed the limits: %s, the crashed run left %s", after.limits, withForeign.limits)
+		}
+		after.limits, after.rpFilter = withForeign.limits, withForeign.rpFilter
 		if d := withoutMine(withForeign, ups).diff(after); d != "" {
 			t.Errorf("Cleanup removed the wrong things:\n%s", d)
 		}

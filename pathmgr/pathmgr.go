@@ -35,7 +35,7 @@
 //     which an ISP that filters sources (BCP 38) drops. In route-all
 //     mode routing's ladder takes every unmarked packet into the TUN
 //     before this rule, apps bound to the address included;
-//   - MPTCP endpoint `<addr> dev <if> subflow [backup]` on the IPv4
+//   - MPTCP endpoint `<addr> dev <if> subflow [fullmesh] [backup]` on the IPv4
 //     address, id chosen by the kernel (the concentrator is reached over
 //     IPv4 in this version, and an IPv6 endpoint per uplink would halve the
 //     kernel's budget of 8);
@@ -144,7 +144,14 @@ type Config struct {
 	// fullmesh, so each pairs with the concentrator's address of its own
 	// family, and the connections accept the announcement.
 	AnyFamily bool
-	Logger    *slog.Logger // nil: discard
+	// SubflowsPerUplink is how many subflows each uplink opens per
+	// connection (0 means 1): one to the concentrator's address and one
+	// to each further address or port it announces (ADD_ADDR), as far as
+	// the kernel's limits allow (MaxEndpoints subflows beyond a
+	// connection's first). Over equal-cost paths, hashing spreads the
+	// different 5-tuples over them (the concentrator's --ports).
+	SubflowsPerUplink int
+	Logger            *slog.Logger // nil: discard
 	// Journal, if set, is told each kernel setting pathmgr changes, with
 	// its value before, ahead of the change (an error leaves the setting
 	// alone and fails Start): kind JournalSysctl, name the sysctl (in
@@ -184,6 +191,47 @@ func (u Uplink) String() string {
 		s += " backup"
 	}
 	return s
+}
+
+// limits returns the path manager limits the uplinks need: subflows, how
+// many subflows a connection may add to its first, and accept, how many
+// of the concentrator's announcements (ADD_ADDR) it acts upon.
+//
+// With one subflow per uplink: one per uplink besides the first, which
+// leaves room for a re-created subflow while the old one is still
+// closing, and the concentrator of the other family (AnyFamily) announces
+// one address. With n each (SubflowsPerUplink), an uplink opens one to
+// the address the connection began on and one to each of n-1 announced
+// ports: n-1 announcements (one more with AnyFamily) and uplinks×n
+// subflows besides the first, one more again for a re-created subflow.
+// The kernel default (2 subflows) is the floor; MaxEndpoints the ceiling
+// of both.
+func (c *Config) limits() (subflows, accept uint32) {
+	var s, a int
+	if n := c.SubflowsPerUplink; n > 1 {
+		s, a = len(c.Uplinks)*n+1, n-1
+		if c.AnyFamily {
+			a++
+		}
+	} else {
+		s = len(c.Uplinks)
+		if c.AnyFamily {
+			a = 2
+		}
+	}
+	s = max(s, 2)
+	return uint32(min(s, MaxEndpoints)), uint32(min(a, MaxEndpoints))
+}
+
+// fullmesh reports whether the uplinks' endpoints are fullmesh: a subflow
+// to every address and port the concentrator announces, not only to the
+// one the connection began on. Only where announcements are to be used:
+// with one subflow each and one family, a plain `subflow` endpoint, whose
+// re-created subflow after an outage joins at once (with fullmesh, in
+// TestOutageDuringDownload on Linux 6.18, 2026-12-03, the uplink carried
+// again only after some 4 s).
+func (c *Config) fullmesh() bool {
+	return c.AnyFamily || c.SubflowsPerUplink > 1
 }
 
 // ownedTable reports whether table t is in mpvpn's range.

@@ -225,16 +225,7 @@ func Start(ctx context.Context, cfg Config) (*Manager, error) {
 			return nil, errors.Join(fmt.Errorf("pathmgr: uplink %s: %w", u.Name, err), m.Close())
 		}
 	}
-	// subflows_max counts the subflows a connection may add to its first
-	// one; one per uplink leaves room for a re-created subflow while the
-	// old one is still closing. The kernel default is 2, and 2 is kept as a
-	// floor so a single-uplink client behaves like the kernel's default.
-	want := uint32(max(len(m.uplinks), 2))
-	var accept uint32
-	if m.cfg.AnyFamily {
-		// The concentrator announces its address of the other family.
-		accept = 2
-	}
+	want, accept := m.cfg.limits()
 	lc, err := raiseLimits(m.pm, Limits{Subflows: want, AddAddrAccepted: accept}, m.cfg.Journal)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("pathmgr: %w", err), m.Close())
@@ -841,7 +832,7 @@ func (m *Manager) addEndpoint(u *uplinkState) error {
 	if u.Backup {
 		flags |= FlagBackup
 	}
-	if m.cfg.AnyFamily {
+	if m.cfg.fullmesh() {
 		flags |= FlagFullmesh
 	}
 	m.changes.Add(1)

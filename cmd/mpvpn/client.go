@@ -56,6 +56,7 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "udp-duplicate", Usage: "with --udp-transport uplinks, send datagrams of at most `BYTES` over the two best uplinks, and have their answers sent so too (voice, games); 0: off"},
 			&cli.BoolFlag{Name: "reuse", Value: true, Usage: "a flow that ended cleanly leaves its connection in the pool for the next flow (one flow at a time per connection, within 5 min of its handshake), so a new flow costs neither end a handshake; needs --pool"},
 			&cli.StringSliceFlag{Name: "tun-addr", Usage: "the TUN device's address `PREFIX` (repeatable; apps' flows come from it); default 10.77.77.1/32, and fd6d:7076::1/128 when IPv6 may enter the TUN (--route-all, an IPv6 --route, a tunnel rule)"},
+			&cli.IntFlag{Name: "subflows", Value: 1, Usage: "open `N` subflows per uplink for every flow, to the server's address and to the ports it announces (mpvpn server --ports), so that equal-cost paths (ECMP) each carry some; at most 8 beside a flow's first subflow in all"},
 			&cli.IntFlag{Name: "mtu", Value: tun.DefaultMTU, Usage: "the TUN device's MTU; it is local to this host, so large is fast"},
 			&cli.UintFlag{Name: "mark", Value: client.DefaultMark, Usage: "SO_MARK on mpvpn's own sockets, so they bypass the TUN"},
 			&cli.IntFlag{Name: "table", Value: 7100, Usage: "first routing `TABLE` (and rule priority) mpvpn uses; it owns this one and the next 199"},
@@ -80,6 +81,7 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 	cfg := client.Config{
 		TUN:               c.String("tun"),
 		MTU:               c.Int("mtu"),
+		SubflowsPerUplink: c.Int("subflows"),
 		Table:             c.Int("table"),
 		FastOpen:          c.Bool("fast-open"),
 		Pool:              c.Int("pool"),
@@ -112,6 +114,9 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 	}
 	if cfg.Key, err = readKeyFileLog(c.Path("key"), log); err != nil {
 		return nil, err
+	}
+	if n := c.Int("subflows"); n < 1 {
+		return nil, usageError("--subflows %d: want at least 1 per uplink", n)
 	}
 	for _, u := range c.StringSlice("uplink") {
 		name, opt, _ := strings.Cut(u, ":")

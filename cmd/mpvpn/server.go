@@ -5,6 +5,9 @@ package main
 import (
 	"fmt"
 	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -45,6 +48,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open", Value: 4096, Usage: "most connections not yet authenticated, in all; when full, the oldest is closed to make room"},
 			&cli.IntFlag{Name: "max-half-open-per-addr", Value: 32, Usage: "most connections not yet authenticated from one IPv4 address or IPv6 /64; over it, that source's oldest is closed"},
 			&cli.IntFlag{Name: "max-half-open-per-48", Value: 256, Usage: "most connections not yet authenticated from one IPv6 /48; over it, that /48's oldest is closed"},
+			&cli.StringSliceFlag{Name: "ports", Usage: "announce these extra `PORTS` (P1,P2,… or P1-P2; at most 8 with --announce's addresses) on every connection, on the --listen address (or on each --announce address when listening on all): MPTCP ADD_ADDR with a port, where the kernel takes joins, so that a client's --subflows over equal-cost paths (ECMP) differ in more than their source port"},
 			&cli.StringSliceFlag{Name: "announce", Usage: "announce this `ADDR` of the concentrator's on every connection (MPTCP ADD_ADDR; repeatable): its address of the other family, so that a client's IPv6 uplinks join flows that began over IPv4 (or the other way round; the client names it with --server-alt)"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "answer the clients' DNS queries with the resolver at this `ADDR:PORT` (default: the first nameserver of this host's /etc/resolv.conf)"},
 			&cli.BoolFlag{Name: "no-dns", Usage: "do not resolve for the clients (their lookups through mpvpn then fail)"},
@@ -121,6 +125,10 @@ func runServer(c *cli.Context) error {
 			return usageError("--announce %q: want an address of this host's, e.g. 2001:db8::1", a)
 		}
 		announce = append(announce, ip.Unmap())
+	}
+	signals, err := signalEndpoints(c.String("listen"), announce, c.StringSlice("ports"))
+	if err != nil {
+		return err
 	}
 	var dnsUp netip.AddrPort
 	if v := c.String("dns-upstream"); v != "" {
@@ -204,8 +212,8 @@ func runServer(c *cli.Context) error {
 		return err
 	}
 	defer restoreLimits()
-	if len(announce) > 0 {
-		withdraw, err := pathmgr.Announce(announce)
+	if len(signals) > 0 {
+		withdraw, err := pathmgr.Announce(signals)
 		if err != nil {
 			return err
 		}
@@ -221,4 +229,63 @@ func runServer(c *cli.Context) error {
 
 	log.Info("concentrator listening", "addr", srv.Addr().String(), "peers", len(peers), "allow_private", c.Bool("allow-private"))
 	return srv.Serve(c.Context)
+}
+
+// signalEndpoints is what the concentrator announces on every connection,
+// in order: each --announce address alone, then each of ports on the
+// --listen address, or, when that is a wildcard, on each --announce
+// address (a port needs an address of this host's to be announced on).
+// The kernel holds at most pathmgr.MaxEndpoints of them.
+func signalEndpoints(listen string, announce []netip.Addr, ports []string) ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	for _, a := range announce {
+		out = append(out, netip.AddrPortFrom(a, 0))
+	}
+	var ps []uint16
+	for _, p := range ports {
+		lo, hi, isRange := strings.Cut(p, "-")
+		first, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+		last, err2 := first, error(nil)
+		if isRange {
+			last, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+		}
+		if err1 != nil || err2 != nil || first == 0 || last < first {
+			return nil, usageError("--ports %q: want ports such as 7101,7102 or a range 7101-7107", p)
+		}
+		if last-first >= pathmgr.MaxEndpoints {
+			return nil, usageError("--ports %q: more than the kernel's %d announcements", p, pathmgr.MaxEndpoints)
+		}
+		for q := first; q <= last; q++ {
+			ps = append(ps, uint16(q))
+		}
+	}
+	if len(ps) == 0 {
+		return out, nil
+	}
+	ap, err := netip.ParseAddrPort(listen)
+	if err != nil {
+		return nil, usageError("--listen %q: want ADDR:PORT", listen)
+	}
+	on := []netip.Addr{ap.Addr().Unmap()}
+	if ap.Addr().IsUnspecified() {
+		if len(announce) == 0 {
+			return nil, usageError("--ports needs an address to announce them on: --listen on one of this host's addresses, or --announce it")
+		}
+		on = announce
+	}
+	for _, a := range on {
+		for _, q := range ps {
+			if q == ap.Port() {
+				return nil, usageError("--ports %d is the --listen port: the clients join it already", q)
+			}
+			if slices.Contains(out, netip.AddrPortFrom(a, q)) {
+				return nil, usageError("--ports %d is given twice", q)
+			}
+			out = append(out, netip.AddrPortFrom(a, q))
+		}
+	}
+	if len(out) > pathmgr.MaxEndpoints {
+		return nil, usageError("--announce and --ports make %d announcements; the kernel holds at most %d", len(out), pathmgr.MaxEndpoints)
+	}
+	return out, nil
 }

@@ -102,6 +102,8 @@ type options struct {
 	serverArgs []string
 	clientArgs []string
 	noClient   bool // start only the server
+	// listen is the server's --listen ("": 0.0.0.0:7100).
+	listen string
 	// uplinks are the client's --uplink values; nil: wan0 and wan1,
 	// empty (non-nil): none, so the client discovers them.
 	uplinks []string
@@ -135,11 +137,15 @@ func newEnv(t *testing.T, o options) *env {
 
 	// Status sockets in the test's own directory: tests never meet each
 	// other's (or a real mpvpn's) in /run/mpvpn.
-	args := append([]string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug",
+	listen := o.listen
+	if listen == "" {
+		listen = "0.0.0.0:7100"
+	}
+	args := append([]string{bin.mpvpn, "server", "--listen", listen, "--key", serverKey, "--peer", e.clientPub, "--log-level", "debug",
 		"--control", e.serverSocket(), "--dns-upstream", netip.AddrPortFrom(topo.DestAddr, 53).String()}, o.serverArgs...)
 	e.srvArgs = args
 	e.server = e.tp.Start(e.tp.Conc, "server", args...)
-	e.server.WaitListen("0.0.0.0:7100")
+	e.server.WaitListen(listen)
 	e.waitHorizon()
 	if !o.noClient {
 		e.uplinks = o.uplinks

@@ -187,6 +187,9 @@ func (tp *Topology) addLinks() error {
 		pairs = append(pairs, [2]end{cli, wc}, [2]end{wi, isp})
 		wireEnds = append(wireEnds, cli, wc, wi, isp)
 	}
+	for i := 1; i < tp.opts.ECMP; i++ {
+		pairs = append(pairs, [2]end{{tp.ISPA, ecmpName("bb", i)}, {tp.Conc, ecmpName("ispa", i)}})
+	}
 	pairs = append(pairs,
 		[2]end{{tp.ISPA, "bb"}, {tp.Conc, "ispa"}},
 		[2]end{{tp.ISPB, "bb"}, {tp.Conc, "ispb"}},
@@ -257,9 +260,70 @@ func (tp *Topology) addAddresses() error {
 		{tp.Conc, []string{"route", "add", DestNet.String(), "via", inetToConc.Addr().String(), "src", ConcAddr.String()}},
 		{tp.Inet, []string{"route", "add", ConcAddr.String() + "/32", "via", concToInet.Addr().String()}},
 	}
+	if tp.opts.ECMP > 1 {
+		// The single routes above become multipath ones over every path.
+		toConc := []string{"route", "replace", "default"}
+		toISP := []string{"route", "replace", gatewayA.Masked().String()}
+		for i := range tp.opts.ECMP {
+			isp, conc := ecmpAddrs(i)
+			if i > 0 {
+				cmds = append(cmds,
+					addr(tp.ISPA, isp, ecmpName("bb", i)), up(tp.ISPA, ecmpName("bb", i)),
+					addr(tp.Conc, conc, ecmpName("ispa", i)), up(tp.Conc, ecmpName("ispa", i)))
+			}
+			toConc = append(toConc, "nexthop", "via", conc.Addr().String(), "dev", ecmpName("bb", i))
+			toISP = append(toISP, "nexthop", "via", isp.Addr().String(), "dev", ecmpName("ispa", i))
+		}
+		cmds = append(cmds, cmd{tp.ISPA, toConc}, cmd{tp.Conc, toISP})
+	}
 	for _, c := range cmds {
 		if err := tp.ip(c.ns, c.args...); err != nil {
 			return err
+		}
+	}
+	if tp.opts.ECMP > 1 {
+		return tp.setUpECMP()
+	}
+	return nil
+}
+
+// ecmpName is the name of ECMP path i's interface: base for path 0.
+func ecmpName(base string, i int) string {
+	if i == 0 {
+		return base
+	}
+	return base + strconv.Itoa(i)
+}
+
+// ecmpAddrs are ECMP path i's addresses on ISP A's and the concentrator's
+// side.
+func ecmpAddrs(i int) (isp, conc netip.Prefix) {
+	if i == 0 {
+		return ispABackbone, concToISPA
+	}
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(100 + i), 1}), 24),
+		netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(100 + i), 2}), 24)
+}
+
+// setUpECMP hashes on ports as well as addresses at both ends of the
+// paths, and shapes each path both ways.
+func (tp *Topology) setUpECMP() error {
+	for _, ns := range []string{tp.ISPA, tp.Conc} {
+		if err := netns.Sysctl(ns, "net.ipv4.fib_multipath_hash_policy", "1"); err != nil {
+			return err
+		}
+	}
+	if tp.opts.ECMPRate == "" {
+		return nil
+	}
+	for i := range tp.opts.ECMP {
+		for _, end := range [][2]string{{tp.ISPA, ecmpName("bb", i)}, {tp.Conc, ecmpName("ispa", i)}} {
+			// A burst of 32 KiB and 20 ms of queue, as a switch port's
+			// shallow buffer.
+			if _, err := tp.nsRun(end[0], nil, "tc", "qdisc", "add", "dev", end[1], "root", "tbf",
+				"rate", tp.opts.ECMPRate, "burst", "32kb", "latency", "20ms"); err != nil {
+				return fmt.Errorf("shape ECMP path %d (%s): %w", i, end[1], err)
+			}
 		}
 	}
 	return nil

@@ -107,6 +107,16 @@ type Options struct {
 	// the emulators inside this process (what tests want: nothing to build,
 	// nothing left behind if the test binary dies).
 	LinkemuCmd []string
+	// ECMP, when 2 or more, joins ISP A and the concentrator by that
+	// many parallel links with equal-cost routes over them both ways and
+	// L4 hashing (fib_multipath_hash_policy=1), as a data centre's fabric
+	// or two sites' parallel paths do: a TCP connection stays on one, by
+	// its 5-tuple. Path 0 is the usual bb–ispa link; path i is bb<i> (ISP
+	// A, 198.18.(100+i).1) – ispa<i> (concentrator, .2).
+	ECMP int
+	// ECMPRate shapes each ECMP path, both ways, with tbf (a tc rate
+	// such as "20mbit"); "" leaves them unshaped.
+	ECMPRate string
 	// Seed for the emulators' loss and jitter; 0 = random.
 	Seed   uint64
 	Logger *slog.Logger

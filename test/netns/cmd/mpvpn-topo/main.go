@@ -129,6 +129,8 @@ func up(args []string, stdout, stderr io.Writer) error {
 	runDir := fs.String("run-dir", "", "logs and control sockets (default /run/mpvpn-test/<prefix>)")
 	noEmu := fs.Bool("no-emu", false, "direct veths to the ISPs: no link emulators, no shaping")
 	seed := fs.Uint64("seed", 0, "random seed of the emulators (0 = random)")
+	ecmp := fs.Int("ecmp", 0, "join ISP A and the concentrator by N equal-cost paths (L4 hashing); 0 or 1: one link")
+	ecmpRate := fs.String("ecmp-rate", "", "shape each ECMP path to this rate both ways (tbf), e.g. 20mbit")
 	emuBin := fs.String("linkemu", "", "linkemu binary to run (default: this binary's linkemu command)")
 	verbose := fs.Bool("v", false, "log to stderr")
 	fa, fb := addLinkFlags(fs, "a"), addLinkFlags(fs, "b")
@@ -143,7 +145,7 @@ func up(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("uplink b: %w", err)
 	}
-	opts := topo.Options{Prefix: *prefix, RunDir: *runDir, NoEmu: *noEmu, A: la, B: lb, Seed: *seed}
+	opts := topo.Options{Prefix: *prefix, RunDir: *runDir, NoEmu: *noEmu, A: la, B: lb, Seed: *seed, ECMP: *ecmp, ECMPRate: *ecmpRate}
 	if *verbose {
 		opts.Logger = slog.New(slog.NewTextHandler(stderr, nil))
 	}
