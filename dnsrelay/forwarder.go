@@ -250,18 +250,23 @@ func (f *Forwarder) Exchange(ctx context.Context, query []byte) ([]byte, error) 
 	}
 	var err error
 	for range 2 {
+		// A stream that died before this query was sent (its reader saw
+		// the EOF first: stream reports its error, and drops it) is
+		// replaced as one that dies under the query is; returning its
+		// error made TestFailures flaky (2026-12-03).
 		var up *upstream
-		if up, err = f.stream(ctx); err != nil {
-			return nil, err
-		}
-		var resp []byte
-		if resp, err = up.exchange(ctx, query); err == nil {
-			return resp, nil
+		if up, err = f.stream(ctx); err == nil {
+			var resp []byte
+			if resp, err = up.exchange(ctx, query); err == nil {
+				return resp, nil
+			}
+			if ctx.Err() == nil && !errors.Is(err, ErrClosed) {
+				f.drop(up, err)
+			}
 		}
 		if ctx.Err() != nil || errors.Is(err, ErrClosed) {
 			return nil, err
 		}
-		f.drop(up, err)
 	}
 	return nil, err
 }

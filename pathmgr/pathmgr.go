@@ -41,7 +41,9 @@
 //     kernel's budget of 8);
 //   - net.ipv4.conf.<if>.rp_filter=2 when the effective value was 1
 //     (strict reverse-path filtering drops MPTCP joins);
-//   - the path manager's subflows limit, raised to the number of uplinks.
+//   - the path manager's limits, raised to what the uplinks need
+//     (Config.limits: one subflow per uplink, or SubflowsPerUplink each
+//     and the announcements they use).
 //
 // Tables, rules, endpoints and sysctls live in the kernel, so all of it
 // survives a crash of mpvpn (and none of it survives a reboot). Start
