@@ -14,6 +14,8 @@
 #                  PA_WORK, default /tmp/pa-work, on first use)
 #   CURLS=10       curl samples per set-up case (medians)
 #   FLOWS="1000 10000 30000"  idle-flow counts of the memory section (cumulative)
+#   (ecmp: issue 12's one flow over 4 equal-cost paths with --subflows 1/2/4/8,
+#    beside kernel MPTCP alone over the same endpoints)
 #   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
 #
 # Output: progress on stderr; on stdout a few context lines, then ONE markdown
@@ -78,7 +80,7 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup flowrate probes flood memory outage udp"}
+ONLY=${ONLY:-"agg unshaped setup flowrate probes flood memory outage udp ecmp"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FIRST_FLOWS=${FIRST_FLOWS:-5}
@@ -1037,11 +1039,81 @@ udp_section() {
 	topo_down "$PREFIX"
 }
 
+
+# ecmp_section (issue 12): one flow over four equal-cost paths (ISP A to the
+# concentrator, 20 Mbit/s each, L4 hashing: `mpvpn-topo up --ecmp 4`) from
+# one uplink, with --subflows 1, 2, 4 and 8 against the server's seven
+# --ports, beside kernel MPTCP alone (mptcpize iperf3) over the endpoints
+# and limits the same client set; the share is of four times one path's
+# plain TCP rate. Each --subflows value is a fresh client, so a fresh pool
+# of connections and fresh source ports: the hash differs between rows.
+ecmp_section() {
+	topo_up --ecmp 4 --ecmp-rate 20mbit || die "mpvpn-topo up --ecmp 4"
+	bg iperf-conc-e "$NS_CONC" iperf3 -s -B "$CONC_ADDR" -p 5201
+	bg iperfm-conc-e "$NS_CONC" mptcpize run iperf3 -s -B "$CONC_ADDR" -p 5202
+	bg iperf-inet-e "$NS_INET" iperf3 -s -B "$DEST_ADDR" -p 5201
+	for x in "$NS_CONC 5201" "$NS_CONC 5202" "$NS_INET 5201"; do
+		# shellcheck disable=SC2086
+		wait_listen $x 10 || die "no listener: $x"
+	done
+	start_server --listen "$CONC_ADDR:7100" --ports 7101-7107 || die "mpvpn server did not start (ecmp)"
+	declare -A V
+	local rep dir n v one ceil l m p note
+	for rep in $(seq "$REPS"); do
+		for dir in up down; do
+			log "ecmp rep $rep $dir: one path, plain TCP"
+			iperf $dir "$NS_CLI" "$CONC_ADDR" 5201 -- -B "$WAN0_ADDR"; v=$IPERF_V; V[one.$dir]+=" $v"; log "  $v"
+		done
+	done
+	for n in 1 2 4 8; do
+		CLIENT_N=$((CLIENT_N + 1))
+		l=$WORK/client-$PREFIX-$CLIENT_N.log
+		bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
+			--key "$WORK/client.key" --uplink "$WAN0" --route "$DEST_NET" --subflows "$n" \
+			--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal"
+		CLIENT_PID=$BGPID
+		if ! wait_log "$l" "client up" 20 "$CLIENT_PID"; then
+			tail -20 "$l" >&2
+			row ecmp "mpvpn --subflows $n" "FAIL" "-" "client did not come up"
+			continue
+		fi
+		sleep 2 # the pool's connections joined their subflows
+		for rep in $(seq "$REPS"); do
+			for dir in up down; do
+				log "ecmp rep $rep $dir: mpvpn --subflows $n"
+				iperf $dir "$NS_CLI" "$DEST_ADDR" 5201 --; v=$IPERF_V; V[P$n.$dir]+=" $v"; log "  $v"
+				log "ecmp rep $rep $dir: kernel MPTCP, the same endpoints"
+				iperf $dir "$NS_CLI" "$CONC_ADDR" 5202 mptcpize run --; v=$IPERF_V; V[M$n.$dir]+=" $v"; log "  $v"
+			done
+		done
+		stop_pid "$CLIENT_PID"
+	done
+	for dir in up down; do
+		# shellcheck disable=SC2086
+		one=$(median ${V[one.$dir]})
+		ceil=FAIL
+		isnum "$one" && ceil=$(calc "4 * $one" %.2f)
+		row ecmp "one path, plain TCP, $dir" "$(rate "$one")" "25 % of 4 paths" "4 equal-cost paths of 20 Mbit/s, L4 hashing; iperf3 -B $WAN0_ADDR"
+		for n in 1 2 4 8; do
+			# shellcheck disable=SC2086
+			{ p=$(median ${V[P$n.$dir]:-}); m=$(median ${V[M$n.$dir]:-}); }
+			note="kernel MPTCP alone, the same endpoints: $(rate "$m") ($(pct "$m" "$ceil"))"
+			if [ $n = 8 ]; then
+				if isnum "$p" && isnum "$one" && [ "$(calc "$p >= 2.5*$one" %d)" = 1 ]; then note+="; target ≥ 2.5× one path: met"; else note+="; target ≥ 2.5× one path: NOT met"; fi
+			fi
+			row ecmp "mpvpn --subflows $n, 1 TCP flow, $dir" "$(rate "$p")" "$(pct "$p" "$ceil") of 4 paths" "$note"
+		done
+	done
+	stop_pid "$SERVER_PID"
+	topo_down "$PREFIX"
+}
+
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
 if want agg || want setup || want flood || want flowrate || want probes; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
 if want udp; then udp_section; fi
+if want ecmp; then ecmp_section; fi
 if want outage; then
 	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"
 	bash scripts/bench_outage.sh >"$WORK/outage.md" || log "outage bench failed (exit $?)"
