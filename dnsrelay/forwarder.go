@@ -260,12 +260,12 @@ func (f *Forwarder) Exchange(ctx context.Context, query []byte) ([]byte, error) 
 			if resp, err = up.exchange(ctx, query); err == nil {
 				return resp, nil
 			}
-			if ctx.Err() == nil && !errors.Is(err, ErrClosed) {
-				f.drop(up, err)
-			}
 		}
 		if ctx.Err() != nil || errors.Is(err, ErrClosed) {
 			return nil, err
+		}
+		if up != nil { // stream dropped its own failed one
+			f.drop(up, err)
 		}
 	}
 	return nil, err

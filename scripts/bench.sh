@@ -340,7 +340,8 @@ topo_down() {
 	PREFIXES=("${keep[@]}")
 }
 
-# start_server [EXTRA...] / start_client: SERVER_PID, CLIENT_PID.
+# start_server [EXTRA...] / start_client [EXTRA...]: SERVER_PID, CLIENT_PID;
+# the client on CLIENT_UPLINKS (default "$WAN0 $WAN1").
 SERVER_N=0
 start_server() {
 	SERVER_N=$((SERVER_N + 1))
@@ -354,8 +355,10 @@ CLIENT_N=0
 start_client() {
 	CLIENT_N=$((CLIENT_N + 1))
 	local l=$WORK/client-$PREFIX-$CLIENT_N.log
+	local u ups=()
+	for u in ${CLIENT_UPLINKS:-$WAN0 $WAN1}; do ups+=(--uplink "$u"); done
 	bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
-		--key "$WORK/client.key" --uplink "$WAN0" --uplink "$WAN1" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}" \
+		--key "$WORK/client.key" "${ups[@]}" --route "$DEST_NET" --log-level "${CLIENT_LOG_LEVEL:-info}" \
 		--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal" "$@"
 	CLIENT_PID=$BGPID
 	wait_log "$l" "client up" 20 "$CLIENT_PID" || { tail -20 "$l" >&2; return 1; }
@@ -1039,7 +1042,6 @@ udp_section() {
 	topo_down "$PREFIX"
 }
 
-
 # ecmp_section (issue 12): one flow over four equal-cost paths (ISP A to the
 # concentrator, 20 Mbit/s each, L4 hashing: `mpvpn-topo up --ecmp 4`) from
 # one uplink, with --subflows 1, 2, 4 and 8 against the server's seven
@@ -1058,7 +1060,7 @@ ecmp_section() {
 	done
 	start_server --listen "$CONC_ADDR:7100" --ports 7101-7107 || die "mpvpn server did not start (ecmp)"
 	declare -A V
-	local rep dir n v one ceil l m p note
+	local rep dir n v one ceil m p note
 	for rep in $(seq "$REPS"); do
 		for dir in up down; do
 			log "ecmp rep $rep $dir: one path, plain TCP"
@@ -1066,14 +1068,7 @@ ecmp_section() {
 		done
 	done
 	for n in 1 2 4 8; do
-		CLIENT_N=$((CLIENT_N + 1))
-		l=$WORK/client-$PREFIX-$CLIENT_N.log
-		bg "client-$PREFIX-$CLIENT_N" "$NS_CLI" "$MPVPN" client --server "$CONC_ADDR:7100" --server-key "$SERVER_PUB" \
-			--key "$WORK/client.key" --uplink "$WAN0" --route "$DEST_NET" --subflows "$n" \
-			--control "$WORK/client-$CLIENT_N.sock" --journal "$WORK/client-$CLIENT_N.journal"
-		CLIENT_PID=$BGPID
-		if ! wait_log "$l" "client up" 20 "$CLIENT_PID"; then
-			tail -20 "$l" >&2
+		if ! CLIENT_UPLINKS=$WAN0 start_client --subflows "$n"; then
 			row ecmp "mpvpn --subflows $n" "FAIL" "-" "client did not come up"
 			continue
 		fi

@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -133,18 +132,11 @@ func iperfRate(t *testing.T, e *env, addr netip.Addr, port int, extra ...string)
 	if err != nil {
 		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	var r struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-		Error string `json:"error"`
+	bps, err := topo.IperfRate(out)
+	if err != nil || bps == 0 {
+		t.Fatalf("%s: rate %v, %v\n%s", strings.Join(args, " "), bps, err, out)
 	}
-	if err := json.Unmarshal([]byte(out), &r); err != nil || r.Error != "" || r.End.SumReceived.BitsPerSecond == 0 {
-		t.Fatalf("%s: %v %s\n%s", strings.Join(args, " "), err, r.Error, out)
-	}
-	return r.End.SumReceived.BitsPerSecond
+	return bps
 }
 
 // ecmpBytes is what each ECMP path's concentrator end has received [0]

@@ -3,6 +3,7 @@ package topo
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -350,3 +351,24 @@ func BindToDevice(ifname string) func(network, address string, c syscall.RawConn
 // listenWait bounds WaitListen. Generous: python3 starting its HTTP server
 // on a loaded 2-core machine was seen to take more than 15 s.
 const listenWait = 45 * time.Second
+
+// IperfRate is the receiver's rate in bit/s of an `iperf3 -J` run's
+// output; an error when the output is not iperf3's JSON or reports an
+// error of its own.
+func IperfRate(out string) (float64, error) {
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		return 0, fmt.Errorf("iperf3 output: %w", err)
+	}
+	if r.Error != "" {
+		return 0, fmt.Errorf("iperf3: %s", r.Error)
+	}
+	return r.End.SumReceived.BitsPerSecond, nil
+}

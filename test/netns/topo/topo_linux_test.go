@@ -190,19 +190,12 @@ func iperf(t *testing.T, tp *Topology, u Uplink, reverse bool, secs int) float64
 		args = append(args, "-R")
 	}
 	out := tp.Output(tp.Client, args...)
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-		Error string `json:"error"`
-	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil || res.Error != "" {
-		t.Fatalf("iperf3: %v %s\n%s", err, res.Error, out)
+	bps, err := IperfRate(out)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
 	}
 	srv.Wait(5 * time.Second)
-	return res.End.SumReceived.BitsPerSecond / 1e6
+	return bps / 1e6
 }
 
 func TestLinkRate(t *testing.T) {
