@@ -265,18 +265,19 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	undos = append(undos, dev.Close)
 
 	tc, err := tunnel.NewClient(tunnel.ClientConfig{
-		Server:    cfg.Server,
-		ServerKey: cfg.ServerKey,
-		Key:       cfg.Key,
-		Mark:      cfg.Mark,
-		FastOpen:  cfg.FastOpen,
-		Source:    pm.PreferredSource,
-		Now:       concentratorClock(pr, time.Now()),
-		Horizon:   pr.ServerHorizon,
-		PoolSize:  poolSize(cfg.Pool),
-		NoReuse:   cfg.NoReuse,
-		Cipher:    cfg.Cipher,
-		Logger:    log,
+		Server:           cfg.Server,
+		ServerKey:        cfg.ServerKey,
+		Key:              cfg.Key,
+		Mark:             cfg.Mark,
+		FastOpen:         cfg.FastOpen,
+		Source:           pm.PreferredSource,
+		Now:              concentratorClock(pr, time.Now()),
+		Horizon:          pr.ServerHorizon,
+		PoolSize:         poolSize(cfg.Pool),
+		NoReuse:          cfg.NoReuse,
+		Cipher:           cfg.Cipher,
+		EarlyDestination: cfg.EarlyDestination,
+		Logger:           log,
 	})
 	if err != nil {
 		return err

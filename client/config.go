@@ -128,6 +128,9 @@ type Config struct {
 	// NoReuse: a flow's connection is closed when the flow ends instead
 	// of going back into the pool for the next flow (--reuse=false).
 	NoReuse bool
+	// EarlyDestination: a flow that finds no pooled connection names its
+	// destination in msg1 (tunnel.ClientConfig.EarlyDestination).
+	EarlyDestination bool
 	// Cipher: the transport ciphers offered to the concentrator besides
 	// ChaCha20-Poly1305 (tunnel.ClientConfig.Cipher).
 	Cipher tunnel.CipherPolicy

@@ -559,11 +559,20 @@ setup_latency() {
 	}
 	burst_case "direct TCP" "http://$CONC_ADDR:8080/hello" direct
 	burst_case "mpvpn" "http://$DEST_ADDR/hello" mpvpn
-	# Before the pool, in the same run: every flow dials afresh.
+	# Before the pool, in the same run: every flow dials afresh, with its
+	# destination in msg1 as before issue 12 (--early-destination) and,
+	# as today's default for a flow that finds no pooled connection,
+	# after the handshake (one round trip more, forward secret).
+	stop_pid "$CLIENT_PID"
+	if start_client --pool 0 --early-destination; then
+		curl_case "mpvpn --pool 0 --early-destination (every flow dials afresh)" "http://$DEST_ADDR/hello"
+		burst_case "mpvpn --pool 0 --early-destination" "http://$DEST_ADDR/hello" nopool
+	else
+		row setup "mpvpn --pool 0 --early-destination" "FAIL" "-" "client did not come up"
+	fi
 	stop_pid "$CLIENT_PID"
 	if start_client --pool 0; then
-		curl_case "mpvpn --pool 0 (every flow dials afresh)" "http://$DEST_ADDR/hello"
-		burst_case "mpvpn --pool 0" "http://$DEST_ADDR/hello" nopool
+		curl_case "mpvpn --pool 0 (afresh, destination after the handshake)" "http://$DEST_ADDR/hello"
 	else
 		row setup "mpvpn --pool 0" "FAIL" "-" "client did not come up"
 	fi

@@ -74,6 +74,15 @@ type ClientConfig struct {
 	// putting it back into the pool for the next flow (reuse.go). Reuse
 	// needs the pool.
 	NoReuse bool
+	// EarlyDestination: a flow that finds no pooled connection names its
+	// destination in msg1, a round trip sooner than after the handshake.
+	// msg1 is replayable and its payload not forward secret: a
+	// concentrator's replay cache catches a replay to itself, but the
+	// members of a fleet (several concentrators behind one address) each
+	// have their own, so a recorded msg1 replayed to each would be dialled
+	// once by each. Without it (the default) every destination travels
+	// in a request frame, under forward-secret keys, as through the pool.
+	EarlyDestination bool
 	// Cipher: which transport ciphers msg1 offers besides
 	// ChaCha20-Poly1305 (CipherAuto: AES-256-GCM if this host has AES
 	// instructions); the concentrator picks one of them.
@@ -368,11 +377,32 @@ func (c *Client) dial(ctx context.Context, dst target) (*Conn, time.Time, error)
 
 func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*Conn, error) {
 	gen := c.poolGen()
-	tc, keys, err := c.handshake(ctx, dst, stamp)
+	if c.cfg.EarlyDestination || dst.pool {
+		tc, keys, err := c.handshake(ctx, dst, stamp)
+		if err != nil {
+			return nil, err
+		}
+		return c.established(tc, keys, dst, time.Now(), gen), nil
+	}
+	// The destination only under forward-secret keys: authenticate as a
+	// pooled connection would, then ask in the request frame. One
+	// deadline for both, as for a handshake that names it.
+	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
+	defer cancel()
+	tc, keys, err := c.handshake(ctx, target{pool: true}, stamp)
 	if err != nil {
+		if ve, ok := errors.AsType[*VerdictError](err); ok {
+			// Limited for the connection is the flow's verdict.
+			ve.Dst, ve.Service = dst.dst, dst.svc
+		}
 		return nil, err
 	}
-	return c.established(tc, keys, dst, time.Now(), gen), nil
+	now := time.Now()
+	conn, err := c.usePooled(ctx, &pooledConn{tc: tc, keys: keys, born: now, idle: now, gen: gen}, dst)
+	if errors.Is(err, errPoolGone) {
+		err = fmt.Errorf("%w: %s closed the connection after authenticating it, before the verdict", ErrHandshake, c.server)
+	}
+	return conn, err
 }
 
 // handshake opens one MPTCP connection and runs msg1 and msg2 for dst; a

@@ -94,6 +94,15 @@
 // that check and the request frame ends in EOF or a reset with no
 // verdict, and the flow dials afresh, as a lost SYN is sent again.
 //
+// A flow that finds the pool empty (or runs without one) opens its own
+// connection the same way by default: msg1 names the pool, and the
+// destination follows in a request frame once msg2 has come, one round
+// trip later than in msg1. So no destination is ever in a replayable
+// message, and a recorded msg1 replayed to the other concentrators of a
+// fleet, which share the keys but not the replay cache, dials nothing on
+// any of them. ClientConfig.EarlyDestination puts it back in msg1 for
+// whoever prefers the round trip.
+//
 // # Server checks, cheapest first
 //
 //  1. exactly 148 bytes read, or 144 whose mac1 is valid (a client from

@@ -81,7 +81,9 @@ type ServerConfig struct {
 
 // ServerStats are a Server's counters. Every accepted connection ends up
 // in exactly one of: Evicted, one of the silent reasons, Flows,
-// PoolLimited, PoolUnused, or Pooled (waiting now).
+// PoolLimited, PoolUnused, Pooled (waiting now) or, when a pool
+// handshake came over the peer's handshake rate, RateLimited (which
+// otherwise counts among Flows those refused for the rate).
 type ServerStats struct {
 	Accepted uint64 // connections accepted
 	// Evicted counts half-open connections closed before their deadline
@@ -116,7 +118,7 @@ type ServerStats struct {
 	// ClientConfig.PoolSize). A used one counts in Flows from its
 	// request frame on.
 	Pooled      int64  // waiting for their request frame now
-	PoolLimited uint64 // pool handshakes answered Limited (MaxPooledPerPeer, MaxPooled)
+	PoolLimited uint64 // pool handshakes answered Limited (MaxPooledPerPeer, MaxPooled; over the rate: RateLimited)
 	PoolUnused  uint64 // closed without a request: PoolIdle passed, the client closed it, or a bad request frame
 	// Reused: connections kept, after their flow ended cleanly, for the
 	// client's next flow (they count in Pooled while they wait).

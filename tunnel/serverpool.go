@@ -43,7 +43,13 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 		ok = false
 	}
 	if !ok {
-		s.poolLimited.Add(1)
+		// Over the rate is counted as over the rate, whether the
+		// connection waits for a pool or a flow that found none.
+		if rateOK {
+			s.poolLimited.Add(1)
+		} else {
+			s.rateLimited.Add(1)
+		}
 		p.peer.limited.Add(1)
 		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
 		s.writeMsg2(raw, p.hs, Limited, p.cipher)
