@@ -37,6 +37,10 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 	}
 	b.WriteString("\n")
 
+	if fl := s.Fleet; fl != nil {
+		fmt.Fprintf(&b, "fleet: clients dial %s (joins refused there), their subflows join %s here\n",
+			strings.Join(fl.VIP, ", "), strings.Join(fl.Announce, ", "))
+	}
 	f := s.Flows
 	fmt.Fprintf(&b, "flows: %d active, %d total, %d failed, %d rejected, %d on plain TCP",
 		f.Active, f.Total, f.Failed, f.Rejected, f.Fallbacks)

@@ -16,6 +16,9 @@ type Status struct {
 	Uplinks []Uplink  `json:"uplinks,omitempty"` // client only
 	Flows   Flows     `json:"flows"`
 	Peers   []Peer    `json:"peers,omitempty"` // server only
+	// Fleet: a concentrator that is one of several behind a shared
+	// address (mpvpn server --vip).
+	Fleet *Fleet `json:"fleet,omitempty"`
 	// NetlinkChanges counts the routes, rules and MPTCP endpoints the
 	// client's path manager added or removed since start (a flapping
 	// uplink must not turn into a storm of them). Client only.
@@ -276,4 +279,12 @@ type Peer struct {
 	// ReplayFull its handshakes dropped because its replay cache was full.
 	Limited    uint64 `json:"limited"`
 	ReplayFull uint64 `json:"replay_full"`
+}
+
+// Fleet is a fleet member's view of the fleet: the shared addresses
+// clients dial (joins refused there) and the member's own addresses its
+// connections announce for joins instead.
+type Fleet struct {
+	VIP      []string `json:"vip"`
+	Announce []string `json:"announce"`
 }

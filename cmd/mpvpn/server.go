@@ -50,6 +50,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open-per-48", Value: 256, Usage: "most connections not yet authenticated from one IPv6 /48; over it, that /48's oldest is closed"},
 			&cli.StringSliceFlag{Name: "ports", Usage: "announce these extra `PORTS` (P1,P2,… or P1-P2; at most 8 with --announce's addresses) on every connection, on the --listen address (or on each --announce address when listening on all): MPTCP ADD_ADDR with a port, where the kernel takes joins, so that a client's --subflows over equal-cost paths (ECMP) differ in more than their source port"},
 			&cli.StringSliceFlag{Name: "announce", Usage: "announce this `ADDR` of the concentrator's on every connection (MPTCP ADD_ADDR; repeatable): its address of the other family, so that a client's IPv6 uplinks join flows that began over IPv4 (or the other way round; the client names it with --server-alt)"},
+			&cli.StringSliceFlag{Name: "vip", Usage: "the shared `ADDR` clients dial when this concentrator is one of a fleet behind it (ECMP anycast, a hash DNAT balancer; repeatable, one per family): joins to it are refused (the MP_CAPABLE C flag, net.mptcp.allow_join_initial_addr_port=0), so that a client's other subflows join the --announce address of its family, this member's own, instead of landing on another member; needs --announce"},
 			&cli.StringFlag{Name: "dns-upstream", Usage: "answer the clients' DNS queries with the resolver at this `ADDR:PORT` (default: the first nameserver of this host's /etc/resolv.conf)"},
 			&cli.BoolFlag{Name: "no-dns", Usage: "do not resolve for the clients (their lookups through mpvpn then fail)"},
 			&cli.DurationFlag{Name: "frame-timeout", Value: 90 * time.Second, Usage: "close a flow whose client began a frame and did not finish it within this long (longer than the clients' --all-down-timeout)"},
@@ -130,6 +131,10 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	vips, err := parseVIPs(c.StringSlice("vip"), announce)
+	if err != nil {
+		return err
+	}
 	var dnsUp netip.AddrPort
 	if v := c.String("dns-upstream"); v != "" {
 		if dnsUp, err = netip.ParseAddrPort(v); err != nil || dnsUp.Port() == 0 {
@@ -204,6 +209,13 @@ func runServer(c *cli.Context) error {
 	if err := host.AtMost("net.mptcp.stale_loss_cnt", client.StaleLossCount); err != nil {
 		log.Warn("cannot tune stale-subflow detection", "err", err)
 	}
+	if len(vips) > 0 {
+		// Per network namespace, so for every MPTCP listener in it:
+		// a fleet member's host serves the fleet only.
+		if err := host.Set("net.mptcp.allow_join_initial_addr_port", "0"); err != nil {
+			return err
+		}
+	}
 	// The server's subflow limit is how many extra subflows (joins) a
 	// client connection may add: the kernel maximum, so a client with up
 	// to 8 uplinks gets all of them.
@@ -221,7 +233,12 @@ func runServer(c *cli.Context) error {
 	}
 
 	start := time.Now()
-	stopControl, err := dc.serve(func() control.Status { return serverStatus(srv, start) }, log)
+	fleet := fleetStatus(vips, signals)
+	stopControl, err := dc.serve(func() control.Status {
+		st := serverStatus(srv, start)
+		st.Fleet = fleet
+		return st
+	}, log)
 	if err != nil {
 		return err
 	}
@@ -229,6 +246,48 @@ func runServer(c *cli.Context) error {
 
 	log.Info("concentrator listening", "addr", srv.Addr().String(), "peers", len(peers), "allow_private", c.Bool("allow-private"))
 	return srv.Serve(c.Context)
+}
+
+// parseVIPs checks --vip against the --announce addresses: a VIP is not
+// this member's own address, and each has an announced address of its
+// family for the joins its C flag sends away.
+func parseVIPs(vals []string, announce []netip.Addr) ([]netip.Addr, error) {
+	var vips []netip.Addr
+	for _, v := range vals {
+		ip, err := netip.ParseAddr(v)
+		if err != nil || ip.Zone() != "" || ip.IsUnspecified() {
+			return nil, usageError("--vip %q: want the fleet's shared address, e.g. 203.0.113.1", v)
+		}
+		ip = ip.Unmap()
+		if slices.Contains(announce, ip) {
+			return nil, usageError("--vip %s is also an --announce address: announce this member's own address, the one joins should reach", ip)
+		}
+		if !slices.ContainsFunc(announce, func(a netip.Addr) bool { return a.Is4() == ip.Is4() }) {
+			return nil, usageError("--vip %s needs an --announce address of its family: joins to the VIP are refused, and without an address of this member's to join instead a client's flows would stay on one subflow", ip)
+		}
+		vips = append(vips, ip)
+	}
+	return vips, nil
+}
+
+// fleetStatus is what `mpvpn status --server` says of a fleet member: the
+// shared address and what it announces instead (nil: not in a fleet).
+func fleetStatus(vips []netip.Addr, signals []netip.AddrPort) *control.Fleet {
+	if len(vips) == 0 {
+		return nil
+	}
+	f := &control.Fleet{}
+	for _, v := range vips {
+		f.VIP = append(f.VIP, v.String())
+	}
+	for _, s := range signals {
+		if s.Port() == 0 {
+			f.Announce = append(f.Announce, s.Addr().String())
+		} else {
+			f.Announce = append(f.Announce, s.String())
+		}
+	}
+	return f
 }
 
 // signalEndpoints is what the concentrator announces on every connection,

@@ -77,3 +77,38 @@ func TestSignalEndpoints(t *testing.T) {
 		})
 	}
 }
+
+func TestParseVIPs(t *testing.T) {
+	own4, own6 := netip.MustParseAddr("203.0.113.11"), netip.MustParseAddr("2001:db8::11")
+	tests := []struct {
+		name     string
+		vips     []string
+		announce []netip.Addr
+		want     []netip.Addr
+		err      string // "" = no error
+	}{
+		{"not in a fleet", nil, []netip.Addr{own6}, nil, ""},
+		{"one VIP, own address announced", []string{"203.0.113.1"}, []netip.Addr{own4}, []netip.Addr{netip.MustParseAddr("203.0.113.1")}, ""},
+		{"both families", []string{"203.0.113.1", "2001:db8::1"}, []netip.Addr{own4, own6}, []netip.Addr{netip.MustParseAddr("203.0.113.1"), netip.MustParseAddr("2001:db8::1")}, ""},
+		{"mapped form is IPv4", []string{"::ffff:203.0.113.1"}, []netip.Addr{own4}, []netip.Addr{netip.MustParseAddr("203.0.113.1")}, ""},
+		{"nothing to join instead", []string{"203.0.113.1"}, nil, nil, "needs an --announce address"},
+		{"only the other family announced", []string{"203.0.113.1"}, []netip.Addr{own6}, nil, "of its family"},
+		{"the VIP announced", []string{"203.0.113.1"}, []netip.Addr{netip.MustParseAddr("203.0.113.1"), own4}, nil, "also an --announce"},
+		{"not an address", []string{"vip.example"}, []netip.Addr{own4}, nil, "shared address"},
+		{"wildcard", []string{"0.0.0.0"}, []netip.Addr{own4}, nil, "shared address"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseVIPs(tt.vips, tt.announce)
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("parseVIPs = %v, %v; want an error with %q", got, err, tt.err)
+				}
+				return
+			}
+			if err != nil || !slices.Equal(got, tt.want) {
+				t.Fatalf("parseVIPs = %v, %v; want %v", got, err, tt.want)
+			}
+		})
+	}
+}

@@ -157,7 +157,7 @@ func TestConcurrentFlows(t *testing.T) {
 	if err != nil {
 		t.Fatalf("flowcheck: %v\n%s\nclient log tail:\n%s", err, out, tail(e.client.Log(), 30))
 	}
-	if !strings.Contains(out, "flows=200 intact=200 failed=0") {
+	if !strings.Contains(out, "flows=200 intact=200 failed=0 ") {
 		t.Fatalf("flowcheck did not report every flow intact:\n%s", out)
 	}
 	t.Log(strings.TrimSpace(out))
@@ -174,7 +174,7 @@ func TestHalfClose(t *testing.T) {
 	srv := e.tp.Start(e.tp.Inet, "flowcheck-serve", bin.flowcheck, "serve", "-listen", netip.AddrPortFrom(topo.DestAddr, 9000).String())
 	srv.WaitListen(netip.AddrPortFrom(topo.DestAddr, 9000).String())
 	out, err := e.tp.Run(e.tp.Client, bin.flowcheck, "run", "-addr", netip.AddrPortFrom(topo.DestAddr, 9000).String(), "-flows", "1", "-size", "8MiB", "-timeout", "1m")
-	if err != nil || !strings.Contains(out, "flows=1 intact=1 failed=0") {
+	if err != nil || !strings.Contains(out, "flows=1 intact=1 failed=0 ") {
 		t.Fatalf("flowcheck: %v\n%s", err, out)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -43,6 +44,9 @@ func build(tb testing.TB, opts Options) (tp *Topology, err error) {
 	if !prefixRE.MatchString(prefix) {
 		return nil, fmt.Errorf("topo: prefix %q: want 1-16 letters, digits or _", prefix)
 	}
+	if opts.Fleet == 1 || opts.Fleet < 0 || opts.Fleet > MaxFleet {
+		return nil, fmt.Errorf("topo: a fleet of %d: want 2 to %d concentrators (or 0: one, no fleet)", opts.Fleet, MaxFleet)
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -65,11 +69,20 @@ func build(tb testing.TB, opts Options) (tp *Topology, err error) {
 	if !opts.NoEmu {
 		tp.WireA, tp.WireB = name(roleWireA), name(roleWireB)
 	}
+	for i, role := range fleetRoles(opts.Fleet) {
+		edge, member := memberLink(i + 1)
+		tp.Members = append(tp.Members, Member{NS: name(role), Addr: MemberAddr(i + 1),
+			Link: member.Addr(), Edge: edge.Addr(), If: "m" + strconv.Itoa(i+1)})
+	}
 	tp.Uplinks = [2]UplinkInfo{
 		{Iface: "wan0", Addr: clientA.Addr(), Prefix: clientA, Gateway: gatewayA.Addr(), Metric: 100,
 			Public: clientA.Addr(), ISP: tp.ISPA, Wire: tp.WireA, ConcSide: concToISPA.Addr()},
 		{Iface: "wan1", Addr: clientB.Addr(), Prefix: clientB, Gateway: gatewayB.Addr(), Metric: 200,
 			Public: ispBBackbone.Addr(), NAT: true, ISP: tp.ISPB, Wire: tp.WireB, ConcSide: concToISPB.Addr()},
+	}
+	if opts.SecondClient {
+		tp.Client2 = name(roleClient2)
+		tp.Uplinks2 = tp.secondUplinks()
 	}
 	defer func() {
 		if err != nil {
@@ -123,7 +136,12 @@ func run(cmd *exec.Cmd, stdin []byte) (string, error) {
 }
 
 func (tp *Topology) addNamespaces() error {
-	for _, role := range allRoles {
+	roles := slices.Clone(allRoles)
+	if tp.Client2 != "" {
+		roles = append(roles, roleClient2)
+	}
+	roles = append(roles, fleetRoles(len(tp.Members))...)
+	for _, role := range roles {
 		if tp.NoEmu && (role == roleWireA || role == roleWireB) {
 			continue
 		}
@@ -136,11 +154,11 @@ func (tp *Topology) addNamespaces() error {
 		tp.mu.Unlock()
 
 		rp := "0"
-		if role == roleClient {
+		if role == roleClient || role == roleClient2 {
 			rp = "2"
 		}
 		fwd := "0"
-		if role == roleISPA || role == roleISPB {
+		if role == roleISPA || role == roleISPB || (role == roleConc && len(tp.Members) > 0) {
 			fwd = "1"
 		}
 		settings := [][2]string{
@@ -189,6 +207,14 @@ func (tp *Topology) addLinks() error {
 	}
 	for i := 1; i < tp.opts.ECMP; i++ {
 		pairs = append(pairs, [2]end{{tp.ISPA, ecmpName("bb", i)}, {tp.Conc, ecmpName("ispa", i)}})
+	}
+	if tp.Client2 != "" {
+		for _, ul := range tp.Uplinks2 {
+			pairs = append(pairs, [2]end{{tp.Client2, ul.Iface}, {ul.ISP, "cust2"}})
+		}
+	}
+	for _, m := range tp.Members {
+		pairs = append(pairs, [2]end{{tp.Conc, m.If}, {m.NS, "edge"}})
 	}
 	pairs = append(pairs,
 		[2]end{{tp.ISPA, "bb"}, {tp.Conc, "ispa"}},
@@ -241,7 +267,6 @@ func (tp *Topology) addAddresses() error {
 		addr(tp.ISPB, gatewayB, "cust"), addr(tp.ISPB, ispBBackbone, "bb"),
 		up(tp.ISPB, "cust"), up(tp.ISPB, "bb"),
 
-		addr(tp.Conc, netip.PrefixFrom(ConcAddr, 32), "lo"),
 		addr(tp.Conc, concToISPA, "ispa"), addr(tp.Conc, concToISPB, "ispb"), addr(tp.Conc, concToInet, "inet"),
 		up(tp.Conc, "ispa"), up(tp.Conc, "ispb"), up(tp.Conc, "inet"),
 
@@ -257,8 +282,18 @@ func (tp *Topology) addAddresses() error {
 		// ISP A's customers are publicly routed; ISP B's are NATed to
 		// 198.18.2.1, which is on-link.
 		{tp.Conc, []string{"route", "add", gatewayA.Masked().String(), "via", ispABackbone.Addr().String()}},
-		{tp.Conc, []string{"route", "add", DestNet.String(), "via", inetToConc.Addr().String(), "src", ConcAddr.String()}},
-		{tp.Inet, []string{"route", "add", ConcAddr.String() + "/32", "via", concToInet.Addr().String()}},
+	}
+	if len(tp.Members) == 0 {
+		cmds = append(cmds,
+			addr(tp.Conc, netip.PrefixFrom(ConcAddr, 32), "lo"),
+			cmd{tp.Conc, []string{"route", "add", DestNet.String(), "via", inetToConc.Addr().String(), "src", ConcAddr.String()}},
+			cmd{tp.Inet, []string{"route", "add", ConcAddr.String() + "/32", "via", concToInet.Addr().String()}})
+	} else {
+		// The edge only routes; the members dial from their own
+		// addresses, all in the concentrators' /24.
+		cmds = append(cmds,
+			cmd{tp.Conc, []string{"route", "add", DestNet.String(), "via", inetToConc.Addr().String()}},
+			cmd{tp.Inet, []string{"route", "add", netip.PrefixFrom(ConcAddr, 24).Masked().String(), "via", concToInet.Addr().String()}})
 	}
 	if tp.opts.ECMP > 1 {
 		// The single routes above become multipath ones over every path.
@@ -282,7 +317,17 @@ func (tp *Topology) addAddresses() error {
 		}
 	}
 	if tp.opts.ECMP > 1 {
-		return tp.setUpECMP()
+		if err := tp.setUpECMP(); err != nil {
+			return err
+		}
+	}
+	if tp.Client2 != "" {
+		if err := tp.addSecondClient(); err != nil {
+			return err
+		}
+	}
+	if len(tp.Members) > 0 {
+		return tp.addFleet()
 	}
 	return nil
 }
@@ -340,22 +385,33 @@ const bcp38Table = "isp"
 func (tp *Topology) addFirewalls() error {
 	for u := range tp.Uplinks {
 		ul := tp.Uplinks[u]
+		customers := []netip.Prefix{ul.Prefix.Masked()}
+		second := ""
+		if tp.Client2 != "" {
+			p := tp.Uplinks2[u].Prefix.Masked()
+			customers = append(customers, p)
+			second = fmt.Sprintf("\n\t\tiifname \"cust2\" ip saddr != %s counter name \"bcp38\" drop", p)
+		}
 		rules := fmt.Sprintf(`table ip %[1]s {
 	counter bcp38 {
 	}
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		# BCP 38: a customer may only send from its own prefix.
-		iifname "cust" ip saddr != %[2]s counter name "bcp38" drop
+		iifname "cust" ip saddr != %[2]s counter name "bcp38" drop%[3]s
 	}
-`, bcp38Table, ul.Prefix.Masked())
+`, bcp38Table, ul.Prefix.Masked(), second)
 		if ul.NAT {
+			var set []string
+			for _, p := range customers {
+				set = append(set, p.String())
+			}
 			rules += fmt.Sprintf(`	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		# Carrier-grade NAT: every customer behind the backbone address.
-		oifname "bb" ip saddr %s masquerade
+		oifname "bb" ip saddr { %s } masquerade
 	}
-`, ul.Prefix.Masked())
+`, strings.Join(set, ", "))
 		}
 		rules += "}\n"
 		if _, err := tp.nsRun(ul.ISP, []byte(rules), "nft", "-f", "-"); err != nil {

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -117,6 +118,14 @@ type Options struct {
 	// ECMPRate shapes each ECMP path, both ways, with tbf (a tc rate
 	// such as "20mbit"); "" leaves them unshaped.
 	ECMPRate string
+	// Fleet, when 2 or more (up to MaxFleet), puts that many
+	// concentrators behind ConcAddr as a VIP; the concentrator's namespace
+	// is then a router, the edge, and the members are Topology.Members
+	// (see Member and Balance).
+	Fleet int
+	// SecondClient adds a second client namespace on both ISPs
+	// (Topology.Client2, Uplinks2), joined to them directly.
+	SecondClient bool
 	// Seed for the emulators' loss and jitter; 0 = random.
 	Seed   uint64
 	Logger *slog.Logger
@@ -129,6 +138,12 @@ type Topology struct {
 	Client, WireA, WireB, ISPA, ISPB, Conc, Inet string
 	// Uplinks[A] is wan0, Uplinks[B] is wan1.
 	Uplinks [2]UplinkInfo
+	// Client2 and Uplinks2 are the second client (Options.SecondClient).
+	Client2  string
+	Uplinks2 [2]UplinkInfo
+	// Members are the concentrators of a fleet (Options.Fleet); Conc
+	// then routes between them and the ISPs.
+	Members []Member
 	// ConcAddr and DestAddr repeat the package variables for convenience.
 	ConcAddr, DestAddr netip.Addr
 	RunDir             string
@@ -163,7 +178,7 @@ var allRoles = []string{roleClient, roleWireA, roleWireB, roleISPA, roleISPB, ro
 var prefixRE = regexp.MustCompile(`^[A-Za-z0-9_]{1,16}$`)
 
 // autoPrefixRE matches the prefixes NewPrefix makes; DownAll removes those.
-var autoPrefixRE = regexp.MustCompile(`^(mv[0-9a-f]{4})-(cli|la|lb|ispa|ispb|conc|inet)$`)
+var autoPrefixRE = regexp.MustCompile(`^(mv[0-9a-f]{4})-(cli|cli2|la|lb|ispa|ispb|conc|inet|c[1-8])$`)
 
 // NewPrefix returns "mv" + 4 random hex digits.
 func NewPrefix() string {
@@ -237,10 +252,13 @@ func Build(opts Options) (*Topology, error) {
 // Namespaces returns the names of the topology's namespaces.
 func (tp *Topology) Namespaces() []string {
 	var ns []string
-	for _, n := range []string{tp.Client, tp.WireA, tp.WireB, tp.ISPA, tp.ISPB, tp.Conc, tp.Inet} {
+	for _, n := range []string{tp.Client, tp.Client2, tp.WireA, tp.WireB, tp.ISPA, tp.ISPB, tp.Conc, tp.Inet} {
 		if n != "" {
 			ns = append(ns, n)
 		}
+	}
+	for _, m := range tp.Members {
+		ns = append(ns, m.NS)
 	}
 	return ns
 }
@@ -256,6 +274,15 @@ func (tp *Topology) Env() []string {
 		{"WAN0", a.Iface}, {"WAN0_ADDR", a.Addr.String()}, {"WAN0_GW", a.Gateway.String()}, {"WAN0_PUBLIC", a.Public.String()},
 		{"WAN1", b.Iface}, {"WAN1_ADDR", b.Addr.String()}, {"WAN1_GW", b.Gateway.String()}, {"WAN1_PUBLIC", b.Public.String()},
 		{"RUN_DIR", tp.RunDir},
+	}
+	if tp.Client2 != "" {
+		a2, b2 := tp.Uplinks2[A], tp.Uplinks2[B]
+		kv = append(kv, [2]string{"NS_CLI2", tp.Client2},
+			[2]string{"CLI2_WAN0_ADDR", a2.Addr.String()}, [2]string{"CLI2_WAN1_ADDR", b2.Addr.String()})
+	}
+	for i, m := range tp.Members {
+		n := strconv.Itoa(i + 1)
+		kv = append(kv, [2]string{"NS_C" + n, m.NS}, [2]string{"C" + n + "_ADDR", m.Addr.String()})
 	}
 	if !tp.NoEmu {
 		kv = append(kv, [2]string{"CTL_A", ControlSocket(tp.RunDir, A)}, [2]string{"CTL_B", ControlSocket(tp.RunDir, B)})

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -579,4 +580,91 @@ func TestCLI(t *testing.T) {
 		t.Errorf("run dir %s left", env["RUN_DIR"])
 	}
 	cli("down", "--prefix", prefix) // idempotent
+}
+
+// A fleet: connections to the VIP from both uplinks of both clients
+// reach all three members, through ECMP anycast and through the hash
+// DNAT, and keep coming once a member is taken out, never to it; each
+// member's own address reaches that member whatever the balancer.
+func TestFleetBalancers(t *testing.T) {
+	tp := New(t, Options{Fleet: 3, SecondClient: true, NoEmu: true})
+	if len(tp.Members) != 3 || tp.Client2 == "" {
+		t.Fatalf("members %v, second client %q", tp.Members, tp.Client2)
+	}
+	if got := len(tp.Namespaces()); got != 9 {
+		t.Errorf("%d namespaces, want 9: %v", got, tp.Namespaces())
+	}
+	type hit struct {
+		member int
+		src    netip.AddrPort
+	}
+	hits := make(chan hit, 8)
+	for i, m := range tp.Members {
+		ln := tp.Listen(m.NS, "tcp4", "0.0.0.0:9000")
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return // closed by tp.Listen's cleanup
+				}
+				hits <- hit{i + 1, c.RemoteAddr().(*net.TCPAddr).AddrPort()}
+				c.Close()
+			}
+		}()
+	}
+	// which connects from client namespace ns over uplink ul to addr and
+	// says which member accepted, and from what source.
+	which := func(ns string, ul UplinkInfo, addr netip.Addr) (member int, src netip.AddrPort) {
+		t.Helper()
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: ul.Addr.AsSlice()}, Control: BindToDevice(ul.Iface), Timeout: 3 * time.Second}
+		c, err := Dial(context.Background(), ns, d, "tcp4", netip.AddrPortFrom(addr, 9000).String())
+		if err != nil {
+			t.Fatalf("%s %s → %s: %v", ns, ul.Iface, addr, err)
+		}
+		defer c.Close()
+		select {
+		case h := <-hits:
+			return h.member, h.src
+		case <-time.After(3 * time.Second):
+			t.Fatalf("%s %s → %s: connected, but no member accepted", ns, ul.Iface, addr)
+			return 0, netip.AddrPort{}
+		}
+	}
+	clients := []struct {
+		ns      string
+		uplinks [2]UplinkInfo
+	}{{tp.Client, tp.Uplinks}, {tp.Client2, tp.Uplinks2}}
+	for _, b := range []Balancer{Anycast, HashDNAT} {
+		for _, members := range [][]int{nil, {1, 3}} {
+			if err := tp.Balance(b, members...); err != nil {
+				t.Fatal(err)
+			}
+			seen := map[int]int{}
+			for _, c := range clients {
+				for _, ul := range c.uplinks {
+					for range 12 {
+						m, src := which(c.ns, ul, ConcAddr)
+						seen[m]++
+						if src.Addr() != ul.Public {
+							t.Errorf("%s: %s %s reached member %d from %s, want %s", b, c.ns, ul.Iface, m, src.Addr(), ul.Public)
+						}
+					}
+				}
+			}
+			want := []int{1, 2, 3}
+			if members != nil {
+				want = members
+			}
+			for m := 1; m <= 3; m++ {
+				if in := slices.Contains(want, m); in != (seen[m] > 0) {
+					t.Errorf("%s over members %v: member %d got %d of 48 connections", b, want, m, seen[m])
+				}
+			}
+			for i, mb := range tp.Members {
+				if m, _ := which(tp.Client, tp.Uplinks[A], mb.Addr); m != i+1 {
+					t.Errorf("%s: member %d's own address %s reached member %d", b, i+1, mb.Addr, m)
+				}
+			}
+		}
+	}
 }

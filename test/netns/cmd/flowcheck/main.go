@@ -5,7 +5,10 @@
 //
 //	flowcheck serve -listen 0.0.0.0:9000
 //	flowcheck run -addr 198.51.100.10:9000 -flows 200 -size 1MiB
+//	flowcheck run -addr 198.51.100.10:9000 -flows 100 -hold 20s
 //
+// (-hold: every flow opens, idles, and then runs; open=N is printed once
+// all are open.)
 // Each flow: the client sends -size random bytes and half-closes; the server
 // reads to EOF, then answers with the SHA-256 of what it received followed by
 // the bytes themselves, and half-closes. The client checks the digest (the
@@ -103,6 +106,7 @@ func run(args []string) error {
 	flows := fs.Int("flows", 1, "concurrent flows")
 	sizeS := fs.String("size", "1MiB", "bytes each way per flow")
 	timeout := fs.Duration("timeout", 3*time.Minute, "overall deadline")
+	hold := fs.Duration("hold", 0, "keep each flow open and idle this long before sending; once every flow is open, print open=N")
 	fs.Parse(args)
 	size, err := parseSize(*sizeS)
 	if err != nil {
@@ -110,7 +114,7 @@ func run(args []string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	var ok, bad atomic.Int64
+	var ok, bad, timeouts, opened atomic.Int64
 	var mu sync.Mutex
 	var firstErr error
 	var wg sync.WaitGroup
@@ -118,8 +122,16 @@ func run(args []string) error {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			if err := oneFlow(ctx, *addr, size); err != nil {
+			isOpen := func() {
+				if opened.Add(1) == int64(*flows) && *hold > 0 {
+					fmt.Printf("open=%d\n", *flows)
+				}
+			}
+			if err := oneFlow(ctx, *addr, size, *hold, isOpen); err != nil {
 				bad.Add(1)
+				if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+					timeouts.Add(1)
+				}
 				mu.Lock()
 				if firstErr == nil {
 					firstErr = fmt.Errorf("flow %d: %w", i, err)
@@ -131,14 +143,16 @@ func run(args []string) error {
 		}(i)
 	}
 	wg.Wait()
-	fmt.Printf("flows=%d intact=%d failed=%d bytes_each_way=%d\n", *flows, ok.Load(), bad.Load(), size)
+	fmt.Printf("flows=%d intact=%d failed=%d timeouts=%d bytes_each_way=%d\n", *flows, ok.Load(), bad.Load(), timeouts.Load(), size)
 	if bad.Load() > 0 {
 		return firstErr
 	}
 	return nil
 }
 
-func oneFlow(ctx context.Context, addr string, size int) error {
+// oneFlow runs one flow; open is called once it is connected, and hold
+// is how long it then stays idle.
+func oneFlow(ctx context.Context, addr string, size int, hold time.Duration, open func()) error {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -147,6 +161,14 @@ func oneFlow(ctx context.Context, addr string, size int) error {
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
+	}
+	open()
+	if hold > 0 {
+		select {
+		case <-time.After(hold):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	data := make([]byte, size)
 	rand.Read(data)
