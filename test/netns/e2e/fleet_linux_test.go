@@ -5,10 +5,13 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/test/netns/topo"
+	"github.com/mpvpn/mpvpn/tunnel"
 )
 
 const (
@@ -330,4 +334,116 @@ func mibs(t *testing.T, tp *topo.Topology, ns string) map[string]uint64 {
 		t.Fatalf("%s: no MPTcpExt counters in /proc/net/netstat", ns)
 	}
 	return m
+}
+
+// A client's first message, recorded through the VIP with the request
+// frame that followed it, replayed to each member at its own address:
+// the members share the keys but not their replay caches, and still none
+// dials anything, since the destination travelled only under the
+// connection's forward-secret keys (issue 12; the unit test
+// tunnel.TestFleetReplay shows a destination in msg1 dialled by each).
+func TestFleetReplay(t *testing.T) {
+	needRoot(t)
+	tp := topo.New(t, topo.Options{Fleet: fleetSize, NoEmu: true})
+	f := newFleet(t, tp)
+	www := filepath.Join(f.e.dir, "www")
+	if err := os.MkdirAll(www, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(www, "index.html"), []byte("hello from the internet\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tp.Start(tp.Inet, "http", "python3", "-c", httpServer, www, topo.DestAddr.String(), "80").
+		WaitListen(netip.AddrPortFrom(topo.DestAddr, 80).String())
+	f.members = make([]*topo.Proc, fleetSize)
+	var syns []*synCounters
+	for i, mb := range tp.Members {
+		f.startMember(t, i)
+		syns = append(syns, newSYNCountersIn(t, tp, mb.NS))
+	}
+	f.e.waitHorizon()
+	dials := func() (n []int) {
+		for _, s := range syns {
+			n = append(n, s.get(t, "syn_inet"))
+		}
+		return n
+	}
+
+	clientKey, err := tunnel.ParsePrivateKey(readFile(t, f.clientKeys[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverPub, err := tunnel.ParsePublicKey(f.serverPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := newRecorder(t, tp, tp.Client, netip.AddrPortFrom(topo.ConcAddr, 7100))
+	cl := newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second)
+	conn, err := dialTunnel(tp, tp.Client, cl, netip.AddrPortFrom(topo.DestAddr, 80))
+	if err != nil {
+		t.Fatalf("the original flow: %v", err)
+	}
+	resp, err := httpGet(conn, topo.DestAddr.String(), "/index.html")
+	conn.Close()
+	if err != nil || !strings.Contains(resp, "hello from the internet") {
+		t.Fatalf("the original flow: GET returned %q, %v", resp, err)
+	}
+	sent := rec.recordedAll(t)
+	if len(sent) != allMax {
+		t.Fatalf("recorded %d bytes, want msg1 and a request frame (%d)", len(sent), allMax)
+	}
+	before := dials()
+	sum := 0
+	for _, n := range before {
+		sum += n
+	}
+	if sum != 1 {
+		t.Fatalf("the original flow made %v dials on the members, want one in all", before)
+	}
+	for i, mb := range tp.Members {
+		var back int64
+		err := tp.Do(tp.Client, func() error {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(mb.Addr, 7100).String(), 5*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if _, err := c.Write(sent); err != nil {
+				return err
+			}
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			back, _ = io.Copy(io.Discard, c)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("replay to member %d: %v", i+1, err)
+		}
+		// The member that saw the original stays silent (its replay
+		// cache); the others answer msg1 and then find the request
+		// frame sealed with keys they do not have.
+		t.Logf("replay to member %d (dialled the original: %v): %d bytes back", i+1, before[i] == 1, back)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if after := dials(); !slices.Equal(after, before) {
+		t.Errorf("dials per member %v before the replays, %v after: a replay was dialled", before, after)
+	}
+	// What each member says it served: the original flow, on one.
+	for i := range tp.Members {
+		var flows uint64
+		for _, p := range f.memberStatus(t, i).Peers {
+			flows += p.TotalFlows
+		}
+		if flows != uint64(before[i]) {
+			t.Errorf("member %d served %d flows, it dialled %d times", i+1, flows, before[i])
+		}
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

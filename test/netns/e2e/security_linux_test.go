@@ -43,12 +43,20 @@ var concListen = netip.AddrPortFrom(topo.ConcAddr, 7100)
 // sends (a SYN, not a SYN-ACK: only its own dials), "syn_inet" those to the
 // internet host's network.
 type synCounters struct {
-	e *env
+	tp *topo.Topology
+	ns string
 }
 
 const nftTable = "mpvpnsec"
 
 func newSYNCounters(t *testing.T, e *env) *synCounters {
+	t.Helper()
+	return newSYNCountersIn(t, e.tp, e.tp.Conc)
+}
+
+// newSYNCountersIn installs the counters in namespace ns (a fleet's
+// member).
+func newSYNCountersIn(t *testing.T, tp *topo.Topology, ns string) *synCounters {
 	t.Helper()
 	rules := fmt.Sprintf(`table inet %[1]s {
 	counter syn_all {}
@@ -60,19 +68,19 @@ func newSYNCounters(t *testing.T, e *env) *synCounters {
 	}
 }
 `, nftTable, topo.DestNet)
-	cmd := e.tp.Cmd(e.tp.Conc, "nft", "-f", "-")
+	cmd := tp.Cmd(ns, "nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(rules)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("nft: %v\n%s", err, out)
 	}
-	return &synCounters{e: e}
+	return &synCounters{tp: tp, ns: ns}
 }
 
 var packetsRE = regexp.MustCompile(`packets (\d+)`)
 
 func (s *synCounters) get(t *testing.T, name string) int {
 	t.Helper()
-	out := s.e.tp.Output(s.e.tp.Conc, "nft", "list", "counter", "inet", nftTable, name)
+	out := s.tp.Output(s.ns, "nft", "list", "counter", "inet", nftTable, name)
 	m := packetsRE.FindStringSubmatch(out)
 	if m == nil {
 		t.Fatalf("nft counter %s: no packet count in %q", name, out)
@@ -139,6 +147,7 @@ type recorder struct {
 	wg       sync.WaitGroup
 	mu       sync.Mutex
 	first    []byte // client → server bytes before any answer
+	all      []byte // client → server bytes, the first allMax of them
 	done     chan struct{}
 }
 
@@ -166,12 +175,12 @@ func (r *recorder) serveOne() {
 	defer c.Close()
 	var answered atomic.Bool
 	record := func(b []byte) {
-		if answered.Load() {
-			return
-		}
 		r.mu.Lock()
-		r.first = append(r.first, b...)
-		r.mu.Unlock()
+		defer r.mu.Unlock()
+		r.all = append(r.all, b[:min(len(b), allMax-len(r.all))]...)
+		if !answered.Load() {
+			r.first = append(r.first, b...)
+		}
 	}
 	if !r.upstream.IsValid() {
 		buf := make([]byte, 4096)
@@ -225,6 +234,20 @@ func (r *recorder) serveOne() {
 	}
 	up.(*net.TCPConn).CloseWrite()
 	wg.Wait()
+}
+
+// allMax is how much of what the client sent a recorder keeps: a msg1
+// and a request frame.
+const allMax = 148 + 38
+
+// recordedAll is what the client sent, up to allMax bytes, once the
+// relayed connection has ended: msg1 and what followed the answer.
+func (r *recorder) recordedAll(t *testing.T) []byte {
+	t.Helper()
+	r.recorded(t)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]byte(nil), r.all...)
 }
 
 func (r *recorder) recorded(t *testing.T) []byte {
