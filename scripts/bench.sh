@@ -15,7 +15,9 @@
 #   CURLS=10       curl samples per set-up case (medians)
 #   FLOWS="1000 10000 30000"  idle-flow counts of the memory section (cumulative)
 #   (ecmp: issue 12's one flow over 4 equal-cost paths with --subflows 1/2/4/8,
-#    beside kernel MPTCP alone over the same endpoints)
+#    beside kernel MPTCP alone over the same endpoints; fleet: new flows a second
+#    through the VIP of 3 concentrators, ECMP anycast and hash DNAT, against the
+#    VIP in front of one; AB_N, AB_C as for flowrate)
 #   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
 #
 # Output: progress on stderr; on stdout a few context lines, then ONE markdown
@@ -80,7 +82,7 @@ preflight
 
 T=${T:-10}
 REPS=${REPS:-1}
-ONLY=${ONLY:-"agg unshaped setup flowrate probes flood memory outage udp ecmp"}
+ONLY=${ONLY:-"agg unshaped setup flowrate probes flood memory outage udp ecmp fleet"}
 SKIP_PEERS=${SKIP_PEERS:-}
 CURLS=${CURLS:-10}
 FIRST_FLOWS=${FIRST_FLOWS:-5}
@@ -631,26 +633,27 @@ setup_latency() {
 # each end spent per flow.
 AB_N=${AB_N:-3000}
 AB_C=${AB_C:-50}
+# ab_case NAME URL CLIENT_PIDS SERVER_PIDS
+ab_case() {
+	local name=$1 url=$2 cp=$3 sp=$4 out rps fails c0 s0 c1 s1 t
+	c0=$(ticksc $cp); s0=$(ticksc $sp)
+	out=$(ip netns exec "$NS_CLI" ab -q -n "$AB_N" -c "$AB_C" -s 10 "$url" 2>&1)
+	c1=$(ticksc $cp); s1=$(ticksc $sp)
+	rps=$(awk '/^Requests per second:/{print $4}' <<<"$out")
+	fails=$(awk '/^Failed requests:/{print $3}' <<<"$out")
+	t=$(awk '/^Complete requests:/{print $3}' <<<"$out")
+	log "flowrate $name: $rps/s, $t complete, $fails failed"
+	if isnum "${rps:-x}"; then
+		local n="ab -n $AB_N -c $AB_C; $t complete, ${fails:-?} failed; CPU per flow: client $(calc "($c1-$c0)*1000/$HZ/$AB_N" %.2f) ms, concentrator $(calc "($s1-$s0)*1000/$HZ/$AB_N" %.2f) ms"
+		row "${AB_SECTION:-flowrate}" "$name" "$rps flows/s" "${REL:--}" "$n"
+		RPS=$rps
+	else
+		row "${AB_SECTION:-flowrate}" "$name" "FAIL" "-" "$(tail -1 <<<"$out" | head -c 160)"
+		RPS=
+	fi
+}
+
 flow_rate() {
-	# ab_case NAME URL CLIENT_PIDS SERVER_PIDS
-	ab_case() {
-		local name=$1 url=$2 cp=$3 sp=$4 out rps fails c0 s0 c1 s1 t
-		c0=$(ticksc $cp); s0=$(ticksc $sp)
-		out=$(ip netns exec "$NS_CLI" ab -q -n "$AB_N" -c "$AB_C" -s 10 "$url" 2>&1)
-		c1=$(ticksc $cp); s1=$(ticksc $sp)
-		rps=$(awk '/^Requests per second:/{print $4}' <<<"$out")
-		fails=$(awk '/^Failed requests:/{print $3}' <<<"$out")
-		t=$(awk '/^Complete requests:/{print $3}' <<<"$out")
-		log "flowrate $name: $rps/s, $t complete, $fails failed"
-		if isnum "${rps:-x}"; then
-			local n="ab -n $AB_N -c $AB_C; $t complete, ${fails:-?} failed; CPU per flow: client $(calc "($c1-$c0)*1000/$HZ/$AB_N" %.2f) ms, concentrator $(calc "($s1-$s0)*1000/$HZ/$AB_N" %.2f) ms"
-			row flowrate "$name" "$rps flows/s" "${REL:--}" "$n"
-			RPS=$rps
-		else
-			row flowrate "$name" "FAIL" "-" "$(tail -1 <<<"$out" | head -c 160)"
-			RPS=
-		fi
-	}
 	ip netns exec "$NS_CONC" mptcpize run socat "TCP-LISTEN:8090,bind=$CONC_ADDR,fork,reuseaddr,backlog=1024" "TCP:$DEST_ADDR:80" >"$WORK/socat-conc.log" 2>&1 &
 	local sc=$!
 	PIDS+=("$sc")
@@ -1112,12 +1115,67 @@ ecmp_section() {
 	topo_down "$PREFIX"
 }
 
+# fleet: new flows a second one client opens (ab, as flowrate) through the
+# VIP of three concentrators (mpvpn-topo up --fleet 3, on the links of
+# "agg"), spread by ECMP anycast and by an nftables hash DNAT, against the
+# same VIP in front of one member alone. The members share one config file
+# (key, peers, limits) and each announces its own address (--vip,
+# --announce), so the client's joins reach the member that holds the
+# connection.
+fleet_section() {
+	topo_up --fleet 3 --rate-a 40mbit --delay-a 10ms --rate-b 20mbit --delay-b 25ms || die "mpvpn-topo up --fleet 3"
+	web http-inet-f "$NS_INET" "$DEST_ADDR" 80
+	wait_listen "$NS_INET" 80 10 || die "no listener: $NS_INET 80"
+	cat >"$WORK/fleet.toml" <<-EOF
+		key = "$WORK/server.key"
+		peer = ["$CLIENT_PUB"]
+		no-dns = true
+		log-level = "${SERVER_LOG_LEVEL:-info}"
+		max-flows-per-client = 40000
+		max-flows = 40000
+		handshake-rate = 20000
+		handshake-burst = 20000
+	EOF
+	local i ns addr members=() single mode
+	for i in 1 2 3; do
+		ns=NS_C$i addr=C${i}_ADDR
+		bg "member-$PREFIX-$i" "${!ns}" "$MPVPN" server --config "$WORK/fleet.toml" --listen 0.0.0.0:7100 \
+			--vip "$CONC_ADDR" --announce "${!addr}" --control "$WORK/member-$i.sock"
+		members+=("$BGPID")
+		wait_listen "${!ns}" 7100 10 || die "fleet member $i did not start"
+	done
+	sleep 1.2 # past the members' replay horizon
+	for mode in "anycast 1" "anycast 1,2,3" "hash-dnat 1,2,3"; do
+		# shellcheck disable=SC2086
+		set -- $mode
+		"$BIN/mpvpn-topo" balance --prefix "$PREFIX" --mode "$1" --members "$2" || die "mpvpn-topo balance $mode"
+		if ! start_client; then
+			row fleet "$mode" "FAIL" "-" "client did not come up"
+			continue
+		fi
+		sleep 2 # the pool filled
+		if [ "$2" = 1 ]; then
+			AB_SECTION=fleet REL="100 %" ab_case "one concentrator behind the VIP" "http://$DEST_ADDR/hello" "$CLIENT_PID" "${members[*]}"
+			single=$RPS
+		else
+			AB_SECTION=fleet REL=- ab_case "3 concentrators behind the VIP, $1" "http://$DEST_ADDR/hello" "$CLIENT_PID" "${members[*]}"
+			if isnum "${RPS:-x}" && isnum "${single:-x}"; then
+				row fleet "3 concentrators, $1, relative to one" "$(pct "$RPS" "$single")" "-" "one client; the concentrator CPU is the three members' sum"
+			fi
+		fi
+		stop_pid "$CLIENT_PID"
+	done
+	for i in "${members[@]}"; do stop_pid "$i"; done
+	topo_down "$PREFIX"
+}
+
 # ------------------------------------------------------------------ main
 log "work directory $WORK; T=$T REPS=$REPS ONLY=\"$ONLY\" SKIP_PEERS=$SKIP_PEERS"
 if want agg || want setup || want flood || want flowrate || want probes; then shaped; fi
 if want unshaped || want memory; then unshaped_topo; fi
 if want udp; then udp_section; fi
 if want ecmp; then ecmp_section; fi
+if want fleet; then fleet_section; fi
 if want outage; then
 	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"
 	bash scripts/bench_outage.sh >"$WORK/outage.md" || log "outage bench failed (exit $?)"

@@ -69,10 +69,8 @@ func build(tb testing.TB, opts Options) (tp *Topology, err error) {
 	if !opts.NoEmu {
 		tp.WireA, tp.WireB = name(roleWireA), name(roleWireB)
 	}
-	for i, role := range fleetRoles(opts.Fleet) {
-		edge, member := memberLink(i + 1)
-		tp.Members = append(tp.Members, Member{NS: name(role), Addr: MemberAddr(i + 1),
-			Link: member.Addr(), Edge: edge.Addr(), If: "m" + strconv.Itoa(i+1)})
+	for i := range opts.Fleet {
+		tp.Members = append(tp.Members, newMember(prefix, i+1))
 	}
 	tp.Uplinks = [2]UplinkInfo{
 		{Iface: "wan0", Addr: clientA.Addr(), Prefix: clientA, Gateway: gatewayA.Addr(), Metric: 100,

@@ -2,6 +2,7 @@ package topo
 
 import (
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -33,6 +34,38 @@ type Member struct {
 	Link netip.Addr // its side of the link to the edge
 	Edge netip.Addr // the edge's side
 	If   string     // the edge's interface toward it: m<i>
+}
+
+// newMember describes member i (from 1) of the fleet of prefix.
+func newMember(prefix string, i int) Member {
+	edge, member := memberLink(i)
+	return Member{NS: prefix + "-c" + strconv.Itoa(i), Addr: MemberAddr(i),
+		Link: member.Addr(), Edge: edge.Addr(), If: "m" + strconv.Itoa(i)}
+}
+
+// ParseBalancer parses "anycast" or "hash-dnat".
+func ParseBalancer(s string) (Balancer, error) {
+	for _, b := range []Balancer{Anycast, HashDNAT} {
+		if s == b.String() {
+			return b, nil
+		}
+	}
+	return 0, fmt.Errorf("topo: balancer %q: want anycast or hash-dnat", s)
+}
+
+// BalancePrefix is Balance for the fleet of a topology another process
+// built (mpvpn-topo up --fleet): its members are found by their
+// namespaces.
+func BalancePrefix(prefix string, b Balancer, members ...int) error {
+	names, err := Leftovers(prefix)
+	if err != nil {
+		return err
+	}
+	tp := &Topology{Prefix: prefix, Conc: prefix + "-" + roleConc, log: slog.New(slog.DiscardHandler)}
+	for i := 1; i <= MaxFleet && slices.Contains(names, prefix+"-c"+strconv.Itoa(i)); i++ {
+		tp.Members = append(tp.Members, newMember(prefix, i))
+	}
+	return tp.Balance(b, members...)
 }
 
 // MemberAddr is fleet member i's own address (i from 1): 203.0.113.(10+i).

@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -40,6 +41,7 @@ commands:
   up      build a topology; prints its names and addresses as KEY=value lines
   link    change an uplink's emulated link (only the flags given)
   stats   show the emulated links' parameters and counters
+  balance spread a fleet's connections to the VIP (up --fleet) by ECMP anycast or hash DNAT, over all members or some
   down    delete a topology (idempotent), or every mv????-* one with --all
   linkemu run a link emulator daemon (what up starts in P-la and P-lb)
 
@@ -64,6 +66,8 @@ func main() {
 		err = stats(ctx, args, os.Stdout, os.Stderr)
 	case "down":
 		err = down(args, os.Stdout, os.Stderr)
+	case "balance":
+		err = balance(args, os.Stderr)
 	case "linkemu":
 		err = linkemu.RunDaemon(ctx, args, os.Stderr)
 	case "-h", "--help", "help":
@@ -284,6 +288,35 @@ func stats(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return enc.Encode(all)
 	}
 	return nil
+}
+
+func balance(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("balance", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	prefix, _ := commonFlags(fs)
+	mode := fs.String("mode", "anycast", "anycast (an ECMP route to the VIP via every member) or hash-dnat (nftables jhash DNAT to the members)")
+	members := fs.String("members", "", "the members to balance over, e.g. 1,3 (default: all)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *prefix == "" {
+		return errors.New("--prefix is required")
+	}
+	b, err := topo.ParseBalancer(*mode)
+	if err != nil {
+		return err
+	}
+	var ms []int
+	if *members != "" {
+		for _, f := range strings.Split(*members, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				return fmt.Errorf("--members %q: want member numbers, e.g. 1,3", *members)
+			}
+			ms = append(ms, n)
+		}
+	}
+	return topo.BalancePrefix(*prefix, b, ms...)
 }
 
 func down(args []string, stdout, stderr io.Writer) error {
