@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 
 	"sync"
 	"sync/atomic"
@@ -74,7 +75,13 @@ type Config struct {
 	UDPIdleTimeout       time.Duration
 	MaxUDPFlowsPerClient int
 	ResolvConf           string // "": /etc/resolv.conf
-	Logger               *slog.Logger
+	// FleetAnnounce: the addresses this member of a fleet announces for
+	// its clients' joins (mpvpn server --vip, its --announce addresses
+	// without a port). A connection that arrives at one of them is
+	// warned about, once: the kernel never announces the address a
+	// connection already uses, so its client has nothing to join.
+	FleetAnnounce []netip.Addr
+	Logger        *slog.Logger
 }
 
 // Stats are the concentrator's counters.
@@ -100,6 +107,20 @@ type Stats struct {
 	Tunnel                          tunnel.ServerStats
 }
 
+// checkArrival warns, once, when a fleet member's connection came to the
+// address it announces for joins: a balancer NATs the VIP to it, and
+// Linux (6.18, 2026-12-03) then sends no ADD_ADDR for it, so the clients'
+// flows stay on one subflow without a word from the kernel.
+func (s *Server) checkArrival(f *tunnel.Flow) {
+	if len(s.cfg.FleetAnnounce) == 0 || !slices.Contains(s.cfg.FleetAnnounce, f.Local.Addr().Unmap()) {
+		return
+	}
+	if s.warnedArrival.CompareAndSwap(false, true) {
+		s.log.Warn("a client's connection came to the address this member announces for joins: the kernel does not announce an address a connection already uses, so its clients cannot join and their flows stay on one uplink; have the balancer forward to another address of this host, or announce one with --ports",
+			"local", f.Local.String(), "remote", f.Remote.String())
+	}
+}
+
 // Server is a running concentrator.
 type Server struct {
 	cfg    Config
@@ -115,6 +136,7 @@ type Server struct {
 
 	active                                               atomic.Int64
 	outOfFiles                                           atomic.Uint64
+	warnedArrival                                        atomic.Bool
 	flows, connected, refused, unreach, timedOut, denied atomic.Uint64
 	bytesUp, bytesDown                                   atomic.Uint64
 	dns                                                  *dnsrelay.Upstream // nil: no resolver service
@@ -279,6 +301,7 @@ func (s *Server) control(_ context.Context, network, address string, _ syscall.R
 
 func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	s.flows.Add(1)
+	s.checkArrival(f)
 	if f.Service != 0 {
 		s.handleService(ctx, f)
 		return

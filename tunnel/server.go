@@ -569,6 +569,7 @@ func (s *Server) newFlow(raw net.Conn, p *pendingFlow, sv *serveState) *Flow {
 		Dst:     p.dst.dst,
 		Service: p.dst.svc,
 		Remote:  addrPort(raw.RemoteAddr()),
+		Local:   addrPort(raw.LocalAddr()),
 		s:       s,
 		raw:     raw,
 		hs:      p.hs,
@@ -737,6 +738,9 @@ type Flow struct {
 	// instead of a destination (0: Dst).
 	Service Service
 	Remote  netip.AddrPort // the client connection's source address
+	// Local: the address the connection reached on this host (after
+	// whatever NAT stands in front of it).
+	Local netip.AddrPort
 	// MultipathTCP: the client's connection is MPTCP (false: plain TCP).
 	MultipathTCP bool
 	// Cipher: the transport the flow's frames are sealed with.

@@ -169,6 +169,7 @@ func runServer(c *cli.Context) error {
 		FrameTimeout:       c.Duration("frame-timeout"),
 		DNSUpstream:        dnsUp,
 		NoDNS:              c.Bool("no-dns"),
+		FleetAnnounce:      fleetAnnounce(vips, announce),
 		Logger:             log,
 	})
 	if err != nil {
@@ -268,6 +269,15 @@ func parseVIPs(vals []string, announce []netip.Addr) ([]netip.Addr, error) {
 		vips = append(vips, ip)
 	}
 	return vips, nil
+}
+
+// fleetAnnounce: in a fleet, the announced addresses a connection must not
+// arrive at (concentrator.Config.FleetAnnounce).
+func fleetAnnounce(vips, announce []netip.Addr) []netip.Addr {
+	if len(vips) == 0 {
+		return nil
+	}
+	return announce
 }
 
 // fleetStatus is what `mpvpn status --server` says of a fleet member: the

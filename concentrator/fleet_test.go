@@ -1,0 +1,99 @@
+//go:build linux
+
+package concentrator
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mpvpn/mpvpn/tunnel"
+)
+
+// syncBuffer is a bytes.Buffer safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A fleet member whose connections arrive at the address it announces for
+// joins says so, once (the kernel would announce nothing to join); one
+// whose connections arrive elsewhere says nothing.
+func TestFleetArrivalWarning(t *testing.T) {
+	const warning = "came to the address this member announces for joins"
+	for _, tc := range []struct {
+		name     string
+		announce []netip.Addr
+		warns    int
+	}{
+		{"arrives at the announced address", []netip.Addr{netip.MustParseAddr("127.0.0.1")}, 1},
+		{"arrives elsewhere", []netip.Addr{netip.MustParseAddr("127.0.0.2")}, 0},
+		{"not in a fleet", nil, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, err := tunnel.GenerateKey()
+			if err != nil {
+				t.Fatal(err)
+			}
+			peer, err := tunnel.GenerateKey()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var logs syncBuffer
+			ctx, cancel := context.WithCancel(context.Background())
+			srv, err := Listen(ctx, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()},
+				FleetAnnounce: tc.announce, NoDNS: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			if err != nil {
+				cancel()
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- srv.Serve(ctx) }()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("Serve: %v", err)
+				}
+			}()
+			cl, err := tunnel.NewClient(tunnel.ClientConfig{
+				Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
+				// Past the server's start horizon at once: it takes
+				// stamps up to a second ahead of its clock.
+				Now: func() time.Time { return time.Now().Add(900 * time.Millisecond) },
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(150 * time.Millisecond)
+			for range 3 {
+				// Loopback is refused by policy, after the check.
+				_, err := cl.DialTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:9"))
+				if ve, ok := errors.AsType[*tunnel.VerdictError](err); !ok || ve.Verdict != tunnel.NotAllowed {
+					t.Fatalf("flow: %v, want not allowed", err)
+				}
+			}
+			if n := strings.Count(logs.String(), warning); n != tc.warns {
+				t.Errorf("warned %d times, want %d; log:\n%s", n, tc.warns, logs.String())
+			}
+		})
+	}
+}
