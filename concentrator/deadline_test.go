@@ -17,14 +17,7 @@ import (
 // Config.HandshakeDeadline reaches the tunnel server: a connection that
 // sends garbage is reset at that deadline, not at the 5 s default.
 func TestHandshakeDeadline(t *testing.T) {
-	key, err := tunnel.GenerateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := tunnel.GenerateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, peer := testKey(t), testKey(t)
 	cfg := Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()}}
 
 	bad := cfg
@@ -35,20 +28,7 @@ func TestHandshakeDeadline(t *testing.T) {
 
 	const deadline = 300 * time.Millisecond
 	cfg.HandshakeDeadline = deadline
-	ctx, cancel := context.WithCancel(context.Background())
-	srv, err := Listen(ctx, cfg)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	}()
+	srv := serveTest(t, cfg)
 
 	start := time.Now()
 	c, err := net.Dial("tcp", srv.Addr().String())
@@ -71,4 +51,33 @@ func TestHandshakeDeadline(t *testing.T) {
 	if elapsed < deadline || elapsed > deadline+2*time.Second {
 		t.Errorf("closed after %v, want at the %v deadline", elapsed, deadline)
 	}
+}
+
+// serveTest listens with cfg and serves until the test ends.
+func serveTest(t *testing.T, cfg Config) *Server {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	srv, err := Listen(ctx, cfg)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return srv
+}
+
+func testKey(t *testing.T) tunnel.PrivateKey {
+	t.Helper()
+	k, err := tunnel.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

@@ -50,30 +50,10 @@ func TestFleetArrivalWarning(t *testing.T) {
 		{"not in a fleet", nil, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			key, err := tunnel.GenerateKey()
-			if err != nil {
-				t.Fatal(err)
-			}
-			peer, err := tunnel.GenerateKey()
-			if err != nil {
-				t.Fatal(err)
-			}
+			key, peer := testKey(t), testKey(t)
 			var logs syncBuffer
-			ctx, cancel := context.WithCancel(context.Background())
-			srv, err := Listen(ctx, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()},
+			srv := serveTest(t, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()},
 				FleetAnnounce: tc.announce, NoDNS: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-			if err != nil {
-				cancel()
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- srv.Serve(ctx) }()
-			defer func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("Serve: %v", err)
-				}
-			}()
 			cl, err := tunnel.NewClient(tunnel.ClientConfig{
 				Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
 				// Past the server's start horizon at once: it takes

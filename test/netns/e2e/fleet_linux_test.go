@@ -378,16 +378,7 @@ func TestFleetReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec := newRecorder(t, tp, tp.Client, netip.AddrPortFrom(topo.ConcAddr, 7100))
-	cl := newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second)
-	conn, err := dialTunnel(tp, tp.Client, cl, netip.AddrPortFrom(topo.DestAddr, 80))
-	if err != nil {
-		t.Fatalf("the original flow: %v", err)
-	}
-	resp, err := httpGet(conn, topo.DestAddr.String(), "/index.html")
-	conn.Close()
-	if err != nil || !strings.Contains(resp, "hello from the internet") {
-		t.Fatalf("the original flow: GET returned %q, %v", resp, err)
-	}
+	originalGet(t, tp, newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second))
 	sent := rec.recordedAll(t)
 	if len(sent) != allMax {
 		t.Fatalf("recorded %d bytes, want msg1 and a request frame (%d)", len(sent), allMax)

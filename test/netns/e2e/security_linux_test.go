@@ -126,6 +126,21 @@ func dialTunnel(tp *topo.Topology, ns string, c *tunnel.Client, dst netip.AddrPo
 	return conn, err
 }
 
+// originalGet fetches index.html from the internet host through cl, from
+// the client namespace: the flow whose handshake a test records.
+func originalGet(t *testing.T, tp *topo.Topology, cl *tunnel.Client) {
+	t.Helper()
+	conn, err := dialTunnel(tp, tp.Client, cl, netip.AddrPortFrom(topo.DestAddr, 80))
+	if err != nil {
+		t.Fatalf("the original flow: %v", err)
+	}
+	resp, err := httpGet(conn, topo.DestAddr.String(), "/index.html")
+	conn.Close()
+	if err != nil || !strings.Contains(resp, "hello from the internet") {
+		t.Fatalf("the original flow: GET returned %q, %v", resp, err)
+	}
+}
+
 // httpGet sends a minimal HTTP/1.0 GET over c and returns the response.
 func httpGet(c net.Conn, host, path string) (string, error) {
 	c.SetDeadline(time.Now().Add(20 * time.Second))
@@ -511,16 +526,7 @@ func TestReplayFirstMessage(t *testing.T) {
 	clientKey, serverPub := e.keys(t)
 
 	rec := newRecorder(t, e.tp, e.tp.Client, concListen)
-	cl := newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second)
-	conn, err := dialTunnel(e.tp, e.tp.Client, cl, netip.AddrPortFrom(topo.DestAddr, 80))
-	if err != nil {
-		t.Fatalf("the original flow: %v", err)
-	}
-	resp, err := httpGet(conn, topo.DestAddr.String(), "/index.html")
-	conn.Close()
-	if err != nil || !strings.Contains(resp, "hello from the internet") {
-		t.Fatalf("the original flow: GET returned %q, %v", resp, err)
-	}
+	originalGet(t, e.tp, newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second))
 	msg1 := rec.recorded(t)
 	t.Logf("recorded a %d-byte msg1", len(msg1))
 	if n := syns.get(t, "syn_inet"); n != 1 {
