@@ -133,6 +133,8 @@ type Server struct {
 
 	serveCtx context.Context // Serve's: its end closes the relays
 	relays   sync.WaitGroup  // the flows' relays, which Serve waits for
+	openMu   sync.Mutex
+	open     map[*FlowInfo]struct{} // the relayed flows, for OpenFlows
 
 	active                                               atomic.Int64
 	outOfFiles                                           atomic.Uint64
@@ -329,6 +331,13 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
+	fi := &FlowInfo{Peer: f.Peer, Client: f.Remote, Dst: f.Dst, Since: time.Now()}
+	s.openMu.Lock()
+	if s.open == nil {
+		s.open = map[*FlowInfo]struct{}{}
+	}
+	s.open[fi] = struct{}{}
+	s.openMu.Unlock()
 	// The relay in a goroutine of its own: this one's stack grew through
 	// the handshake and the dial, and a blocked goroutine keeps its
 	// stack; an idle flow's memory is mostly its goroutines' stacks
@@ -338,6 +347,11 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	go func() {
 		defer s.relays.Done()
 		defer s.active.Add(-1)
+		defer func() {
+			s.openMu.Lock()
+			delete(s.open, fi)
+			s.openMu.Unlock()
+		}()
 		stop := context.AfterFunc(s.serveCtx, func() {
 			c.Close()
 			up.Close()
@@ -399,6 +413,13 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
+	fi := &FlowInfo{Peer: f.Peer, Client: f.Remote, Dst: f.Dst, Since: time.Now()}
+	s.openMu.Lock()
+	if s.open == nil {
+		s.open = map[*FlowInfo]struct{}{}
+	}
+	s.open[fi] = struct{}{}
+	s.openMu.Unlock()
 	defer s.active.Add(-1)
 	// The services read until the stream ends: closing it is how a stop
 	// reaches them.
@@ -473,3 +494,24 @@ func (s *Server) Stats() Stats {
 
 // Peers returns each configured client key's flow counters.
 func (s *Server) Peers() []tunnel.PeerStats { return s.tun.PeerStats() }
+
+// FlowInfo is an open flow as the concentrator relays it.
+type FlowInfo struct {
+	Peer   tunnel.PublicKey
+	Client netip.AddrPort // the client connection's source (its uplink, or its NAT)
+	Dst    netip.AddrPort
+	Since  time.Time
+}
+
+// OpenFlows lists up to max of the flows being relayed now (to a
+// destination; the resolver's streams are not among them), oldest first.
+func (s *Server) OpenFlows(max int) []FlowInfo {
+	s.openMu.Lock()
+	out := make([]FlowInfo, 0, min(len(s.open), max))
+	for fi := range s.open {
+		out = append(out, *fi)
+	}
+	s.openMu.Unlock()
+	slices.SortFunc(out, func(a, b FlowInfo) int { return a.Since.Compare(b.Since) })
+	return out[:min(len(out), max)]
+}

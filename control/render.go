@@ -255,3 +255,23 @@ func humanRate(bps float64) string {
 	}
 	panic("unreachable")
 }
+
+// RenderFlows writes a server's open flows, one a line, oldest first
+// (`mpvpn status --server --flows`).
+func RenderFlows(w io.Writer, s Status) error {
+	return renderFlowsAt(w, s, time.Now())
+}
+
+func renderFlowsAt(w io.Writer, s Status, now time.Time) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "open flows: %d", s.Flows.Active)
+	if int64(len(s.OpenFlows)) < s.Flows.Active {
+		fmt.Fprintf(&b, " (the oldest %d listed)", len(s.OpenFlows))
+	}
+	b.WriteString("\n")
+	for _, f := range s.OpenFlows {
+		fmt.Fprintf(&b, "  %s  from %s  to %s  for %s\n", f.Peer, f.Client, f.Dst, humanDuration(now.Sub(f.Since)))
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}

@@ -203,3 +203,35 @@ func TestHuman(t *testing.T) {
 		}
 	}
 }
+
+func TestRenderFlows(t *testing.T) {
+	now := t0.Add(time.Hour)
+	flows := []OpenFlow{
+		{Peer: "cli1=", Client: "192.0.2.2:40000", Dst: "198.51.100.10:443", Since: now.Add(-90 * time.Second)},
+		{Peer: "cli2=", Client: "198.18.2.1:41000", Dst: "[2001:db8::10]:80", Since: now.Add(-2 * time.Second)},
+	}
+	tests := []struct {
+		name string
+		s    Status
+		want []string
+	}{
+		{"all listed", Status{Role: "server", Flows: Flows{Active: 2}, OpenFlows: flows},
+			[]string{"open flows: 2\n", "  cli1=  from 192.0.2.2:40000  to 198.51.100.10:443  for 1m30s\n", "  cli2=  from 198.18.2.1:41000  to [2001:db8::10]:80  for 2s\n"}},
+		{"more open than listed", Status{Role: "server", Flows: Flows{Active: 5000}, OpenFlows: flows[:1]},
+			[]string{"open flows: 5000 (the oldest 1 listed)\n", "cli1="}},
+		{"none", Status{Role: "server"}, []string{"open flows: 0\n"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var b strings.Builder
+			if err := renderFlowsAt(&b, tt.s, now); err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(b.String(), w) {
+					t.Errorf("missing %q in:\n%s", w, b.String())
+				}
+			}
+		})
+	}
+}

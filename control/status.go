@@ -19,6 +19,9 @@ type Status struct {
 	// Fleet: a concentrator that is one of several behind a shared
 	// address (mpvpn server --vip).
 	Fleet *Fleet `json:"fleet,omitempty"`
+	// OpenFlows: the concentrator's open flows, oldest first, at most
+	// MaxOpenFlows of them (Flows.Active counts them all). Server only.
+	OpenFlows []OpenFlow `json:"open_flows,omitempty"`
 	// NetlinkChanges counts the routes, rules and MPTCP endpoints the
 	// client's path manager added or removed since start (a flapping
 	// uplink must not turn into a storm of them). Client only.
@@ -287,4 +290,15 @@ type Peer struct {
 type Fleet struct {
 	VIP      []string `json:"vip"`
 	Announce []string `json:"announce"`
+}
+
+// MaxOpenFlows is how many open flows a server's status lists.
+const MaxOpenFlows = 4096
+
+// OpenFlow is one flow a concentrator relays.
+type OpenFlow struct {
+	Peer   string    `json:"peer"`   // the client's key
+	Client string    `json:"client"` // the address its connection came from
+	Dst    string    `json:"dst"`
+	Since  time.Time `json:"since"`
 }

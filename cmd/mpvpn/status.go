@@ -81,7 +81,11 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 
 // serverStatus is the concentrator's side of `mpvpn status`.
 func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
-	return serverStatusOf(srv.Stats(), srv.Peers(), srv.Addr().String(), start)
+	st := serverStatusOf(srv.Stats(), srv.Peers(), srv.Addr().String(), start)
+	for _, f := range srv.OpenFlows(control.MaxOpenFlows) {
+		st.OpenFlows = append(st.OpenFlows, control.OpenFlow{Peer: f.Peer.String(), Client: f.Client.String(), Dst: f.Dst.String(), Since: f.Since})
+	}
+	return st
 }
 
 // serverStatusOf maps the concentrator's counters to the status: every
@@ -158,6 +162,7 @@ func statusCommand() *cli.Command {
 			&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval, with per-uplink throughput"},
 			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh period of --watch"},
 			&cli.BoolFlag{Name: "server", Usage: "ask the concentrator on this host (" + defaultServerSocket + ")"},
+			&cli.BoolFlag{Name: "flows", Usage: "with --server: list the open flows (client key, the address its connection came from, destination, age), oldest first, after the status"},
 			&cli.PathFlag{Name: "socket", Usage: "the status socket `PATH` (default " + defaultClientSocket + ", or the server's with --server)"},
 		},
 		Action: runStatus,
@@ -195,6 +200,14 @@ func runStatus(c *cli.Context) error {
 			}
 			if err := control.Render(out, st, prev, interval); err != nil {
 				return err
+			}
+			if c.Bool("flows") {
+				if st.Role != "server" {
+					return usageError("--flows lists a concentrator's open flows (mpvpn status --server --flows); this socket is a %s's", st.Role)
+				}
+				if err := control.RenderFlows(out, st); err != nil {
+					return err
+				}
 			}
 		}
 		if !c.Bool("watch") {

@@ -176,6 +176,12 @@ func (f *fleet) phase(t *testing.T, b topo.Balancer) {
 	// The flows' spread, from the members' own status.
 	var held [fleetSize][2]int64 // active flows per member per client
 	var total int64
+	// Each member's status lists the flows it holds, with the client
+	// and the uplink address each came from.
+	from := [2][]netip.Addr{
+		{tp.Uplinks[topo.A].Public, tp.Uplinks[topo.B].Public},
+		{tp.Uplinks2[topo.A].Public, tp.Uplinks2[topo.B].Public},
+	}
 	for i := range fleetSize {
 		st := f.memberStatus(t, i)
 		for _, p := range st.Peers {
@@ -185,6 +191,19 @@ func (f *fleet) phase(t *testing.T, b topo.Balancer) {
 					total += p.ActiveFlows
 				}
 			}
+		}
+		listed := [2]int64{}
+		for _, of := range st.OpenFlows {
+			c := slices.Index(f.clientPubs[:], of.Peer)
+			src, err := netip.ParseAddrPort(of.Client)
+			if c < 0 || err != nil || !slices.Contains(from[c], src.Addr().Unmap()) || of.Dst != netip.AddrPortFrom(topo.DestAddr, fleetFlowPort).String() {
+				t.Errorf("member %d lists a flow %+v: not from one of its clients' uplinks to the flowcheck server", i+1, of)
+				continue
+			}
+			listed[c]++
+		}
+		if listed != held[i] {
+			t.Errorf("member %d lists %v open flows per client, its counters say %v", i+1, listed, held[i])
 		}
 	}
 	t.Logf("%s: %d MPTCP connections on the members; open flows per member (client 1, client 2): %v", b, conns, held)
