@@ -389,7 +389,7 @@ func (c *Client) dialOnce(ctx context.Context, dst target, stamp *time.Time) (*C
 	// deadline for both, as for a handshake that names it.
 	ctx, cancel := context.WithTimeoutCause(ctx, c.cfg.HandshakeTimeout, errHandshakeTimeout)
 	defer cancel()
-	tc, keys, err := c.handshake(ctx, target{pool: true}, stamp)
+	tc, keys, err := c.handshake(ctx, target{pool: true, soon: true}, stamp)
 	if err != nil {
 		if ve, ok := errors.AsType[*VerdictError](err); ok {
 			// Limited for the connection is the flow's verdict.

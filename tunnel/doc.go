@@ -30,7 +30,11 @@
 //	            14 18  zero
 //	          or, for a pooled connection (see Pool below):
 //	            12  1  protocol   255 (pool)
-//	            13 19  zero
+//	            13  1  soon       0: wait in the pool; 1: the request frame
+//	                              follows msg2 at once (a flow that found no
+//	                              pooled connection), so this is a flow being
+//	                              opened, not counted as pooled
+//	            14 18  zero
 //	          then, in every msg1:
 //	            32  1  offer      transport ciphers offered besides
 //	                              ChaCha20-Poly1305: bit 0 AES-256-GCM,
@@ -95,9 +99,12 @@
 // verdict, and the flow dials afresh, as a lost SYN is sent again.
 //
 // A flow that finds the pool empty (or runs without one) opens its own
-// connection the same way by default: msg1 names the pool, and the
-// destination follows in a request frame once msg2 has come, one round
-// trip later than in msg1. So no destination is ever in a replayable
+// connection the same way by default: msg1 names the pool with soon set,
+// and the destination follows in a request frame once msg2 has come, one
+// round trip later than in msg1. The concentrator counts such a
+// connection as a flow being opened (the flow limits, HandshakeDeadline
+// for the request), not against MaxPooledPerPeer: a burst of flows larger
+// than the pool is not refused for the pool's cap. So no destination is ever in a replayable
 // message, and a recorded msg1 replayed to the other concentrators of a
 // fleet, which share the keys but not the replay cache, dials nothing on
 // any of them. ClientConfig.EarlyDestination puts it back in msg1 for

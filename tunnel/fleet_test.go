@@ -174,3 +174,36 @@ func TestFleetReplay(t *testing.T) {
 		})
 	}
 }
+
+// Flows that find no pooled connection, many at once: each authenticates
+// as a pool connection would, but as a flow being opened, so more of them
+// than the concentrator's cap on pooled connections all connect.
+func TestFreshFlowsBeyondPoolCap(t *testing.T) {
+	ln := listenMPTCP(t, false)
+	p := newPair(t, ServerConfig{MaxPooledPerPeer: 2}, ClientConfig{Server: lnAddr(ln), PoolSize: -1})
+	serve(t, p.srv, ln, echoAccept)
+	const flows = 20
+	type result struct {
+		c   *Conn
+		err error
+	}
+	results := make(chan result, flows)
+	for range flows {
+		go func() {
+			c, err := p.cli.DialTCP(context.Background(), testDst)
+			results <- result{c, err}
+		}()
+	}
+	for range flows {
+		r := <-results
+		if r.err != nil {
+			t.Errorf("flow: %v", r.err)
+			continue
+		}
+		defer r.c.Close()
+	}
+	st := p.srv.Stats()
+	if st.PoolLimited != 0 || st.Flows != flows {
+		t.Errorf("server: %d flows, %d answered Limited for the pool cap; want %d and 0", st.Flows, st.PoolLimited, flows)
+	}
+}

@@ -37,6 +37,10 @@ const pooledRcvBuf = 4 << 20
 // ephemeral key can derive. The destination itself now travels under
 // forward-secret keys (ee, se), not under msg1's es/ss.
 func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
+	if p.dst.soon {
+		s.serveSoon(ctx, raw, p, rateOK, sv)
+		return
+	}
 	peerN, total, ok := s.enterPool(p.peer)
 	if ok && !rateOK {
 		s.leavePool(p.peer)
@@ -66,6 +70,44 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 	p.hs = nil
 	p.peer.lastSeen.Store(time.Now().UnixNano())
 	s.awaitRequest(ctx, raw, raw, p, keys, true, sv)
+}
+
+// serveSoon serves a connection whose request frame follows msg2 at once:
+// a flow that found the client's pool empty and keeps its destination off
+// msg1 (ClientConfig.EarlyDestination off). It is a flow being opened,
+// not a pooled connection: not counted against MaxPooledPerPeer, and its
+// request must come within HandshakeDeadline, as msg1 had to.
+func (s *Server) serveSoon(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
+	if !rateOK {
+		s.rateLimited.Add(1)
+		p.peer.limited.Add(1)
+		s.log.Debug("flow over the handshake rate", "peer", p.key.String())
+		s.writeMsg2(raw, p.hs, Limited, p.cipher)
+		raw.Close()
+		return
+	}
+	keys, err := s.writeMsg2(raw, p.hs, Connected, p.cipher)
+	if err != nil {
+		s.poolUnused.Add(1)
+		raw.Close()
+		return
+	}
+	p.hs = nil
+	p.peer.lastSeen.Store(time.Now().UnixNano())
+	raw.SetReadDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
+	t, err := readRequestFrame(raw, keys.recv)
+	if err != nil {
+		s.log.Debug("no request after the handshake", "peer", p.key.String(), "err", err)
+		abort(raw)
+		s.poolUnused.Add(1)
+		return
+	}
+	raw.SetReadDeadline(time.Time{})
+	if tc, ok := raw.(*net.TCPConn); ok {
+		tc.SetKeepAliveConfig(keepAlive())
+	}
+	p.dst, p.keys = t, keys
+	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), true, sv.handle)
 }
 
 // awaitRequest waits, on a connection counted in pooled, for the request

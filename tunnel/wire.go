@@ -70,6 +70,9 @@ const (
 	// first transport frame names the target (a request frame). 255 is
 	// IANA's "reserved", never a transport protocol.
 	protoPool = 255
+	// poolSoon in the byte after protoPool: the request frame follows
+	// at once (0: the connection waits in the pool).
+	poolSoon = 1
 
 	// A request frame's plaintext: bytes 12..31 of msg1's payload layout
 	// (protocol, family or service, address, port); a verdict frame's:
@@ -112,6 +115,10 @@ type target struct {
 	dst  netip.AddrPort
 	svc  Service // 0: dst
 	pool bool
+	// soon, with pool: the request frame follows msg2 at once (a flow
+	// that found no pooled connection), so the connection is a flow
+	// being opened, not one waiting in the pool.
+	soon bool
 }
 
 func (t target) String() string {
@@ -208,6 +215,9 @@ func putTarget(b []byte, t target) {
 	switch {
 	case t.pool:
 		b[0] = protoPool
+		if t.soon {
+			b[1] = poolSoon
+		}
 		return
 	case t.svc != 0:
 		b[0] = protoService
@@ -273,10 +283,10 @@ func parseTarget(b []byte, pool bool) (target, error) {
 	}
 	switch b[0] {
 	case protoPool:
-		if !pool || !zero(b[1:]) {
+		if !pool || b[1] > poolSoon || !zero(b[2:]) {
 			return target{}, errBadPayload
 		}
-		return target{pool: true}, nil
+		return target{pool: true, soon: b[1] == poolSoon}, nil
 	case protoService:
 		svc := Service(b[1])
 		if !svc.valid() || !zero(b[2:]) {
