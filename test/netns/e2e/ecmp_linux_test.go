@@ -19,51 +19,49 @@ const (
 	ecmpRate  = "20mbit"
 )
 
-// One flow through mpvpn over four equal-cost paths, from one uplink:
-// with --subflows 8 (one subflow to the concentrator's port and one to
-// each of the seven it announces, --ports) both directions spread over at
-// least three of the paths and move at least 1.3 times what one plain TCP
-// connection gets over one path: clearly more than one path. That is not
-// yet the 2.5 times of issue 12 (see the README: in runs of 2026-12-03 an
-// upload got 2.0-3.9 times, a download 1.0-2.6 and kernel MPTCP alone on
-// the same paths 0.8-3.9); with --subflows 1 about once as much either
-// way, on one path. Each run is a fresh client, a fresh
-// pooled connection and so fresh source ports: where the kernel's hash
-// puts eight subflows on fewer than three paths, 2.5 cannot be reached,
-// and the test says so and tries another connection (at most twice);
-// that happens to about one connection in forty.
+// One flow through mpvpn over four equal-cost paths, from one uplink
+// (issue 12): with --subflows 8 (one subflow to the concentrator's port
+// and one to each of the seven it announces, --ports) a flow whose
+// subflows the hash put on all four paths moves at least 2.5 times what
+// one plain TCP connection gets over one path, both ways; with
+// --subflows 1 about once as much, on one path. Eight subflows hashed at
+// random miss a path in about 4 connections of 10 (no path manager can
+// do better than the paths its hash gives it), so a flow that reached
+// fewer than four is logged and the next flow, on another of the pool's
+// connections, tried, up to ecmpTries.
+//
+// Both ends run reno, as a loss-based congestion control like Debian's
+// default cubic (which these namespaces cannot select): with BBR, this
+// host's default, a pooled connection (one that waited after its
+// handshake) spread over eight subflows got 19–32 Mbit/s on all four
+// paths where reno got 72–73 and a fresh BBR connection about 54 (README,
+// "Over equal-cost paths").
 func TestECMPSubflows(t *testing.T) {
 	for _, tc := range []struct {
 		subflows int
 		min, max float64 // of one path's goodput
 	}{
 		{1, 0.6, 1.3},
-		{8, 1.3, float64(ecmpPaths) + 0.2},
+		{8, 2.5, float64(ecmpPaths) + 0.2},
 	} {
 		t.Run(fmt.Sprintf("subflows %d", tc.subflows), func(t *testing.T) {
-			for attempt := 1; ; attempt++ {
-				spread, ok := ecmpRun(t, tc.subflows, tc.min, tc.max)
-				if ok || t.Failed() {
-					return
-				}
-				if attempt == 3 {
-					t.Fatalf("after %d connections the subflows still sat on fewer than 3 of %d paths (%v)", attempt, ecmpPaths, spread)
-				}
-				t.Logf("connection %d: the hash put the subflows on %v paths: another connection", attempt, spread)
-			}
+			ecmpRun(t, tc.subflows, tc.min, tc.max)
 		})
 	}
 }
 
-// ecmpRun measures one path with plain TCP, then one flow through mpvpn
-// with n subflows, up and down, and checks the ratios and how many paths
-// carried a tenth of the bytes or more (spread, per direction): one with
-// n = 1, at least 3 with more. ok is false (and nothing failed) when n > 1
-// and the subflows sat on fewer than 3 paths: the hash's luck, not
-// mpvpn's.
-func ecmpRun(t *testing.T, n int, min, max float64) (spread [2]int, ok bool) {
+// ecmpTries is how many flows a direction may take to find one whose
+// subflows the hash put on every path: P(eight miss one of four) is
+// about 0.38, so six all missing one, about 0.3 %.
+const ecmpTries = 6
+
+// ecmpRun measures one path with plain TCP, then flows through mpvpn with
+// n subflows, up and down, and checks the ratio of the first flow that
+// used every path it should (one with n = 1, all four with more): a path
+// is used when it carried a tenth of the bytes or more.
+func ecmpRun(t *testing.T, n int, min, max float64) {
 	e := newEnv(t, options{
-		topo:       topo.Options{ECMP: ecmpPaths, ECMPRate: ecmpRate},
+		topo:       topo.Options{ECMP: ecmpPaths, ECMPRate: ecmpRate, CongestionControl: "reno"},
 		listen:     netip.AddrPortFrom(topo.ConcAddr, 7100).String(),
 		serverArgs: []string{"--ports", "7101-7107"},
 		uplinks:    []string{"wan0"},
@@ -78,49 +76,58 @@ func ecmpRun(t *testing.T, n int, min, max float64) (spread [2]int, ok bool) {
 	// One plain TCP connection over wan0 takes one path.
 	one := iperfRate(t, e, topo.ConcAddr, 5202, "-B", e.tp.Uplinks[topo.A].Addr.String())
 	t.Logf("one path, plain TCP: %.1f Mbit/s", one/1e6)
-	ok = true
+	want := 1
+	if n > 1 {
+		want = ecmpPaths
+	}
 	for i, dir := range []string{"up", "down"} {
 		var args []string
 		if dir == "down" {
 			args = append(args, "-R")
 		}
-		before := e.ecmpBytes(t)
-		got := iperfRate(t, e, topo.DestAddr, 5201, args...)
-		after := e.ecmpBytes(t)
-		var total uint64
-		d := make([]uint64, ecmpPaths)
-		for p := range d {
-			// The concentrator's side: rx carries an upload, tx a download.
-			d[p] = after[i][p] - before[i][p]
-			total += d[p]
-		}
-		for _, b := range d {
-			if total > 0 && float64(b) > 0.1*float64(total) {
-				spread[i]++
+		judged := false
+		for try := 1; try <= ecmpTries && !judged; try++ {
+			before := e.ecmpBytes(t)
+			got := iperfRate(t, e, topo.DestAddr, 5201, args...)
+			after := e.ecmpBytes(t)
+			var total uint64
+			d := make([]uint64, ecmpPaths)
+			for p := range d {
+				// The concentrator's side: rx carries an upload, tx a download.
+				d[p] = after[i][p] - before[i][p]
+				total += d[p]
 			}
+			spread := 0
+			for _, b := range d {
+				if total > 0 && float64(b) > 0.1*float64(total) {
+					spread++
+				}
+			}
+			ratio := got / one
+			t.Logf("%s through mpvpn with --subflows %d, flow %d: %.1f Mbit/s, %.2f× one path; bytes per path %v", dir, n, try, got/1e6, ratio, d)
+			switch {
+			case n == 1 && spread != 1:
+				t.Errorf("%s: one subflow, but %d paths carried a tenth of the bytes or more", dir, spread)
+			case n > 1 && spread < want:
+				continue // the hash's draw: another flow
+			case ratio > max:
+				t.Errorf("%s: %.2f× one path, more than %.1f×: the paths are not the limit they should be", dir, ratio, max)
+			case ratio < min:
+				t.Errorf("%s: %.2f× one path over %d paths, want at least %.1f×", dir, ratio, spread, min)
+			}
+			judged = true
 		}
-		ratio := got / one
-		t.Logf("%s through mpvpn with --subflows %d: %.1f Mbit/s, %.2f× one path; bytes per path %v", dir, n, got/1e6, ratio, d)
-		switch {
-		case n == 1 && spread[i] != 1:
-			t.Errorf("%s: one subflow, but %d paths carried a tenth of the bytes or more", dir, spread[i])
-		case n > 1 && spread[i] < 3:
-			ok = false
-		case ratio > max:
-			t.Errorf("%s: %.2f× one path, more than %.1f×: the paths are not the limit they should be", dir, ratio, max)
-		case ratio >= min:
-		default:
-			t.Errorf("%s: %.2f× one path, want at least %.1f× (the flow used %d of %d paths)", dir, ratio, min, spread[i], ecmpPaths)
+		if !judged {
+			t.Errorf("%s: in %d flows the hash never put the subflows on all %d paths", dir, ecmpTries, ecmpPaths)
 		}
 	}
-	if n > 1 && ok {
+	if n > 1 {
 		// Every one of the flow's subflows, and no more, reached the
 		// concentrator: a subflow to each announced port.
 		if s := e.serverSubflowPorts(t); len(s) != n {
 			t.Errorf("the concentrator's subflows for the pooled connections reach ports %v, want %d ports", s, n)
 		}
 	}
-	return spread, ok
 }
 
 // iperfRate runs one iperf3 connection from the client for 5 s and

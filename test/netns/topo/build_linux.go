@@ -164,6 +164,9 @@ func (tp *Topology) addNamespaces() error {
 			{"net.ipv4.conf.default.rp_filter", rp},
 			{"net.ipv4.ip_forward", fwd},
 		}
+		if cc := tp.opts.CongestionControl; cc != "" {
+			settings = append(settings, [2]string{"net.ipv4.tcp_congestion_control", cc})
+		}
 		if role == roleWireA || role == roleWireB {
 			// Before the veths appear, so they never get an IPv6 address and
 			// the wire never sends a frame of its own.

@@ -118,6 +118,11 @@ type Options struct {
 	// ECMPRate shapes each ECMP path, both ways, with tbf (a tc rate
 	// such as "20mbit"); "" leaves them unshaped.
 	ECMPRate string
+	// CongestionControl, if set, is every namespace's TCP congestion
+	// control (net.ipv4.tcp_congestion_control; what
+	// tcp_allowed_congestion_control lets a namespace pick: reno, and
+	// bbr where the host has it); "": the host's default.
+	CongestionControl string
 	// Fleet, when 2 or more (up to MaxFleet), puts that many
 	// concentrators behind ConcAddr as a VIP; the concentrator's namespace
 	// is then a router, the edge, and the members are Topology.Members

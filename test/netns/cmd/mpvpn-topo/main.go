@@ -135,6 +135,7 @@ func up(args []string, stdout, stderr io.Writer) error {
 	seed := fs.Uint64("seed", 0, "random seed of the emulators (0 = random)")
 	ecmp := fs.Int("ecmp", 0, "join ISP A and the concentrator by N equal-cost paths (L4 hashing); 0 or 1: one link")
 	ecmpRate := fs.String("ecmp-rate", "", "shape each ECMP path to this rate both ways (tbf), e.g. 20mbit")
+	cc := fs.String("cc", "", "every namespace's TCP congestion control, e.g. reno (default: the host's)")
 	fleet := fs.Int("fleet", 0, "put N concentrators (namespaces c1…cN) behind the concentrator's address as a VIP, balanced by ECMP anycast; 0: one concentrator")
 	client2 := fs.Bool("second-client", false, "add a second client namespace (cli2) on both ISPs")
 	emuBin := fs.String("linkemu", "", "linkemu binary to run (default: this binary's linkemu command)")
@@ -152,7 +153,7 @@ func up(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("uplink b: %w", err)
 	}
 	opts := topo.Options{Prefix: *prefix, RunDir: *runDir, NoEmu: *noEmu, A: la, B: lb, Seed: *seed, ECMP: *ecmp, ECMPRate: *ecmpRate,
-		Fleet: *fleet, SecondClient: *client2}
+		Fleet: *fleet, SecondClient: *client2, CongestionControl: *cc}
 	if *verbose {
 		opts.Logger = slog.New(slog.NewTextHandler(stderr, nil))
 	}
