@@ -331,13 +331,7 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
-	fi := &FlowInfo{Peer: f.Peer, Client: f.Remote, Dst: f.Dst, Since: time.Now()}
-	s.openMu.Lock()
-	if s.open == nil {
-		s.open = map[*FlowInfo]struct{}{}
-	}
-	s.open[fi] = struct{}{}
-	s.openMu.Unlock()
+	fi := s.opened(f)
 	// The relay in a goroutine of its own: this one's stack grew through
 	// the handshake and the dial, and a blocked goroutine keeps its
 	// stack; an idle flow's memory is mostly its goroutines' stacks
@@ -347,11 +341,7 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	go func() {
 		defer s.relays.Done()
 		defer s.active.Add(-1)
-		defer func() {
-			s.openMu.Lock()
-			delete(s.open, fi)
-			s.openMu.Unlock()
-		}()
+		defer s.closed(fi)
 		stop := context.AfterFunc(s.serveCtx, func() {
 			c.Close()
 			up.Close()
@@ -413,13 +403,6 @@ func (s *Server) handleService(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
-	fi := &FlowInfo{Peer: f.Peer, Client: f.Remote, Dst: f.Dst, Since: time.Now()}
-	s.openMu.Lock()
-	if s.open == nil {
-		s.open = map[*FlowInfo]struct{}{}
-	}
-	s.open[fi] = struct{}{}
-	s.openMu.Unlock()
 	defer s.active.Add(-1)
 	// The services read until the stream ends: closing it is how a stop
 	// reaches them.
@@ -494,6 +477,24 @@ func (s *Server) Stats() Stats {
 
 // Peers returns each configured client key's flow counters.
 func (s *Server) Peers() []tunnel.PeerStats { return s.tun.PeerStats() }
+
+// opened records a flow being relayed now, for OpenFlows; closed forgets it.
+func (s *Server) opened(f *tunnel.Flow) *FlowInfo {
+	fi := &FlowInfo{Peer: f.Peer, Client: f.Remote, Dst: f.Dst, Since: time.Now()}
+	s.openMu.Lock()
+	if s.open == nil {
+		s.open = map[*FlowInfo]struct{}{}
+	}
+	s.open[fi] = struct{}{}
+	s.openMu.Unlock()
+	return fi
+}
+
+func (s *Server) closed(fi *FlowInfo) {
+	s.openMu.Lock()
+	delete(s.open, fi)
+	s.openMu.Unlock()
+}
 
 // FlowInfo is an open flow as the concentrator relays it.
 type FlowInfo struct {

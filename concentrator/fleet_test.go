@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -75,5 +76,51 @@ func TestFleetArrivalWarning(t *testing.T) {
 				t.Errorf("warned %d times, want %d; log:\n%s", n, tc.warns, logs.String())
 			}
 		})
+	}
+}
+
+// OpenFlows lists a relayed flow while it is open, with its client and
+// destination, and forgets it once it has ended.
+func TestOpenFlows(t *testing.T) {
+	key, peer := testKey(t), testKey(t)
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	srv := serveTest(t, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()}, AllowPrivate: true, NoDNS: true})
+	cl, err := tunnel.NewClient(tunnel.ClientConfig{
+		Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
+		Now: func() time.Time { return time.Now().Add(900 * time.Millisecond) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	dst := echo.Addr().(*net.TCPAddr).AddrPort()
+	c, err := cl.DialTCP(context.Background(), dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := srv.OpenFlows(10)
+	if len(got) != 1 || got[0].Dst != dst || got[0].Peer != peer.Public() || !got[0].Client.Addr().IsLoopback() {
+		t.Fatalf("OpenFlows = %+v, want the one flow to %s from the peer", got, dst)
+	}
+	c.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(srv.OpenFlows(10)) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("OpenFlows after the flow ended: %+v", srv.OpenFlows(10))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
