@@ -322,8 +322,12 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 		f.Refuse(v)
 		return
 	}
+	// Listed before the verdict goes out: a client that has its answer
+	// finds its flow in the status.
+	fi := s.opened(f)
 	c, err := f.Accept()
 	if err != nil {
+		s.closed(fi)
 		up.Close()
 		log.Debug("accept failed", "err", err)
 		return
@@ -331,7 +335,6 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
 	s.connected.Add(1)
 	s.active.Add(1)
-	fi := s.opened(f)
 	// The relay in a goroutine of its own: this one's stack grew through
 	// the handshake and the dial, and a blocked goroutine keeps its
 	// stack; an idle flow's memory is mostly its goroutines' stacks
