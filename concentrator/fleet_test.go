@@ -55,16 +55,7 @@ func TestFleetArrivalWarning(t *testing.T) {
 			var logs syncBuffer
 			srv := serveTest(t, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()},
 				FleetAnnounce: tc.announce, NoDNS: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-			cl, err := tunnel.NewClient(tunnel.ClientConfig{
-				Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
-				// Past the server's start horizon at once: it takes
-				// stamps up to a second ahead of its clock.
-				Now: func() time.Time { return time.Now().Add(900 * time.Millisecond) },
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			time.Sleep(150 * time.Millisecond)
+			cl := testClient(t, srv, key, peer)
 			for range 3 {
 				// Loopback is refused by policy, after the check.
 				_, err := cl.DialTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:9"))
@@ -98,14 +89,7 @@ func TestOpenFlows(t *testing.T) {
 		}
 	}()
 	srv := serveTest(t, Config{Listen: "127.0.0.1:0", Key: key, Peers: []tunnel.PublicKey{peer.Public()}, AllowPrivate: true, NoDNS: true})
-	cl, err := tunnel.NewClient(tunnel.ClientConfig{
-		Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
-		Now: func() time.Time { return time.Now().Add(900 * time.Millisecond) },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(150 * time.Millisecond)
+	cl := testClient(t, srv, key, peer)
 	dst := echo.Addr().(*net.TCPAddr).AddrPort()
 	c, err := cl.DialTCP(context.Background(), dst)
 	if err != nil {
@@ -123,4 +107,20 @@ func TestOpenFlows(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// testClient is a tunnel client of srv with key peer and no pool, past
+// srv's start horizon: srv takes stamps up to a second ahead of its
+// clock, the client stamps 0.9 s ahead, and srv has been up 0.15 s.
+func testClient(t *testing.T, srv *Server, key, peer tunnel.PrivateKey) *tunnel.Client {
+	t.Helper()
+	cl, err := tunnel.NewClient(tunnel.ClientConfig{
+		Server: srv.Addr().(*net.TCPAddr).AddrPort(), ServerKey: key.Public(), Key: peer, PoolSize: -1,
+		Now: func() time.Time { return time.Now().Add(900 * time.Millisecond) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	return cl
 }

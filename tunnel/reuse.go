@@ -181,5 +181,5 @@ func (s *Server) awaitReuse(sv *serveState, r reusable, p *pendingFlow) {
 	if len(r.after) > 0 {
 		src = io.MultiReader(bytes.NewReader(r.after), r.raw)
 	}
-	s.awaitRequest(sv.ctx, r.raw, src, p, r.keys, false, sv)
+	s.awaitRequest(sv.ctx, r.raw, src, p, r.keys, false, true, sv)
 }

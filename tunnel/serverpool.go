@@ -36,15 +36,19 @@ const pooledRcvBuf = 4 << 20
 // since the request frame is sealed with keys only the holder of msg1's
 // ephemeral key can derive. The destination itself now travels under
 // forward-secret keys (ee, se), not under msg1's es/ss.
+//
+// A connection whose msg1 says soon is a flow that found the client's
+// pool empty and keeps its destination off msg1 (ClientConfig.
+// EarlyDestination off): its request frame follows msg2 at once, so it
+// is a flow being opened, not a pooled connection: not counted against
+// MaxPooledPerPeer and MaxPooled, and its request must come within
+// HandshakeDeadline, as msg1 had to.
 func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
-	if p.dst.soon {
-		s.serveSoon(ctx, raw, p, rateOK, sv)
-		return
-	}
-	peerN, total, ok := s.enterPool(p.peer)
-	if ok && !rateOK {
-		s.leavePool(p.peer)
-		ok = false
+	pooled := !p.dst.soon
+	ok := rateOK
+	var peerN, total int64
+	if ok && pooled {
+		peerN, total, ok = s.enterPool(p.peer)
 	}
 	if !ok {
 		// Over the rate is counted as over the rate, whether the
@@ -55,79 +59,51 @@ func (s *Server) servePooled(ctx context.Context, raw net.Conn, p *pendingFlow, 
 			s.rateLimited.Add(1)
 		}
 		p.peer.limited.Add(1)
-		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
+		s.log.Debug("pooled connection over a limit", "peer", p.key.String(), "soon", p.dst.soon, "rate_ok", rateOK, "peer_pooled", peerN, "pooled", total)
 		s.writeMsg2(raw, p.hs, Limited, p.cipher)
 		raw.Close()
 		return
 	}
 	keys, err := s.writeMsg2(raw, p.hs, Connected, p.cipher)
 	if err != nil {
-		s.leavePool(p.peer)
+		if pooled {
+			s.leavePool(p.peer)
+		}
 		s.poolUnused.Add(1)
 		raw.Close()
 		return
 	}
 	p.hs = nil
 	p.peer.lastSeen.Store(time.Now().UnixNano())
-	s.awaitRequest(ctx, raw, raw, p, keys, true, sv)
+	s.awaitRequest(ctx, raw, raw, p, keys, true, pooled, sv)
 }
 
-// serveSoon serves a connection whose request frame follows msg2 at once:
-// a flow that found the client's pool empty and keeps its destination off
-// msg1 (ClientConfig.EarlyDestination off). It is a flow being opened,
-// not a pooled connection: not counted against MaxPooledPerPeer, and its
-// request must come within HandshakeDeadline, as msg1 had to.
-func (s *Server) serveSoon(ctx context.Context, raw net.Conn, p *pendingFlow, rateOK bool, sv *serveState) {
-	if !rateOK {
-		s.rateLimited.Add(1)
-		p.peer.limited.Add(1)
-		s.log.Debug("flow over the handshake rate", "peer", p.key.String())
-		s.writeMsg2(raw, p.hs, Limited, p.cipher)
-		raw.Close()
-		return
-	}
-	keys, err := s.writeMsg2(raw, p.hs, Connected, p.cipher)
-	if err != nil {
-		s.poolUnused.Add(1)
-		raw.Close()
-		return
-	}
-	p.hs = nil
-	p.peer.lastSeen.Store(time.Now().UnixNano())
-	raw.SetReadDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
-	t, err := readRequestFrame(raw, keys.recv)
-	if err != nil {
-		s.log.Debug("no request after the handshake", "peer", p.key.String(), "err", err)
-		abort(raw)
-		s.poolUnused.Add(1)
-		return
-	}
-	raw.SetReadDeadline(time.Time{})
-	if tc, ok := raw.(*net.TCPConn); ok {
-		tc.SetKeepAliveConfig(keepAlive())
-	}
-	p.dst, p.keys = t, keys
-	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), true, sv.handle)
-}
-
-// awaitRequest waits, on a connection counted in pooled, for the request
-// frame (read from src: raw, or what was read of it already and then
-// raw) and serves it as a flow. fresh: the connection is just through
-// its handshake, not back from a flow.
-func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, p *pendingFlow, keys transportKeys, fresh bool, sv *serveState) {
-	// No keepalives while it waits: PoolIdle bounds its life, and on a
-	// client's metered uplink they would cost more than the pool saves.
+// awaitRequest waits for the request frame (read from src: raw, or what
+// was read of it already and then raw) and serves it as a flow. fresh:
+// the connection is just through its handshake, not back from a flow.
+// pooled: it is counted in pooled and may wait PoolIdle; otherwise (a
+// soon connection, see servePooled) HandshakeDeadline.
+func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, p *pendingFlow, keys transportKeys, fresh, pooled bool, sv *serveState) {
 	tc, _ := raw.(*net.TCPConn)
-	if tc != nil {
-		tc.SetKeepAlive(false)
+	wait := s.cfg.HandshakeDeadline
+	if pooled {
+		// No keepalives while it waits: PoolIdle bounds its life, and
+		// on a client's metered uplink they would cost more than the
+		// pool saves.
+		if tc != nil {
+			tc.SetKeepAlive(false)
+		}
+		wait = s.cfg.PoolIdle
 	}
 	waitFrom := time.Now()
-	raw.SetReadDeadline(waitFrom.Add(s.cfg.PoolIdle))
+	raw.SetReadDeadline(waitFrom.Add(wait))
 	t, err := readRequestFrame(src, keys.recv)
-	s.leavePool(p.peer)
+	if pooled {
+		s.leavePool(p.peer)
+	}
 	if err != nil {
 		if ctx.Err() == nil {
-			s.log.Debug("pooled connection closed unused", "peer", p.key.String(), "err", err)
+			s.log.Debug("connection closed without a request", "peer", p.key.String(), "pooled", pooled, "err", err)
 		}
 		if fresh || !errors.Is(err, io.EOF) && !isTimeout(err) {
 			abort(raw)
@@ -161,7 +137,9 @@ func (s *Server) awaitRequest(ctx context.Context, raw net.Conn, src io.Reader, 
 	// none of it), capped at pooledRcvBuf so that an upload to a
 	// slow destination cannot queue more than that here. A
 	// connection a finished flow left waits the same way.
-	pinAfterWait(raw, waitFrom, s.rmemMax, s.log)
+	if pooled {
+		pinAfterWait(raw, waitFrom, s.rmemMax, s.log)
+	}
 	p.dst, p.keys = t, keys
 	s.serveFlow(ctx, p, s.newFlow(raw, p, sv), true, sv.handle)
 }
