@@ -20,7 +20,6 @@ import (
 
 	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/test/netns/topo"
-	"github.com/mpvpn/mpvpn/tunnel"
 )
 
 const (
@@ -72,8 +71,13 @@ func newFleet(t *testing.T, tp *topo.Topology) *fleet {
 	serverKey := filepath.Join(f.e.dir, "server.key")
 	f.e.keygen(t, serverKey)
 	f.serverPub = f.e.pubkey(t, serverKey)
+	f.e.serverPub = f.serverPub
 	for i := range f.clientKeys {
-		f.clientKeys[i] = filepath.Join(f.e.dir, fmt.Sprintf("client%d.key", i+1))
+		// Client 1's is where env.keys reads it.
+		f.clientKeys[i] = filepath.Join(f.e.dir, "client.key")
+		if i > 0 {
+			f.clientKeys[i] = filepath.Join(f.e.dir, fmt.Sprintf("client%d.key", i+1))
+		}
 		f.e.keygen(t, f.clientKeys[i])
 		f.clientPubs[i] = f.e.pubkey(t, f.clientKeys[i])
 	}
@@ -388,14 +392,7 @@ func TestFleetReplay(t *testing.T) {
 		return n
 	}
 
-	clientKey, err := tunnel.ParsePrivateKey(readFile(t, f.clientKeys[0]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	serverPub, err := tunnel.ParsePublicKey(f.serverPub)
-	if err != nil {
-		t.Fatal(err)
-	}
+	clientKey, serverPub := f.e.keys(t)
 	rec := newRecorder(t, tp, tp.Client, netip.AddrPortFrom(topo.ConcAddr, 7100))
 	originalGet(t, tp, newTunnelClient(t, rec.addr(), clientKey, serverPub, 10*time.Second))
 	sent := rec.recordedAll(t)
@@ -447,13 +444,4 @@ func TestFleetReplay(t *testing.T) {
 			t.Errorf("member %d served %d flows, it dialled %d times", i+1, flows, before[i])
 		}
 	}
-}
-
-func readFile(t *testing.T, path string) string {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
 }

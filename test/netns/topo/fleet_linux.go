@@ -39,7 +39,7 @@ type Member struct {
 // newMember describes member i (from 1) of the fleet of prefix.
 func newMember(prefix string, i int) Member {
 	edge, member := memberLink(i)
-	return Member{NS: prefix + "-c" + strconv.Itoa(i), Addr: MemberAddr(i),
+	return Member{NS: prefix + "-" + memberRole(i), Addr: MemberAddr(i),
 		Link: member.Addr(), Edge: edge.Addr(), If: "m" + strconv.Itoa(i)}
 }
 
@@ -62,7 +62,7 @@ func BalancePrefix(prefix string, b Balancer, members ...int) error {
 		return err
 	}
 	tp := &Topology{Prefix: prefix, Conc: prefix + "-" + roleConc, log: slog.New(slog.DiscardHandler)}
-	for i := 1; i <= MaxFleet && slices.Contains(names, prefix+"-c"+strconv.Itoa(i)); i++ {
+	for i := 1; i <= MaxFleet && slices.Contains(names, prefix+"-"+memberRole(i)); i++ {
 		tp.Members = append(tp.Members, newMember(prefix, i))
 	}
 	return tp.Balance(b, members...)
@@ -187,11 +187,14 @@ func (tp *Topology) forgetConntrack(addr netip.Addr) error {
 	})
 }
 
+// memberRole is member i's (from 1) namespace role: c<i>.
+func memberRole(i int) string { return "c" + strconv.Itoa(i) }
+
 // fleetRoles are the member namespaces' roles: c1, c2, …
 func fleetRoles(n int) []string {
 	var roles []string
 	for i := 1; i <= n; i++ {
-		roles = append(roles, "c"+strconv.Itoa(i))
+		roles = append(roles, memberRole(i))
 	}
 	return roles
 }
