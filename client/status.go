@@ -3,8 +3,11 @@
 package client
 
 import (
+	"cmp"
 	"context"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/mpvpn/mpvpn/control"
@@ -34,6 +37,65 @@ type stats struct {
 	netstack func() stack.Stats
 	dns      func() dnsrelay.ForwarderStats
 	udp      func() udprelay.ClientStats
+
+	mu       sync.Mutex
+	flows    []flowSample      // the open flows at the last sample
+	flowPrev map[uint64]counts // each flow's bytes at the sample before
+	flowAt   time.Time
+}
+
+// flowSample is one open flow at a sample, for the per-flow view.
+type flowSample struct {
+	id             uint64
+	dst            string
+	since          time.Time
+	rx, tx         uint64
+	rxRate, txRate float64
+	paths          []pathSample
+}
+
+// pathSample is one local address's part of a flow.
+type pathSample struct {
+	addr     netip.Addr
+	subflows int
+	rx, tx   uint64
+}
+
+type counts struct{ rx, tx uint64 }
+
+// sampleFlow sums info's subflows per local address.
+func sampleFlow(c *tunnel.Conn, info mptcpinfo.Info) flowSample {
+	f := flowSample{id: c.ID(), dst: c.Dest(), since: c.Opened()}
+	for _, sf := range info.Subflows {
+		a := sf.Local.Addr().Unmap()
+		i := slices.IndexFunc(f.paths, func(p pathSample) bool { return p.addr == a })
+		if i < 0 {
+			f.paths = append(f.paths, pathSample{addr: a})
+			i = len(f.paths) - 1
+		}
+		p := &f.paths[i]
+		if sf.State == tcpEstablished {
+			p.subflows++
+		}
+		p.rx += sf.BytesReceived
+		p.tx += sf.BytesAcked
+		f.rx += sf.BytesReceived
+		f.tx += sf.BytesAcked
+	}
+	return f
+}
+
+// tcpEstablished is TCP_ESTABLISHED as tcp_info reports it: the
+// kernel keeps a connection's first subflow after it closed, and it is
+// no path in use then.
+const tcpEstablished = 1
+
+// rate is the bits per second from prev to cur bytes over dt.
+func rate(cur, prev uint64, dt time.Duration) float64 {
+	if dt <= 0 || cur < prev {
+		return 0
+	}
+	return 8 * float64(cur-prev) / dt.Seconds()
 }
 
 func (s *stats) run(ctx context.Context, every time.Duration) {
@@ -46,6 +108,7 @@ func (s *stats) run(ctx context.Context, every time.Duration) {
 		case now := <-t.C:
 			conns := s.tc.Conns()
 			flows := make([]uplinkstats.Flow, 0, len(conns))
+			samples := make([]flowSample, 0, len(conns))
 			for _, c := range conns {
 				tcp := c.TCP()
 				if tcp == nil {
@@ -56,10 +119,51 @@ func (s *stats) run(ctx context.Context, every time.Duration) {
 					continue // closed meanwhile
 				}
 				flows = append(flows, uplinkstats.Flow{ID: c.ID(), Subflows: info.Subflows})
+				samples = append(samples, sampleFlow(c, info))
 			}
 			s.meter.Update(now, flows)
+			s.storeFlows(now, samples)
 		}
 	}
+}
+
+// storeFlows keeps the flows sampled at now, with their rates since the
+// sample before, oldest first.
+func (s *stats) storeFlows(now time.Time, samples []flowSample) {
+	slices.SortFunc(samples, func(a, b flowSample) int { return cmp.Or(a.since.Compare(b.since), cmp.Compare(a.id, b.id)) })
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	dt := now.Sub(s.flowAt)
+	next := make(map[uint64]counts, len(samples))
+	for i := range samples {
+		f := &samples[i]
+		if p, ok := s.flowPrev[f.id]; ok {
+			f.rxRate, f.txRate = rate(f.rx, p.rx, dt), rate(f.tx, p.tx, dt)
+		}
+		next[f.id] = counts{f.rx, f.tx}
+	}
+	s.flows, s.flowPrev, s.flowAt = samples, next, now
+}
+
+// openFlows is the per-flow view of the last sample, at most
+// control.MaxOpenFlows of it, each path named by the uplink that has its
+// address (names maps them).
+func (s *stats) openFlows(names map[netip.Addr]string) []control.OpenFlow {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]control.OpenFlow, 0, min(len(s.flows), control.MaxOpenFlows))
+	for _, f := range s.flows[:min(len(s.flows), control.MaxOpenFlows)] {
+		of := control.OpenFlow{Dst: f.dst, Since: f.since, RxBytes: f.rx, TxBytes: f.tx, RxRate: f.rxRate, TxRate: f.txRate}
+		for _, p := range f.paths {
+			name, ok := names[p.addr]
+			if !ok {
+				name = p.addr.String()
+			}
+			of.Paths = append(of.Paths, control.FlowPath{Uplink: name, Subflows: p.subflows, RxBytes: p.rx, TxBytes: p.tx})
+		}
+		out = append(out, of)
+	}
+	return out
 }
 
 func (s *stats) status() control.Status {
@@ -97,7 +201,12 @@ func (s *stats) status() control.Status {
 		st.UDP = &control.UDP{Streams: u.Dials, Flows: int64(u.Flows), Up: u.Up, Down: u.Down, UpBytes: u.UpBytes, DownBytes: u.DownBytes, Refused: u.Refused, Dropped: u.Dropped,
 			Pings: u.Pings, Echoes: u.Echoes, PathOut: u.PathOut, PathIn: u.PathIn, Unreachable: u.Unreachable}
 	}
-	for _, u := range s.pm.Status() {
+	ups := s.pm.Status()
+	names := make(map[netip.Addr]string, len(ups))
+	for _, u := range ups {
+		if u.Addr.IsValid() {
+			names[u.Addr.Unmap()] = u.Name
+		}
 		cu := control.Uplink{
 			Name:        u.Name,
 			State:       u.State.String(),
@@ -127,6 +236,7 @@ func (s *stats) status() control.Status {
 		}
 		st.Uplinks = append(st.Uplinks, cu)
 	}
+	st.OpenFlows = s.openFlows(names)
 	return st
 }
 

@@ -256,8 +256,9 @@ func humanRate(bps float64) string {
 	panic("unreachable")
 }
 
-// RenderFlows writes a server's open flows, one a line, oldest first
-// (`mpvpn status --server --flows`).
+// RenderFlows writes the open flows, one a line, oldest first (`mpvpn
+// status --flows`): a server's with the client and the address it came
+// from, a client's with its bytes, rates and each uplink's share.
 func RenderFlows(w io.Writer, s Status) error {
 	return renderFlowsAt(w, s, time.Now())
 }
@@ -270,8 +271,35 @@ func renderFlowsAt(w io.Writer, s Status, now time.Time) error {
 	}
 	b.WriteString("\n")
 	for _, f := range s.OpenFlows {
-		fmt.Fprintf(&b, "  %s  from %s  to %s  for %s\n", f.Peer, f.Client, f.Dst, humanDuration(now.Sub(f.Since)))
+		if s.Role == "server" {
+			fmt.Fprintf(&b, "  %s  from %s  to %s  for %s\n", f.Peer, f.Client, f.Dst, humanDuration(now.Sub(f.Since)))
+			continue
+		}
+		fmt.Fprintf(&b, "  to %s  for %s  down %s (%s)  up %s (%s)  %s\n", f.Dst, humanDuration(now.Sub(f.Since)),
+			humanBytes(f.RxBytes), humanRate(f.RxRate), humanBytes(f.TxBytes), humanRate(f.TxRate), pathShares(f))
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// pathShares tells how a client's flow is spread over its uplinks: each
+// uplink's share of the bytes both ways, and its subflows.
+func pathShares(f OpenFlow) string {
+	total := f.RxBytes + f.TxBytes
+	parts := make([]string, 0, len(f.Paths))
+	for _, p := range f.Paths {
+		share := "-"
+		if total > 0 {
+			share = fmt.Sprintf("%.0f%%", 100*float64(p.RxBytes+p.TxBytes)/float64(total))
+		}
+		sub := "subflows"
+		if p.Subflows == 1 {
+			sub = "subflow"
+		}
+		parts = append(parts, fmt.Sprintf("%s %s (%d %s)", p.Uplink, share, p.Subflows, sub))
+	}
+	if len(parts) == 0 {
+		return "no subflow"
+	}
+	return strings.Join(parts, ", ")
 }

@@ -220,6 +220,14 @@ func TestRenderFlows(t *testing.T) {
 		{"more open than listed", Status{Role: "server", Flows: Flows{Active: 5000}, OpenFlows: flows[:1]},
 			[]string{"open flows: 5000 (the oldest 1 listed)\n", "cli1="}},
 		{"none", Status{Role: "server"}, []string{"open flows: 0\n"}},
+		{"client", Status{Role: "client", Flows: Flows{Active: 2}, OpenFlows: []OpenFlow{
+			{Dst: "198.51.100.10:443", Since: now.Add(-3 * time.Second), RxBytes: 3 << 20, TxBytes: 1 << 20, RxRate: 12.5e6, TxRate: 1e6,
+				Paths: []FlowPath{{Uplink: "wan0", Subflows: 1, RxBytes: 3 << 20}, {Uplink: "wan1", Subflows: 2, TxBytes: 1 << 20}}},
+			{Dst: "dns", Since: now},
+		}}, []string{
+			"  to 198.51.100.10:443  for 3s  down 3.0 MiB (12.5 Mbit/s)  up 1.0 MiB (1.0 Mbit/s)  wan0 75% (1 subflow), wan1 25% (2 subflows)\n",
+			"  to dns  for 0s  down 0 B (0 bit/s)  up 0 B (0 bit/s)  no subflow\n",
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

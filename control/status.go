@@ -295,10 +295,27 @@ type Fleet struct {
 // MaxOpenFlows is how many open flows a server's status lists.
 const MaxOpenFlows = 4096
 
-// OpenFlow is one flow a concentrator relays.
+// OpenFlow is one open flow: on a concentrator, one it relays (Peer and
+// Client set); on a client, one it carries, with its bytes and how its
+// uplinks share them (RxBytes to Paths set), from the last sample.
 type OpenFlow struct {
-	Peer   string    `json:"peer"`   // the client's key
-	Client string    `json:"client"` // the address its connection came from
-	Dst    string    `json:"dst"`
+	Peer   string    `json:"peer,omitempty"`   // server: the client's key
+	Client string    `json:"client,omitempty"` // server: the address its connection came from
+	Dst    string    `json:"dst"`              // destination, or the service ("dns", "udp")
 	Since  time.Time `json:"since"`
+	// Client: bytes of the flow's MPTCP connection on its subflows
+	// (framing included), and their rates over the last interval.
+	RxBytes uint64     `json:"rx_bytes,omitempty"`
+	TxBytes uint64     `json:"tx_bytes,omitempty"`
+	RxRate  float64    `json:"rx_bps,omitempty"`
+	TxRate  float64    `json:"tx_bps,omitempty"`
+	Paths   []FlowPath `json:"paths,omitempty"`
+}
+
+// FlowPath is one uplink's part of a client's flow.
+type FlowPath struct {
+	Uplink   string `json:"uplink"` // its name, or the local address if no uplink has it now
+	Subflows int    `json:"subflows"`
+	RxBytes  uint64 `json:"rx_bytes"`
+	TxBytes  uint64 `json:"tx_bytes"`
 }

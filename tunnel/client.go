@@ -518,6 +518,7 @@ func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target, bo
 		c.mu.Unlock()
 	})
 	fc.id = c.nextID.Add(1)
+	fc.dest, fc.opened = dst, time.Now()
 	fc.onReuse = reuse
 	c.mu.Lock()
 	if c.conns == nil {

@@ -121,6 +121,10 @@ type Conn struct {
 	onClose   func()
 	id        uint64 // the Client's number for the flow; 0 on the server
 	cipher    Cipher
+	// dest and opened: the client's flow, as its status lists it (the
+	// server keeps its own list).
+	dest   target
+	opened time.Time
 
 	// onReuse, when set, takes the connection for another flow once
 	// this one ended cleanly both ways (reuse.go); Close then hands it
@@ -142,6 +146,18 @@ func (c *Conn) Cipher() Cipher { return c.cipher }
 // ID is the client's number for this flow, unique within its Client (0
 // for a flow accepted by a Server).
 func (c *Conn) ID() uint64 { return c.id }
+
+// Dest is where the client's flow goes: the destination, or the service
+// ("dns", "udp") for a flow of mpvpn's own; empty on the server.
+func (c *Conn) Dest() string {
+	if c.id == 0 {
+		return ""
+	}
+	return c.dest.String()
+}
+
+// Opened is when the client's flow got its verdict (zero on the server).
+func (c *Conn) Opened() time.Time { return c.opened }
 
 // newKeyedConn is newConn for a connection through its handshake: the
 // transport keys and the cipher they were agreed for.

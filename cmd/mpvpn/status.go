@@ -162,7 +162,7 @@ func statusCommand() *cli.Command {
 			&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval, with per-uplink throughput"},
 			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh period of --watch"},
 			&cli.BoolFlag{Name: "server", Usage: "ask the concentrator on this host (" + defaultServerSocket + ")"},
-			&cli.BoolFlag{Name: "flows", Usage: "with --server: list the open flows (client key, the address its connection came from, destination, age), oldest first, after the status"},
+			&cli.BoolFlag{Name: "flows", Usage: "list the open flows, oldest first, after the status: a client's with destination, age, bytes and rates, and each uplink's share; with --server, the concentrator's with client key, the address its connection came from, destination and age"},
 			&cli.PathFlag{Name: "socket", Usage: "the status socket `PATH` (default " + defaultClientSocket + ", or the server's with --server)"},
 		},
 		Action: runStatus,
@@ -202,9 +202,6 @@ func runStatus(c *cli.Context) error {
 				return err
 			}
 			if c.Bool("flows") {
-				if st.Role != "server" {
-					return usageError("--flows lists a concentrator's open flows (mpvpn status --server --flows); this socket is a %s's", st.Role)
-				}
 				if err := control.RenderFlows(out, st); err != nil {
 					return err
 				}
