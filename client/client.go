@@ -25,6 +25,7 @@ import (
 	"github.com/mpvpn/mpvpn/tun"
 	"github.com/mpvpn/mpvpn/tunnel"
 	"github.com/mpvpn/mpvpn/udprelay"
+	"github.com/mpvpn/mpvpn/ui"
 )
 
 // StaleLossCount is net.mptcp.stale_loss_cnt on both ends: how many MPTCP
@@ -88,12 +89,20 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	defer cl.Close()
 	var status atomic.Pointer[func() control.Status]
+	var uiURL atomic.Pointer[string]
 	started := time.Now()
-	getStatus := func() control.Status {
+	statusNow := func() control.Status {
 		if f := status.Load(); f != nil {
 			return (*f)()
 		}
 		return control.Status{Role: "client", Version: cfg.Version, Started: started, Server: cfg.Server.String()}
+	}
+	getStatus := func() control.Status {
+		st := statusNow()
+		if u := uiURL.Load(); u != nil {
+			st.UI = *u
+		}
+		return st
 	}
 	ctlCtx, stopCtl := context.WithCancel(context.Background())
 	defer stopCtl()
@@ -104,6 +113,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		}
 		defer ms.Close()
 		log.Info("metrics", "url", "http://"+ms.Addr().String()+"/metrics")
+	}
+	if cfg.UI != "" {
+		us, err := ui.Serve(ctlCtx, ui.Config{Addr: cfg.UI, Status: statusNow, Logger: log})
+		if err != nil {
+			return fmt.Errorf("--ui: %w", err)
+		}
+		defer us.Close()
+		u := us.URL()
+		uiURL.Store(&u)
 	}
 	if len(cfg.Uplinks) == 0 {
 		discover := pathmgr.DiscoverUplinks

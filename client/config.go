@@ -139,9 +139,9 @@ type Config struct {
 	ProbeIdleInterval time.Duration
 	AllDownTimeout    time.Duration
 	// Control is the status socket's path, Metrics the address to serve
-	// Prometheus metrics on ("": none), Journal the host-state journal's
-	// path.
-	Control, Metrics, Journal string
+	// Prometheus metrics on ("": none), UI the dashboard's ("": none; see
+	// package ui), Journal the host-state journal's path.
+	Control, Metrics, UI, Journal string
 	// ExecCgroups sets up `mpvpn exec`'s three cgroups and their rules
 	// (first of all rules), under the cgroup v2 root in a directory named
 	// Cgroup (default "mpvpn"; a test uses its own).

@@ -37,6 +37,9 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 	}
 	b.WriteString("\n")
 
+	if s.UI != "" {
+		fmt.Fprintf(&b, "dashboard: %s\n", s.UI)
+	}
 	if fl := s.Fleet; fl != nil {
 		fmt.Fprintf(&b, "fleet: clients dial %s (joins refused there), their subflows join %s here\n",
 			strings.Join(fl.VIP, ", "), strings.Join(fl.Announce, ", "))

@@ -36,7 +36,7 @@ func TestRender(t *testing.T) {
 				"eth1", "withdrawn: no carrier",
 				"stack: 6 SYNs in flight, 51 refused over the in-flight cap, 3 reopened a port in TIME_WAIT\n",
 			},
-			wantNot: []string{"PEER", "handshakes:", "verdicts:"},
+			wantNot: []string{"PEER", "handshakes:", "verdicts:", "dashboard:"},
 		},
 		{
 			name: "client with previous",
@@ -47,6 +47,11 @@ func TestRender(t *testing.T) {
 				"4.0 kbit/s", "400 bit/s", // worked out for wwan0
 				"now rx 1.0 Gbit/s, tx 0 bit/s",
 			},
+		},
+		{
+			name: "client with the dashboard",
+			s:    func() Status { s := clientStatus(); s.UI = "http://127.0.0.1:9511/?token=abc"; return s }(),
+			want: []string{"dashboard: http://127.0.0.1:9511/?token=abc\n"},
 		},
 		{
 			name: "server",

@@ -26,6 +26,9 @@ type Status struct {
 	// client's path manager added or removed since start (a flapping
 	// uplink must not turn into a storm of them). Client only.
 	NetlinkChanges uint64 `json:"netlink_changes,omitempty"`
+	// UI is the local dashboard's URL with this start's token (mpvpn
+	// client/server --ui); the socket is root-only, as the token is.
+	UI string `json:"ui,omitempty"`
 
 	// Handshakes and Verdicts are the server's: why connections did not
 	// become flows, and what became of the flows. Stack is the client's

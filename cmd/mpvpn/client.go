@@ -93,6 +93,7 @@ func parseClient(c *cli.Context, log *slog.Logger) (*client.Config, error) {
 		AllDownTimeout:    c.Duration("all-down-timeout"),
 		Control:           c.Path("control"),
 		Metrics:           c.String("metrics"),
+		UI:                c.String("ui"),
 		Journal:           c.Path("journal"),
 		Version:           version,
 		Logger:            log,

@@ -14,6 +14,7 @@ import (
 	"github.com/mpvpn/mpvpn/concentrator"
 	"github.com/mpvpn/mpvpn/control"
 	"github.com/mpvpn/mpvpn/tunnel"
+	"github.com/mpvpn/mpvpn/ui"
 )
 
 // Default control sockets: root-only files under /run/mpvpn.
@@ -30,6 +31,7 @@ func controlFlags(defaultSocket string) []cli.Flag {
 	return []cli.Flag{
 		&cli.PathFlag{Name: "control", Value: defaultSocket, Usage: "the status socket `PATH` that `mpvpn status` reads (root-only)"},
 		&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics on http://`ADDR`/metrics (e.g. 127.0.0.1:9510); off by default"},
+		&cli.StringFlag{Name: "ui", Usage: "serve the live dashboard on `ADDR`, a loopback address and port (127.0.0.1:9511) or unix:PATH; its URL, with this start's token, is in the log and `mpvpn status`; off by default"},
 	}
 }
 
@@ -37,8 +39,8 @@ func controlFlags(defaultSocket string) []cli.Flag {
 // before the host is changed so that a taken socket or port is a
 // configuration error.
 type daemonControl struct {
-	ln      *control.Listener
-	metrics string
+	ln          *control.Listener
+	metrics, ui string
 }
 
 func listenControl(c *cli.Context) (*daemonControl, error) {
@@ -46,7 +48,7 @@ func listenControl(c *cli.Context) (*daemonControl, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--control: %w", err)
 	}
-	return &daemonControl{ln: ln, metrics: c.String("metrics")}, nil
+	return &daemonControl{ln: ln, metrics: c.String("metrics"), ui: c.String("ui")}, nil
 }
 
 // serve answers the socket and, if asked, serves metrics, until the
@@ -62,6 +64,23 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 		}
 		log.Info("metrics", "url", "http://"+ms.Addr().String()+"/metrics")
 	}
+	var us *ui.Server
+	if d.ui != "" {
+		if us, err = ui.Serve(ctx, ui.Config{Addr: d.ui, Status: get, Logger: log}); err != nil {
+			cancel()
+			if ms != nil {
+				ms.Close()
+			}
+			d.ln.Close()
+			return nil, fmt.Errorf("--ui: %w", err)
+		}
+		inner, url := get, us.URL()
+		get = func() control.Status {
+			st := inner()
+			st.UI = url
+			return st
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -74,6 +93,9 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 		<-done
 		if ms != nil {
 			ms.Close()
+		}
+		if us != nil {
+			us.Close()
 		}
 		return d.ln.Close()
 	}, nil
