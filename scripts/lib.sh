@@ -9,9 +9,14 @@ need_root() {
 }
 
 # install_deps installs what the scripts and tests use, from Debian's packages,
-# only when something is missing.
+# only when something is missing. Arguments are more commands to have, each
+# from the Debian package of its name (test.sh: chromium, for the dashboard).
 install_deps() {
 	local missing=()
+	local extra
+	for extra in "$@"; do
+		command -v "$extra" >/dev/null || missing+=("$extra")
+	done
 	command -v ip >/dev/null || missing+=(iproute2)
 	command -v iperf3 >/dev/null || missing+=(iperf3)
 	command -v nft >/dev/null || missing+=(nftables)

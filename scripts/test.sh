@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_root
-install_deps
+install_deps chromium # headless, for TestDashboard
 preflight
 export CI=${CI:-}
 # A count of executions, not a wall-clock budget: with a duration, Go's fuzz

@@ -88,6 +88,18 @@ function render(st) {
   }
 }
 
+// spanMs is the graphs' time span: what has been sampled, from one
+// minute up to WINDOW_MS.
+function spanMs(now) {
+  const first = samples.length ? samples[0].t : now;
+  return Math.min(WINDOW_MS, Math.max(60 * 1000, now - first));
+}
+
+function fmtSpan(ms) {
+  const s = Math.round(ms / 1000);
+  return s < 120 ? s + " s" : Math.round(s / 60) + " min";
+}
+
 // graph draws one line per uplink of field ("rx" or "tx") over the window.
 function graph(id, field) {
   const cv = document.getElementById(id);
@@ -111,8 +123,9 @@ function graph(id, field) {
       peak = Math.max(peak, s.flows);
     }
   }
-  peak = peak > 0 ? peak * 1.1 : 1;
-  const x = t => L + (W - L - 5) * (1 - (now - t) / WINDOW_MS);
+  peak = Math.max(peak * 1.1, field === "flows" ? 4 : 1000);
+  const span = spanMs(now);
+  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
   const y = v => H - B - (H - B - 5) * v / peak;
   g.strokeStyle = "#ddd"; g.fillStyle = "#555"; g.font = "11px sans-serif";
   for (let i = 0; i <= 4; i++) {
@@ -120,7 +133,7 @@ function graph(id, field) {
     g.beginPath(); g.moveTo(L, y(v)); g.lineTo(W - 5, y(v)); g.stroke();
     g.fillText(field === "flows" ? String(Math.round(v)) : fmtRate(v), 2, y(v) + 4);
   }
-  g.fillText("-5 min", L, H - 5); g.fillText("now", W - 30, H - 5);
+  g.fillText("-" + fmtSpan(span), L, H - 5); g.fillText("now", W - 30, H - 5);
   let ly = 14;
   for (const [name, pts] of series) {
     g.strokeStyle = color(name); g.lineWidth = 2; g.beginPath();
@@ -142,7 +155,8 @@ function timeline() {
   const g = cv.getContext("2d"), W = cv.width;
   g.clearRect(0, 0, W, cv.height);
   const now = samples.length ? samples[samples.length - 1].t : Date.now();
-  const x = t => L + (W - L - 5) * (1 - (now - t) / WINDOW_MS);
+  const span = spanMs(now);
+  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
   g.font = "11px sans-serif";
   names.forEach((name, i) => {
     g.fillStyle = "#555"; g.fillText(name, 2, i * lane + 13);
