@@ -140,6 +140,10 @@ func (s *Server) listen(ctx context.Context) error {
 			if fi.Mode()&fs.ModeSocket == 0 {
 				return fmt.Errorf("ui: %s exists and is not a socket", path)
 			}
+			if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+				c.Close()
+				return fmt.Errorf("ui: %s is in use by a running process", path)
+			}
 			os.Remove(path) // a stale socket from an earlier run
 		}
 		ln, err := lc.Listen(ctx, "unix", path)

@@ -267,4 +267,19 @@ func TestUnixSocket(t *testing.T) {
 	if !strings.Contains(s.URL(), path) || !strings.Contains(s.URL(), s.Token()) {
 		t.Errorf("URL %q names neither the socket nor the token", s.URL())
 	}
+	// A second dashboard on the same socket is an error, not a theft.
+	if s2, err := Serve(context.Background(), Config{Addr: "unix:" + path, Status: (&fakeStatus{}).get}); err == nil {
+		s2.Close()
+		t.Error("a second Serve on a socket in use started")
+	}
+	// A file that is not a socket is left alone.
+	file := filepath.Join(t.TempDir(), "not-a-socket")
+	os.WriteFile(file, []byte("keep"), 0o600)
+	if s3, err := Serve(context.Background(), Config{Addr: file, Status: (&fakeStatus{}).get}); err == nil {
+		s3.Close()
+		t.Errorf("Serve on a regular file started")
+	}
+	if b, _ := os.ReadFile(file); string(b) != "keep" {
+		t.Errorf("Serve replaced a regular file")
+	}
 }

@@ -97,6 +97,15 @@ func TestDashboard(t *testing.T) {
 		time.Sleep(250 * time.Millisecond)
 	}
 
+	// The per-flow view, in the terminal: the download, with both
+	// uplinks' shares.
+	flowRE := regexp.MustCompile(`(?m)^  to ` + regexp.QuoteMeta(netip.AddrPortFrom(topo.DestAddr, 80).String()) + `  for \S+  down [0-9.]+ MiB \([0-9.]+ Mbit/s\)  up .*  wan0 [1-9][0-9]?% \(1 subflow\), wan1 [1-9][0-9]?% \(1 subflow\)$`)
+	if out := tp.Output(tp.Client, bin.mpvpn, "status", "--flows", "--socket", e.clientSocket()); !flowRE.MatchString(out) {
+		t.Errorf("mpvpn status --flows does not list the download on both uplinks:\n%s", out)
+	} else {
+		t.Logf("mpvpn status --flows: %s", flowRE.FindString(out))
+	}
+
 	// At load: the page the server rendered.
 	dom := dumpDOM(t, tp, tp.Client, url)
 	for _, name := range []string{"wan0", "wan1"} {

@@ -1057,10 +1057,11 @@ func TestCrashSafetyAllFeatures(t *testing.T) {
 	}
 }
 
-// TestCleanStopAllFeatures: a client with every feature on that is
-// stopped (SIGTERM) puts the host back exactly, the kill switch included
-// (the user stopped the VPN), removes its journal, and direct
-// connectivity is back.
+// TestCleanStopAllFeatures: a client with every feature on (the
+// dashboard on a unix socket too) that is stopped (SIGTERM) puts the host
+// back exactly, the kill switch included (the user stopped the VPN),
+// removes its journal and the dashboard's socket, and direct connectivity
+// is back.
 func TestCleanStopAllFeatures(t *testing.T) {
 	e := newSysEnv(t, options{topo: topo.Options{NoEmu: true}})
 	e.openDirectPath(t)
@@ -1068,10 +1069,22 @@ func TestCleanStopAllFeatures(t *testing.T) {
 	e.noRoute = true
 	e.clientWrap = withCgroup2()
 	before := e.fullState(t)
+	uiSock := filepath.Join(e.sockDir, "ui.sock")
 	e.startClient(t, e.key(), "--route-all", "--exclude", netip.PrefixFrom(dest2, 32).String(),
-		"--rule", fmt.Sprintf("uid:%d=direct", uidDirect), "--rule", "cgroup:"+cg["block"]+"=block", "--kill-switch")
+		"--rule", fmt.Sprintf("uid:%d=direct", uidDirect), "--rule", "cgroup:"+cg["block"]+"=block", "--kill-switch",
+		"--ui", "unix:"+uiSock)
 	e.expectSource(t, "through the client", e.http, topo.DestAddr, viaTunnel, nil)
+	// The dashboard on its unix socket, behind the kill switch.
+	st := e.fetchStatus(t, e.clientSocket())
+	if _, query, ok := strings.Cut(st.UI, " /"); !ok || !strings.HasPrefix(st.UI, "unix:"+uiSock+" ") {
+		t.Errorf("status: dashboard %q, want unix:%s /?token=…", st.UI, uiSock)
+	} else if out, err := e.tp.Run(e.tp.Client, "curl", "-sS", "-m", "5", "--unix-socket", uiSock, "http://mpvpn/"+query); err != nil || !strings.Contains(out, `data-uplink="wan0"`) {
+		t.Errorf("the dashboard on %s: %v\n%s", uiSock, err, out)
+	}
 	e.stopClient(t)
+	if _, err := os.Lstat(uiSock); !os.IsNotExist(err) {
+		t.Errorf("the stopped client left its dashboard's socket %s (%v)", uiSock, err)
+	}
 	if strings.Contains(e.client.Log(), "level=WARN msg=cleanup") {
 		t.Errorf("the client's cleanup failed:\n%s", tail(e.client.Log(), 15))
 	}
