@@ -19,6 +19,10 @@
 #    through the VIP of 3 concentrators, ECMP anycast and hash DNAT, against the
 #    VIP in front of one; AB_N, AB_C as for flowrate)
 #   KEEP=1         keep the work directory (logs, iperf3 JSON); it is printed either way
+#   PLOTS=plots    where the figures go (PLOTS= for none): bench-rows.png, the agg and
+#                  unshaped rows against the peers, and from the outage section
+#                  outage-<kind>.png, each outage's timeline, mpvpn beside kernel MPTCP
+#                  (scripts/plots.py, gnuplot); PLOTS=docs/bench renews the README's
 #
 # Output: progress on stderr; on stdout a few context lines, then ONE markdown
 # table with the columns
@@ -91,6 +95,8 @@ BURSTS=${BURSTS:-5}
 FLOWS=${FLOWS:-"1000 10000 30000"}
 PEERS=${PEERS:-scripts/peers.sh}
 PA_WORK=${PA_WORK:-/tmp/pa-work}
+PLOTS=${PLOTS-plots}
+export PLOTS
 T0=$(date +%s)
 
 apt_install() {
@@ -103,6 +109,7 @@ command -v jq >/dev/null || apt_install jq
 command -v ping >/dev/null || apt_install iputils-ping
 command -v ab >/dev/null || apt_install apache2-utils
 command -v socat >/dev/null || apt_install socat # the flow-rate rows' relay
+[ -z "$PLOTS" ] || command -v gnuplot >/dev/null || apt_install gnuplot-nox # the figures
 if ! command -v nginx >/dev/null; then
 	# The web server of the set-up and flow-rate rows. Debian starts and
 	# enables it on install; it is wanted only inside the namespaces.
@@ -159,6 +166,16 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # row SECTION MEASUREMENT VALUE RELATIVE NOTE
 row() { printf '| %s | %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" "$5" >>"$ROWS"; }
+
+# plotval CHART LABEL DIR VALUE: a bar of bench-rows.png (scripts/plots.py),
+# the same number as its row; NaN when the measurement failed.
+plotval() {
+	local v=$4
+	isnum "$v" || v=NaN
+	printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$v" >>"$WORK/plot.tsv"
+}
+# share A B: A as a percentage of B, a bare number (NaN when either failed).
+share() { isnum "$1" && isnum "$2" && [ "$(calc "$2 > 0" %d)" = 1 ] && calc "100*$1/$2" %.1f || echo NaN; }
 
 print_table() {
 	[ -s "$ROWS" ] || [ -s "$WORK/outage.md" ] || return 0
@@ -480,6 +497,11 @@ aggregation() {
 		fi
 		split=$(pct "${V[Pa.$dir]}" "$(( ${V[Pa.$dir]} + ${V[Pb.$dir]} ))")
 		row agg "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$ceil") of ceiling**" "$note; joins ${V[Pj.$dir]}; wan0 $split of bytes (last rep)"
+		plotval agg "uplink A alone" $dir "$a"
+		plotval agg "uplink B alone" $dir "$b"
+		plotval agg "A + B" $dir "$ceil"
+		plotval agg "kernel MPTCP" $dir "$m"
+		plotval agg "mpvpn" $dir "$p"
 		[ $dir = up ] && PLAIN_UP=$p || PLAIN_DOWN=$p
 	done
 	sysvpn_rows agg "the same links, in the same run; target: the plain client's rate"
@@ -816,6 +838,7 @@ unshaped() {
 		{ d=$(median ${V[D.$dir]}); p=$(median ${V[P.$dir]}); }
 		row unshaped "direct kernel TCP (client→concentrator over wan0), $dir" "$(rate "$d")" "100 %" "mpvpn-topo up --no-emu: veths, no link emulator, no shaping; 2 routed hops"
 		row unshaped "**mpvpn, 1 TCP flow, $dir**" "**$(rate "$p")**" "**$(pct "$p" "$d") of direct**" "$(cpu_note V P $dir); --cipher auto: $cipher"
+		plotval unshaped "mpvpn, auto: $cipher" $dir "$(share "$p" "$d")"
 		[ $dir = up ] && PLAIN_UP=$p || PLAIN_DOWN=$p
 	done
 	# The other cipher, in the same run: what the choice is worth here.
@@ -833,6 +856,7 @@ unshaped() {
 			# shellcheck disable=SC2086
 			{ d=$(median ${V[D.$dir]}); p=$(median ${V[C.$dir]}); }
 			row unshaped "mpvpn --cipher chacha20-poly1305 (both ends), $dir" "$(rate "$p")" "$(pct "$p" "$d") of direct" "$(cpu_note V C $dir); flows on $cipher"
+			plotval unshaped "mpvpn, chacha20-poly1305" $dir "$(share "$p" "$d")"
 		done
 	else
 		row unshaped "mpvpn --cipher chacha20-poly1305 (both ends)" "FAIL" "-" "did not start"
@@ -928,6 +952,7 @@ peers() {
 				# shellcheck disable=SC2046
 				cpu=$(median $(awk -F'\t' -v n=$name -v d=$dir '$1==n && $3==d && $4+0>0 {printf "%.3f\n", $9/100/($4/1000)}' "$tsv"))
 				row unshaped "$label, $dd" "$(rate "$v")" "$(pct "$v" "$d") of peers' direct" "CPU-s per Gbit of its daemons: $cpu"
+				plotval unshaped "${label#peers: }" $dd "$(share "$v" "$d")"
 			fi
 		done
 	done
@@ -1182,5 +1207,12 @@ if want fleet; then fleet_section; fi
 if want outage; then
 	log "outage: scripts/bench_outage.sh (RUNS=${RUNS:-3})"
 	bash scripts/bench_outage.sh >"$WORK/outage.md" || log "outage bench failed (exit $?)"
+fi
+if [ -n "$PLOTS" ] && [ -s "$WORK/plot.tsv" ]; then
+	if made=$(python3 scripts/plots.py rows "$WORK/plot.tsv" "$PLOTS"); then
+		for f in $made; do log "chart: $f"; done
+	else
+		log "the chart of the rows could not be drawn"
+	fi
 fi
 log "done"

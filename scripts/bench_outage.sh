@@ -13,6 +13,8 @@
 #   MODES=all       mpvpn, kernel or all
 #   OUTAGES=all     comma-separated subset of link-down,blackhole,addr-same,addr-new
 #   KEEP=1          keep the work directory (binaries, JSON lines, per-run logs)
+#   PLOTS=plots     where the timelines go (outage-<kind>.png, run 1 of each mode;
+#                   scripts/plots.py draws them with gnuplot); PLOTS= for none
 #
 # Network (package test/netns/topo, a fresh topology per run): A and B at
 # 20 Mbit/s each, A 10 ms one-way delay, B 25 ms and behind CGNAT, userspace
@@ -38,6 +40,12 @@ cd "$(dirname "$0")/.." || exit 1
 need_root
 install_deps
 preflight
+PLOTS=${PLOTS-plots}
+if [ -n "$PLOTS" ] && ! command -v gnuplot >/dev/null; then
+	echo "installing: gnuplot-nox" >&2
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq gnuplot-nox >/dev/null ||
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null; }
+fi
 
 RUNS=${RUNS:-3}
 OUTAGE_FOR=${OUTAGE_FOR:-5s}
@@ -180,4 +188,12 @@ print("stall: longest time the app received nothing, from the cut to the end of 
       "recovery: from the heal until A received >= 200 kB within 200 ms (8 Mbit/s, 40 % of its rate); "
       "never: not within 20 s of the heal, or not before the download ended. Medians, each run in brackets.")
 EOF
+if [ -n "$PLOTS" ]; then
+	if made=$(python3 scripts/plots.py outage "$RESULTS" "$PLOTS"); then
+		for f in $made; do log "timeline: $f"; done
+	else
+		log "the timelines could not be drawn"
+		brc=1
+	fi
+fi
 exit $brc

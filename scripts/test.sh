@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # scripts/test.sh — everything CI runs: format, vet, unit tests, fuzz targets
-# (bounded), and the network-namespace integration tests. Run as root:
+# (bounded), the network-namespace integration tests, and a short bench run
+# whose figures must be whole images. Run as root:
 #   sudo scripts/test.sh
 # Env: FUZZTIME (per fuzz target, default 50000x: a count, not a duration; see below), RUN (go test -run filter for
-# the netns tests), SHORT=1 (skip fuzzing and the netns tests; for a quick loop).
+# the netns tests; the short bench run is left out then), SHORT=1 (skip fuzzing, the netns tests and the bench run;
+# for a quick loop), ARTIFACTS (default artifacts/: screenshots, the short run's table and figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,6 +13,10 @@ need_root
 install_deps chromium # headless, for TestDashboard
 preflight
 export CI=${CI:-}
+# What tests leave for a person to look at (the dashboard's screenshots,
+# the short bench run's figures).
+export ARTIFACTS=${ARTIFACTS:-$PWD/artifacts}
+mkdir -p "$ARTIFACTS"
 # A count of executions, not a wall-clock budget: with a duration, Go's fuzz
 # coordinator (up to Go 1.26; golang/go#75804, fixed in 1.27) can report a
 # bare "context deadline exceeded" failure at the deadline on a loaded
@@ -71,6 +77,24 @@ if [ "${SHORT:-}" != 1 ]; then
 		cat "$log"
 		exit 1
 	fi
+fi
+if [ "${SHORT:-}" != 1 ] && [ -z "${RUN:-}" ]; then
+	step "the benchmark's figures: a short bench run"
+	# Small sizes, one run each: the figures are drawn from real runs and
+	# are whole images, not measurements to keep (scripts/bench.sh makes
+	# those). What it printed and drew is left in $ARTIFACTS.
+	plots=$ARTIFACTS/plots
+	rm -rf "$plots"
+	brc=0
+	ONLY="agg unshaped outage" T=2 REPS=1 RUNS=1 OUTAGE_FOR=1s SIZE=25165824 PLOTS=$plots \
+		bash scripts/bench.sh >"$ARTIFACTS/bench-short.md" 2>"$ARTIFACTS/bench-short.log" || brc=$?
+	cat "$ARTIFACTS/bench-short.md"
+	if [ $brc != 0 ]; then
+		echo "the short bench run failed (exit $brc); its log follows"
+		tail -50 "$ARTIFACTS/bench-short.log"
+		exit 1
+	fi
+	python3 scripts/plots.py check "$plots/bench-rows.png" "$plots"/outage-{link-down,blackhole,addr-same,addr-new}.png
 fi
 
 step "all tests passed"

@@ -41,7 +41,10 @@
 //     within --recovery-cap (20 s) or before the download ended.
 //
 // The received bytes are checked against the file's SHA-256 (intact). One
-// JSON line per run goes to stdout and, with --out, is appended to a file.
+// JSON line per run goes to stdout and, with --out, is appended to a file;
+// its "series" is the run every 50 ms (the application's bytes, A's and B's
+// rx bytes, the cut and the heal), which scripts/plots.py draws as the
+// outage's timeline.
 package main
 
 import (
@@ -140,6 +143,48 @@ type result struct {
 	Note  string `json:"note,omitempty"`
 	Error string `json:"error,omitempty"`
 	Desc  string `json:"outage_desc"`
+	// Series is the run over time, for the outage timelines
+	// (scripts/bench_outage.sh plots them).
+	Series *series `json:"series,omitempty"`
+}
+
+// series samples a run every StepS seconds from the download's start:
+// the bytes the application had received and each uplink interface's rx
+// bytes, cumulative. CutS and HealS are when A was cut and healed.
+type series struct {
+	StepS float64  `json:"step_s"`
+	CutS  float64  `json:"cut_s"`
+	HealS float64  `json:"heal_s"`
+	App   []int64  `json:"app"`
+	A     []uint64 `json:"a"`
+	B     []uint64 `json:"b"`
+}
+
+// seriesStep is the timelines' resolution: fine enough to show a stall
+// of a few hundred milliseconds, coarse enough to stay small.
+const seriesStep = 50 * time.Millisecond
+
+// record samples dl and the two rx counters into a series until done is
+// closed, then sends it.
+func record(dl *download, rxA, rxB *rxCounter, done <-chan struct{}) <-chan *series {
+	out := make(chan *series, 1)
+	go func() {
+		s := &series{StepS: seriesStep.Seconds()}
+		tick := time.NewTicker(seriesStep)
+		defer tick.Stop()
+		for {
+			a, _ := rxA.read()
+			b, _ := rxB.read()
+			s.App, s.A, s.B = append(s.App, dl.n.Load()), append(s.A, a), append(s.B, b)
+			select {
+			case <-done:
+				out <- s
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return out
 }
 
 func main() {
@@ -412,12 +457,23 @@ func measure(ctx context.Context, cfg *config, mode string, o outage, data []byt
 		return err
 	}
 	current.add(func() { rxA.Close() })
+	rxB, err := openRx(tp.Client, tp.Uplinks[topo.B].Iface)
+	if err != nil {
+		return err
+	}
+	current.add(func() { rxB.Close() })
 
 	// The download.
 	dctx, dcancel := context.WithTimeout(ctx, 3*time.Minute)
 	current.add(dcancel)
 	dl := startDownload(dctx, e, int64(len(data)))
 	current.add(func() { dcancel(); <-dl.done })
+	t0 := time.Now()
+	stopRec := make(chan struct{})
+	var stopOnce sync.Once
+	endRec := func() { stopOnce.Do(func() { close(stopRec) }) }
+	rec := record(dl, rxA, rxB, stopRec)
+	current.add(endRec)
 
 	// A fifth of the file first.
 	deadline := time.Now().Add(time.Minute)
@@ -464,6 +520,9 @@ func measure(ctx context.Context, cfg *config, mode string, o outage, data []byt
 		return ctx.Err()
 	}
 	stall, recovery, note := mon.stop()
+	endRec()
+	r.Series = <-rec
+	r.Series.CutS, r.Series.HealS = cutAt.Sub(t0).Seconds(), healedAt.Sub(t0).Seconds()
 	r.StallMS = ms(stall)
 	if recovery >= 0 {
 		r.RecoveryMS = ms(recovery)
