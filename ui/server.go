@@ -128,7 +128,8 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 }
 
 // listen binds Addr: a unix socket (owner-only), or a TCP address that
-// must be on the loopback, since the dashboard is for this machine.
+// must be on the loopback, since the dashboard is for this machine. Its
+// errors are about the address, which the caller names (--ui).
 func (s *Server) listen(ctx context.Context) error {
 	var lc net.ListenConfig
 	addr := s.cfg.Addr
@@ -138,35 +139,35 @@ func (s *Server) listen(ctx context.Context) error {
 		}
 		if fi, err := os.Lstat(path); err == nil {
 			if fi.Mode()&fs.ModeSocket == 0 {
-				return fmt.Errorf("ui: %s exists and is not a socket", path)
+				return fmt.Errorf("%s exists and is not a socket", path)
 			}
 			if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 				c.Close()
-				return fmt.Errorf("ui: %s is in use by a running process", path)
+				return fmt.Errorf("%s is in use by a running process", path)
 			}
 			os.Remove(path) // a stale socket from an earlier run
 		}
 		ln, err := lc.Listen(ctx, "unix", path)
 		if err != nil {
-			return fmt.Errorf("ui: %w", err)
+			return err
 		}
 		if err := os.Chmod(path, 0o600); err != nil {
 			ln.Close()
-			return fmt.Errorf("ui: %w", err)
+			return err
 		}
 		s.ln, s.unix = ln, path
 		return nil
 	}
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
-		return fmt.Errorf("ui: %q: want a loopback address and port (127.0.0.1:9511) or unix:PATH: %w", addr, err)
+		return fmt.Errorf("%q: want a loopback address and port (127.0.0.1:9511) or unix:PATH: %w", addr, err)
 	}
 	if !ap.Addr().IsLoopback() {
-		return fmt.Errorf("ui: %s is not a loopback address: the dashboard is for this machine (reach it from elsewhere through ssh -L)", ap.Addr())
+		return fmt.Errorf("%s is not a loopback address: the dashboard is for this machine (reach it from elsewhere through ssh -L)", ap.Addr())
 	}
 	ln, err := lc.Listen(ctx, "tcp", ap.String())
 	if err != nil {
-		return fmt.Errorf("ui: %w", err)
+		return err
 	}
 	s.ln = ln
 	bound := netip.MustParseAddrPort(ln.Addr().String())

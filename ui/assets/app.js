@@ -171,6 +171,29 @@ function timeline() {
   });
 }
 
+// transitions lists each uplink's changes of state over the window, the
+// newest first, with why it was withdrawn.
+function transitions() {
+  const ul = document.getElementById("transitions");
+  if (!ul) return;
+  const last = new Map(), items = [];
+  for (const s of samples) {
+    for (const u of s.uplinks || []) {
+      const state = u.state === "up" && u.backup ? "backup" : u.state;
+      const prev = last.get(u.name);
+      if (prev !== undefined && prev !== state) {
+        const li = document.createElement("li");
+        li.className = "tr-" + state;
+        li.dataset.uplink = u.name;
+        li.textContent = `${new Date(s.t).toLocaleTimeString()} ${u.name}: ${prev} → ${state}` + (u.reason ? ` (${u.reason})` : "");
+        items.push(li);
+      }
+      last.set(u.name, state);
+    }
+  }
+  ul.replaceChildren(...items.reverse().slice(0, 20));
+}
+
 function draw() {
   const cut = (samples.length ? samples[samples.length - 1].t : Date.now()) - WINDOW_MS;
   samples = samples.filter(s => s.t >= cut);
@@ -178,6 +201,7 @@ function draw() {
   graph("graph-tx", "tx");
   graph("graph-flows", "flows");
   timeline();
+  transitions();
 }
 
 function connect() {

@@ -84,6 +84,8 @@ func TestConfigErrorsLeaveHostUntouched(t *testing.T) {
 		{"uplink without gateway", tp.Client, client("--uplink", "wan0", "--uplink", "wan2"), "wan2"},
 		{"unreadable key", tp.Client, client("--uplink", "wan0", "--key", "/nonexistent/client.key"), "no such file"},
 		{"TUN name taken", tp.Client, client("--uplink", "wan0", "--tun", "wan2p"), "wan2p"},
+		{"dashboard off the loopback", tp.Client, client("--uplink", "wan0", "--ui", "0.0.0.0:9511"), "not a loopback address"},
+		{"server dashboard off the loopback", tp.Conc, []string{bin.mpvpn, "server", "--listen", "0.0.0.0:7101", "--key", filepath.Join(e.dir, "server.key"), "--peer", e.clientPub, "--control", filepath.Join(e.sockDir, "cfg-server.sock"), "--ui", "203.0.113.1:9512"}, "not a loopback address"},
 		{"port in use", tp.Conc, []string{bin.mpvpn, "server", "--listen", "0.0.0.0:7100", "--key", filepath.Join(e.dir, "server.key"), "--peer", e.clientPub, "--control", filepath.Join(e.sockDir, "cfg-server.sock")}, "address already in use"},
 	}
 	for _, tc := range tests {

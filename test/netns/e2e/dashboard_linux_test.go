@@ -135,7 +135,8 @@ func TestDashboard(t *testing.T) {
 	// A goes dark with its link up: the probes withdraw it.
 	tp.Blackhole(topo.A, true)
 	defer tp.Blackhole(topo.A, false)
-	b.waitFor("wan0 withdrawn", `document.querySelector('#uplinks tr[data-uplink="wan0"]').dataset.state === "withdrawn"`, 15*time.Second)
+	b.waitFor("wan0 withdrawn, in the table and among the transitions", `document.querySelector('#uplinks tr[data-uplink="wan0"]').dataset.state === "withdrawn" &&
+		[...document.querySelectorAll('#transitions li[data-uplink="wan0"]')].some(li => li.textContent.includes("up → withdrawn ("))`, 15*time.Second)
 	dom = b.dom()
 	if !regexp.MustCompile(`<tr data-uplink="wan0" data-state="withdrawn">`).MatchString(dom) || !uplinkRowRE("wan1", "up").MatchString(dom) {
 		t.Errorf("after A went dark: want wan0 withdrawn, wan1 up and downloading:\n%s", dom)
