@@ -23,6 +23,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/mpvpn/mpvpn/dnsrelay"
+	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/internal/relay"
 	"github.com/mpvpn/mpvpn/tunnel"
 	"github.com/mpvpn/mpvpn/udprelay"
@@ -333,6 +334,9 @@ func (s *Server) handle(ctx context.Context, f *tunnel.Flow) {
 		return
 	}
 	c.SetFrameTimeout(s.cfg.FrameTimeout)
+	s.openMu.Lock()
+	fi.tcp = c.TCP()
+	s.openMu.Unlock()
 	s.connected.Add(1)
 	s.active.Add(1)
 	// The relay in a goroutine of its own: this one's stack grew through
@@ -505,7 +509,55 @@ type FlowInfo struct {
 	Client netip.AddrPort // the client connection's source (its uplink, or its NAT)
 	Dst    netip.AddrPort
 	Since  time.Time
+	// RxBytes and TxBytes are what the flow's connection received from
+	// the client and sent it (on its subflows, framing included), and
+	// Paths how the client's addresses share them, read when OpenFlows
+	// is called (zero before the verdict went).
+	RxBytes, TxBytes uint64
+	Paths            []FlowPath
+
+	tcp *net.TCPConn // once accepted
 }
+
+// FlowPath is one client address's part of a flow: the subflows from it
+// (an uplink's address, or its NAT's).
+type FlowPath struct {
+	Remote   netip.Addr
+	Subflows int
+	RxBytes  uint64
+	TxBytes  uint64
+}
+
+// readPaths fills fi's bytes and paths from its connection's subflows.
+func (fi *FlowInfo) readPaths() {
+	if fi.tcp == nil {
+		return
+	}
+	info, err := mptcpinfo.GetConn(fi.tcp)
+	if err != nil {
+		return // closed meanwhile
+	}
+	for _, sf := range info.Subflows {
+		a := sf.Remote.Addr().Unmap()
+		i := slices.IndexFunc(fi.Paths, func(p FlowPath) bool { return p.Remote == a })
+		if i < 0 {
+			fi.Paths = append(fi.Paths, FlowPath{Remote: a})
+			i = len(fi.Paths) - 1
+		}
+		p := &fi.Paths[i]
+		if sf.State == tcpEstablished {
+			p.Subflows++
+		}
+		p.RxBytes += sf.BytesReceived
+		p.TxBytes += sf.BytesAcked
+		fi.RxBytes += sf.BytesReceived
+		fi.TxBytes += sf.BytesAcked
+	}
+}
+
+// tcpEstablished is TCP_ESTABLISHED as tcp_info reports it (a closed first
+// subflow stays listed, and is no path in use).
+const tcpEstablished = 1
 
 // OpenFlows lists up to max of the flows being relayed now (to a
 // destination; the resolver's streams are not among them), oldest first.
@@ -517,5 +569,10 @@ func (s *Server) OpenFlows(max int) []FlowInfo {
 	}
 	s.openMu.Unlock()
 	slices.SortFunc(out, func(a, b FlowInfo) int { return a.Since.Compare(b.Since) })
-	return out[:min(len(out), max)]
+	out = out[:min(len(out), max)]
+	for i := range out {
+		out[i].readPaths()
+		out[i].tcp = nil
+	}
+	return out
 }

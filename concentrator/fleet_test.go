@@ -99,6 +99,26 @@ func TestOpenFlows(t *testing.T) {
 	if len(got) != 1 || got[0].Dst != dst || got[0].Peer != peer.Public() || !got[0].Client.Addr().IsLoopback() {
 		t.Fatalf("OpenFlows = %+v, want the one flow to %s from the peer", got, dst)
 	}
+	// Its bytes, from its subflows: 4 KiB each way (and the framing).
+	msg := make([]byte, 4096)
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, msg); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		got = srv.OpenFlows(10)
+		if len(got) == 1 && got[0].RxBytes >= 4096 && got[0].TxBytes >= 4096 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("OpenFlows after 4 KiB each way: %+v", got)
+		}
+	}
+	if p := got[0].Paths; len(p) != 1 || !p[0].Remote.IsLoopback() || p[0].Subflows != 1 || p[0].RxBytes != got[0].RxBytes {
+		t.Errorf("the flow's paths: %+v, want its one subflow from the loopback with all its bytes", p)
+	}
 	c.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for len(srv.OpenFlows(10)) != 0 {

@@ -275,7 +275,11 @@ func renderFlowsAt(w io.Writer, s Status, now time.Time) error {
 	b.WriteString("\n")
 	for _, f := range s.OpenFlows {
 		if s.Role == "server" {
-			fmt.Fprintf(&b, "  %s  from %s  to %s  for %s\n", f.Peer, f.Client, f.Dst, humanDuration(now.Sub(f.Since)))
+			fmt.Fprintf(&b, "  %s  from %s  to %s  for %s", f.Peer, f.Client, f.Dst, humanDuration(now.Sub(f.Since)))
+			if len(f.Paths) > 0 {
+				fmt.Fprintf(&b, "  in %s  out %s  %s", humanBytes(f.RxBytes), humanBytes(f.TxBytes), pathShares(f))
+			}
+			b.WriteString("\n")
 			continue
 		}
 		fmt.Fprintf(&b, "  to %s  for %s  down %s (%s)  up %s (%s)  %s\n", f.Dst, humanDuration(now.Sub(f.Since)),
@@ -285,8 +289,9 @@ func renderFlowsAt(w io.Writer, s Status, now time.Time) error {
 	return err
 }
 
-// pathShares tells how a client's flow is spread over its uplinks: each
-// uplink's share of the bytes both ways, and its subflows.
+// pathShares tells how a flow is spread over its paths (a client's
+// uplinks, or on a server the client's addresses): each one's share of
+// the bytes both ways, and its subflows.
 func pathShares(f OpenFlow) string {
 	total := f.RxBytes + f.TxBytes
 	parts := make([]string, 0, len(f.Paths))

@@ -222,6 +222,10 @@ func TestRenderFlows(t *testing.T) {
 	}{
 		{"all listed", Status{Role: "server", Flows: Flows{Active: 2}, OpenFlows: flows},
 			[]string{"open flows: 2\n", "  cli1=  from 192.0.2.2:40000  to 198.51.100.10:443  for 1m30s\n", "  cli2=  from 198.18.2.1:41000  to [2001:db8::10]:80  for 2s\n"}},
+		{"server, with bytes", Status{Role: "server", Flows: Flows{Active: 1}, OpenFlows: []OpenFlow{
+			{Peer: "cli1=", Client: "192.0.2.2:40000", Dst: "198.51.100.10:80", Since: now.Add(-time.Second), RxBytes: 1 << 20, TxBytes: 3 << 20,
+				Paths: []FlowPath{{Uplink: "192.0.2.2", Subflows: 1, RxBytes: 1 << 20, TxBytes: 1 << 20}, {Uplink: "100.64.0.1", Subflows: 1, TxBytes: 2 << 20}}},
+		}}, []string{"  cli1=  from 192.0.2.2:40000  to 198.51.100.10:80  for 1s  in 1.0 MiB  out 3.0 MiB  192.0.2.2 50% (1 subflow), 100.64.0.1 50% (1 subflow)\n"}},
 		{"more open than listed", Status{Role: "server", Flows: Flows{Active: 5000}, OpenFlows: flows[:1]},
 			[]string{"open flows: 5000 (the oldest 1 listed)\n", "cli1="}},
 		{"none", Status{Role: "server"}, []string{"open flows: 0\n"}},

@@ -98,13 +98,15 @@ func TestGuard(t *testing.T) {
 	c := &http.Client{Timeout: 5 * time.Second}
 	tok := s.Token()
 	cookie := &http.Cookie{Name: cookieName, Value: tok}
+	// The token with its first digit changed (never the same token).
+	wrong := map[bool]string{true: "1", false: "0"}[tok[0] == '0'] + tok[1:]
 	tests := []struct {
 		name, path, host, token string
 		cookie                  *http.Cookie
 		want                    int
 	}{
 		{"page, no token", "/", "", "", nil, http.StatusForbidden},
-		{"page, wrong token", "/", "", "0" + tok[1:], nil, http.StatusForbidden},
+		{"page, wrong token", "/", "", wrong, nil, http.StatusForbidden},
 		{"page, wrong cookie", "/", "", "", &http.Cookie{Name: cookieName, Value: "x"}, http.StatusForbidden},
 		{"events, no token", "/events", "", "", nil, http.StatusForbidden},
 		{"json, no token", "/status.json", "", "", nil, http.StatusForbidden},

@@ -105,7 +105,11 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
 	st := serverStatusOf(srv.Stats(), srv.Peers(), srv.Addr().String(), start)
 	for _, f := range srv.OpenFlows(control.MaxOpenFlows) {
-		st.OpenFlows = append(st.OpenFlows, control.OpenFlow{Peer: f.Peer.String(), Client: f.Client.String(), Dst: f.Dst.String(), Since: f.Since})
+		of := control.OpenFlow{Peer: f.Peer.String(), Client: f.Client.String(), Dst: f.Dst.String(), Since: f.Since, RxBytes: f.RxBytes, TxBytes: f.TxBytes}
+		for _, p := range f.Paths {
+			of.Paths = append(of.Paths, control.FlowPath{Uplink: p.Remote.String(), Subflows: p.Subflows, RxBytes: p.RxBytes, TxBytes: p.TxBytes})
+		}
+		st.OpenFlows = append(st.OpenFlows, of)
 	}
 	return st
 }

@@ -76,14 +76,14 @@ function render(st) {
   const sum = document.getElementById("flowsum");
   if (sum) sum.textContent = `open ${f.active || 0}, opened ${f.total || 0}, failed ${f.failed || 0}, refused ${f.rejected || 0}, on plain TCP ${f.fallbacks || 0}`;
   const flows = st.open_flows || [];
+  const paths = o => {
+    const total = (o.rx_bytes || 0) + (o.tx_bytes || 0);
+    return (o.paths || []).map(p => `${p.uplink} ${total ? Math.round(100 * (p.rx_bytes + p.tx_bytes) / total) + "%" : "-"} (${p.subflows})`).join("  ");
+  };
   if (st.role === "client") {
-    fill("flows", flows.map(o => {
-      const total = (o.rx_bytes || 0) + (o.tx_bytes || 0);
-      const paths = (o.paths || []).map(p => `${p.uplink} ${total ? Math.round(100 * (p.rx_bytes + p.tx_bytes) / total) + "%" : "-"} (${p.subflows})`).join("  ");
-      return row([o.dst, fmtAge(o.since), fmtRate(o.rx_bps || 0), fmtRate(o.tx_bps || 0), fmtBytes(o.rx_bytes), fmtBytes(o.tx_bytes), paths]);
-    }));
+    fill("flows", flows.map(o => row([o.dst, fmtAge(o.since), fmtRate(o.rx_bps || 0), fmtRate(o.tx_bps || 0), fmtBytes(o.rx_bytes), fmtBytes(o.tx_bytes), paths(o)])));
   } else {
-    fill("flows", flows.map(o => row([{ text: o.peer, cls: "key" }, o.client, o.dst, fmtAge(o.since)])));
+    fill("flows", flows.map(o => row([{ text: o.peer, cls: "key" }, o.client, o.dst, fmtAge(o.since), fmtBytes(o.rx_bytes), fmtBytes(o.tx_bytes), paths(o)])));
     fill("peers", (st.peers || []).map(p => row([{ text: p.key, cls: "key" }, String(p.active_flows), String(p.total_flows), String(p.limited), fmtAge(p.last_seen)])));
   }
 }

@@ -3,7 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"html/template"
+	"html"
 	"net/netip"
 	"path/filepath"
 	"regexp"
@@ -150,8 +150,13 @@ func TestDashboard(t *testing.T) {
 		t.Fatalf("server status: dashboard %q", sst.UI)
 	}
 	page, err := tp.Run(tp.Conc, "curl", "-sS", "-m", "5", sst.UI)
-	if err != nil || !strings.Contains(page, template.HTMLEscapeString(e.clientPub)) || !strings.Contains(page, netip.AddrPortFrom(topo.DestAddr, 80).String()) {
+	if err != nil || !strings.Contains(html.UnescapeString(page), e.clientPub) || !strings.Contains(page, netip.AddrPortFrom(topo.DestAddr, 80).String()) {
 		t.Errorf("the concentrator's dashboard (%v) lacks the client's key or the flow:\n%s", err, page)
+	}
+	// The flow's bytes by the client's addresses: B's (its CGNAT's) at
+	// least, which carries the download now.
+	if !regexp.MustCompile(`<span class="path">` + regexp.QuoteMeta(tp.Uplinks[topo.B].Public.String()) + ` [1-9][0-9]?% \(1\)</span>`).MatchString(page) {
+		t.Errorf("the concentrator's dashboard does not show the flow's bytes from B's address %s:\n%s", tp.Uplinks[topo.B].Public, page)
 	}
 	if out, _ := tp.Run(tp.Conc, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", "http://"+serverUI+"/events"); strings.TrimSpace(out) != "403" {
 		t.Errorf("the concentrator's event stream without the token: HTTP %q, want 403", out)
