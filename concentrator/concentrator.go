@@ -23,8 +23,8 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/mpvpn/mpvpn/dnsrelay"
-	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/internal/relay"
+	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/tunnel"
 	"github.com/mpvpn/mpvpn/udprelay"
 )
