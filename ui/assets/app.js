@@ -194,12 +194,62 @@ function transitions() {
   ul.replaceChildren(...items.reverse().slice(0, 20));
 }
 
+// rttGraph draws each uplink's subflow RTT (solid) and probe RTT (dashed)
+// over the window, in ms; a gap where there was none (no subflow, no answer).
+function rttGraph() {
+  const cv = document.getElementById("graph-rtt");
+  if (!cv) return;
+  const g = cv.getContext("2d");
+  const W = cv.width, H = cv.height, L = 70, B = 20;
+  g.clearRect(0, 0, W, H);
+  const now = samples.length ? samples[samples.length - 1].t : Date.now();
+  const series = new Map();
+  let peak = 10;
+  for (const s of samples) {
+    for (const u of s.uplinks || []) {
+      if (!series.has(u.name)) series.set(u.name, { rtt: [], probe: [] });
+      const e = series.get(u.name);
+      e.rtt.push([s.t, u.rtt]);
+      e.probe.push([s.t, u.probe_rtt]);
+      peak = Math.max(peak, u.rtt || 0, u.probe_rtt || 0);
+    }
+  }
+  peak *= 1.1;
+  const span = spanMs(now);
+  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
+  const y = v => H - B - (H - B - 5) * v / peak;
+  g.strokeStyle = "#ddd"; g.fillStyle = "#555"; g.font = "11px sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const v = peak * i / 4;
+    g.beginPath(); g.moveTo(L, y(v)); g.lineTo(W - 5, y(v)); g.stroke();
+    g.fillText(v.toFixed(0) + " ms", 2, y(v) + 4);
+  }
+  g.fillText("-" + fmtSpan(span), L, H - 5); g.fillText("now", W - 30, H - 5);
+  let ly = 14;
+  for (const [name, e] of series) {
+    for (const [pts, dash] of [[e.rtt, []], [e.probe, [5, 4]]]) {
+      g.strokeStyle = color(name); g.lineWidth = 2; g.setLineDash(dash); g.beginPath();
+      let on = false;
+      for (const [t, v] of pts) {
+        if (!(v > 0)) { on = false; continue; }
+        on ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v));
+        on = true;
+      }
+      g.stroke();
+    }
+    g.setLineDash([]);
+    g.fillStyle = color(name); g.fillText(name + " (dashed: probe)", W - 150, ly); ly += 14;
+  }
+  g.lineWidth = 1;
+}
+
 function draw() {
   const cut = (samples.length ? samples[samples.length - 1].t : Date.now()) - WINDOW_MS;
   samples = samples.filter(s => s.t >= cut);
   graph("graph-rx", "rx");
   graph("graph-tx", "tx");
   graph("graph-flows", "flows");
+  rttGraph();
   timeline();
   transitions();
 }
