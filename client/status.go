@@ -63,32 +63,16 @@ type pathSample struct {
 
 type counts struct{ rx, tx uint64 }
 
-// sampleFlow sums info's subflows per local address.
+// sampleFlow is c's flow with info's subflows summed per local address.
 func sampleFlow(c *tunnel.Conn, info mptcpinfo.Info) flowSample {
 	f := flowSample{id: c.ID(), dst: c.Dest(), since: c.Opened()}
-	for _, sf := range info.Subflows {
-		a := sf.Local.Addr().Unmap()
-		i := slices.IndexFunc(f.paths, func(p pathSample) bool { return p.addr == a })
-		if i < 0 {
-			f.paths = append(f.paths, pathSample{addr: a})
-			i = len(f.paths) - 1
-		}
-		p := &f.paths[i]
-		if sf.State == tcpEstablished {
-			p.subflows++
-		}
-		p.rx += sf.BytesReceived
-		p.tx += sf.BytesAcked
-		f.rx += sf.BytesReceived
-		f.tx += sf.BytesAcked
+	for _, a := range info.ByAddr(false) {
+		f.paths = append(f.paths, pathSample{addr: a.Addr, subflows: a.Subflows, rx: a.BytesReceived, tx: a.BytesAcked})
+		f.rx += a.BytesReceived
+		f.tx += a.BytesAcked
 	}
 	return f
 }
-
-// tcpEstablished is TCP_ESTABLISHED as tcp_info reports it: the
-// kernel keeps a connection's first subflow after it closed, and it is
-// no path in use then.
-const tcpEstablished = 1
 
 // rate is the bits per second from prev to cur bytes over dt.
 func rate(cur, prev uint64, dt time.Duration) float64 {

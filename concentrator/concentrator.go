@@ -537,27 +537,12 @@ func (fi *FlowInfo) readPaths() {
 	if err != nil {
 		return // closed meanwhile
 	}
-	for _, sf := range info.Subflows {
-		a := sf.Remote.Addr().Unmap()
-		i := slices.IndexFunc(fi.Paths, func(p FlowPath) bool { return p.Remote == a })
-		if i < 0 {
-			fi.Paths = append(fi.Paths, FlowPath{Remote: a})
-			i = len(fi.Paths) - 1
-		}
-		p := &fi.Paths[i]
-		if sf.State == tcpEstablished {
-			p.Subflows++
-		}
-		p.RxBytes += sf.BytesReceived
-		p.TxBytes += sf.BytesAcked
-		fi.RxBytes += sf.BytesReceived
-		fi.TxBytes += sf.BytesAcked
+	for _, a := range info.ByAddr(true) {
+		fi.Paths = append(fi.Paths, FlowPath{Remote: a.Addr, Subflows: a.Subflows, RxBytes: a.BytesReceived, TxBytes: a.BytesAcked})
+		fi.RxBytes += a.BytesReceived
+		fi.TxBytes += a.BytesAcked
 	}
 }
-
-// tcpEstablished is TCP_ESTABLISHED as tcp_info reports it (a closed first
-// subflow stays listed, and is no path in use).
-const tcpEstablished = 1
 
 // OpenFlows lists up to max of the flows being relayed now (to a
 // destination; the resolver's streams are not among them), oldest first.

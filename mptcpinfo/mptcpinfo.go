@@ -55,3 +55,46 @@ const (
 	FlagFallback          = 1 << 0
 	FlagRemoteKeyReceived = 1 << 1
 )
+
+// StateEstablished is TCP_ESTABLISHED as tcp_info reports it in
+// Subflow.State.
+const StateEstablished = 1
+
+// AddrShare is one address's part of a connection.
+type AddrShare struct {
+	Addr netip.Addr
+	// Subflows counts its established subflows: the kernel keeps a
+	// connection's first subflow listed after it closed (it carries the
+	// socket's state), and that one is no path in use.
+	Subflows int
+	// BytesReceived and BytesAcked sum all its subflows', closed or not.
+	BytesReceived, BytesAcked uint64
+}
+
+// ByAddr sums the connection's subflows per address, in the order the
+// addresses first appear: their local addresses (a client's uplinks), or
+// with remote their remote ones (the addresses a concentrator sees its
+// client's subflows come from).
+func (info Info) ByAddr(remote bool) []AddrShare {
+	var out []AddrShare
+	for _, sf := range info.Subflows {
+		ap := sf.Local
+		if remote {
+			ap = sf.Remote
+		}
+		a := ap.Addr().Unmap()
+		i := 0
+		for i < len(out) && out[i].Addr != a {
+			i++
+		}
+		if i == len(out) {
+			out = append(out, AddrShare{Addr: a})
+		}
+		if sf.State == StateEstablished {
+			out[i].Subflows++
+		}
+		out[i].BytesReceived += sf.BytesReceived
+		out[i].BytesAcked += sf.BytesAcked
+	}
+	return out
+}

@@ -5,6 +5,7 @@ package mptcpinfo
 import (
 	"encoding/binary"
 	"net/netip"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -178,4 +179,39 @@ func FuzzParse(f *testing.F) {
 			parseSockaddr(s.Local.Addr().AsSlice()) // exercise, must not panic
 		}
 	})
+}
+
+func TestByAddr(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	a, b := ap("192.0.2.2:40000"), ap("100.64.0.2:40001")
+	srv, srv2 := ap("203.0.113.1:7100"), ap("203.0.113.1:7101")
+	info := Info{Subflows: []Subflow{
+		// The first subflow, closed: its bytes count, it is no path.
+		{ID: 1, Local: a, Remote: srv, BytesReceived: 100, BytesAcked: 10, State: 7},
+		{ID: 2, Local: b, Remote: srv, BytesReceived: 200, BytesAcked: 20, State: StateEstablished},
+		{ID: 3, Local: ap("[::ffff:192.0.2.2]:40002"), Remote: srv2, BytesReceived: 300, BytesAcked: 30, State: StateEstablished},
+	}}
+	tests := []struct {
+		name   string
+		remote bool
+		want   []AddrShare
+	}{
+		{"local", false, []AddrShare{
+			{Addr: a.Addr(), Subflows: 1, BytesReceived: 400, BytesAcked: 40},
+			{Addr: b.Addr(), Subflows: 1, BytesReceived: 200, BytesAcked: 20},
+		}},
+		{"remote", true, []AddrShare{
+			{Addr: srv.Addr(), Subflows: 2, BytesReceived: 600, BytesAcked: 60},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := info.ByAddr(tt.remote); !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("ByAddr(%v) = %+v, want %+v", tt.remote, got, tt.want)
+			}
+		})
+	}
+	if got := (Info{}).ByAddr(false); got != nil {
+		t.Errorf("no subflows: %+v", got)
+	}
 }

@@ -44,9 +44,6 @@ type key struct {
 
 type counts struct{ rx, tx uint64 }
 
-// tcpEstablished is TCP_ESTABLISHED, as tcp_info reports it.
-const tcpEstablished = 1
-
 // Meter accumulates samples. Its methods are safe for concurrent use.
 type Meter struct {
 	mu      sync.Mutex
@@ -74,7 +71,7 @@ func (m *Meter) Update(at time.Time, flows []Flow) {
 			k := key{f.ID, sf.ID, sf.Local}
 			c := counts{rx: sf.BytesReceived, tx: sf.BytesAcked}
 			seen[k] = c
-			if sf.State != tcpEstablished {
+			if sf.State != mptcpinfo.StateEstablished {
 				// The kernel keeps a connection's first subflow
 				// after it closed (it carries the socket's state):
 				// its bytes count, it is not a path in use.

@@ -11,7 +11,7 @@ import (
 )
 
 func sf(id uint32, local string, rx, tx uint64, rtt time.Duration) mptcpinfo.Subflow {
-	return mptcpinfo.Subflow{ID: id, Local: netip.MustParseAddrPort(local), BytesReceived: rx, BytesAcked: tx, RTT: rtt, State: tcpEstablished}
+	return mptcpinfo.Subflow{ID: id, Local: netip.MustParseAddrPort(local), BytesReceived: rx, BytesAcked: tx, RTT: rtt, State: mptcpinfo.StateEstablished}
 }
 
 func closed(s mptcpinfo.Subflow) mptcpinfo.Subflow { s.State = 7; return s } // TCP_CLOSE

@@ -100,48 +100,69 @@ function fmtSpan(ms) {
   return s < 120 ? s + " s" : Math.round(s / 60) + " min";
 }
 
-// graph draws one line per uplink of field ("rx" or "tx") over the window.
-function graph(id, field) {
+// frame clears canvas id and draws its grid for values from 0 to peak,
+// labelled with fmt, over the graphs' span; it returns the context and
+// the scales, or null when the page has no such canvas.
+function frame(id, peak, fmt) {
   const cv = document.getElementById(id);
-  if (!cv) return;
+  if (!cv) return null;
   const g = cv.getContext("2d");
   const W = cv.width, H = cv.height, L = 70, B = 20;
   g.clearRect(0, 0, W, H);
   const now = samples.length ? samples[samples.length - 1].t : Date.now();
+  const span = spanMs(now);
+  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
+  const y = v => H - B - (H - B - 5) * v / peak;
+  g.strokeStyle = "#ddd"; g.fillStyle = "#555"; g.font = "11px sans-serif"; g.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const v = peak * i / 4;
+    g.beginPath(); g.moveTo(L, y(v)); g.lineTo(W - 5, y(v)); g.stroke();
+    g.fillText(fmt(v), 2, y(v) + 4);
+  }
+  g.fillText("-" + fmtSpan(span), L, H - 5); g.fillText("now", W - 30, H - 5);
+  return { g, x, y, W };
+}
+
+// line strokes points [t, v] in a colour, dashed if asked, leaving a gap
+// where v is not positive when gaps is set (no subflow, no answer).
+function line(f, pts, col, dash, gaps) {
+  const { g, x, y } = f;
+  g.strokeStyle = col; g.lineWidth = 2; g.setLineDash(dash || []); g.beginPath();
+  let on = false;
+  for (const [t, v] of pts) {
+    if (gaps && !(v > 0)) { on = false; continue; }
+    on ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v));
+    on = true;
+  }
+  g.stroke();
+  g.setLineDash([]); g.lineWidth = 1;
+}
+
+// graph draws one line per uplink of field ("rx" or "tx"), or the open
+// flows ("flows"), over the window.
+function graph(id, field) {
   const series = new Map();
   let peak = 0;
   for (const s of samples) {
-    for (const u of s.uplinks || []) {
-      if (!series.has(u.name)) series.set(u.name, []);
-      const v = field === "flows" ? 0 : u[field];
-      series.get(u.name).push([s.t, v]);
-      peak = Math.max(peak, v);
-    }
     if (field === "flows") {
       if (!series.has("open flows")) series.set("open flows", []);
       series.get("open flows").push([s.t, s.flows]);
       peak = Math.max(peak, s.flows);
+      continue;
+    }
+    for (const u of s.uplinks || []) {
+      if (!series.has(u.name)) series.set(u.name, []);
+      series.get(u.name).push([s.t, u[field]]);
+      peak = Math.max(peak, u[field]);
     }
   }
-  peak = Math.max(peak * 1.1, field === "flows" ? 4 : 1000);
-  const span = spanMs(now);
-  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
-  const y = v => H - B - (H - B - 5) * v / peak;
-  g.strokeStyle = "#ddd"; g.fillStyle = "#555"; g.font = "11px sans-serif";
-  for (let i = 0; i <= 4; i++) {
-    const v = peak * i / 4;
-    g.beginPath(); g.moveTo(L, y(v)); g.lineTo(W - 5, y(v)); g.stroke();
-    g.fillText(field === "flows" ? String(Math.round(v)) : fmtRate(v), 2, y(v) + 4);
-  }
-  g.fillText("-" + fmtSpan(span), L, H - 5); g.fillText("now", W - 30, H - 5);
+  const f = frame(id, Math.max(peak * 1.1, field === "flows" ? 4 : 1000), v => field === "flows" ? String(Math.round(v)) : fmtRate(v));
+  if (!f) return;
   let ly = 14;
   for (const [name, pts] of series) {
-    g.strokeStyle = color(name); g.lineWidth = 2; g.beginPath();
-    pts.forEach(([t, v], i) => (i ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v))));
-    g.stroke();
-    g.fillStyle = color(name); g.fillText(name, W - 90, ly); ly += 14;
+    line(f, pts, color(name));
+    f.g.fillStyle = color(name); f.g.fillText(name, f.W - 90, ly); ly += 14;
   }
-  g.lineWidth = 1;
 }
 
 // timeline draws each uplink's state (up, backup, withdrawn, down) over the window.
@@ -195,14 +216,8 @@ function transitions() {
 }
 
 // rttGraph draws each uplink's subflow RTT (solid) and probe RTT (dashed)
-// over the window, in ms; a gap where there was none (no subflow, no answer).
+// over the window, in ms.
 function rttGraph() {
-  const cv = document.getElementById("graph-rtt");
-  if (!cv) return;
-  const g = cv.getContext("2d");
-  const W = cv.width, H = cv.height, L = 70, B = 20;
-  g.clearRect(0, 0, W, H);
-  const now = samples.length ? samples[samples.length - 1].t : Date.now();
   const series = new Map();
   let peak = 10;
   for (const s of samples) {
@@ -214,33 +229,14 @@ function rttGraph() {
       peak = Math.max(peak, u.rtt || 0, u.probe_rtt || 0);
     }
   }
-  peak *= 1.1;
-  const span = spanMs(now);
-  const x = t => L + (W - L - 5) * (1 - (now - t) / span);
-  const y = v => H - B - (H - B - 5) * v / peak;
-  g.strokeStyle = "#ddd"; g.fillStyle = "#555"; g.font = "11px sans-serif";
-  for (let i = 0; i <= 4; i++) {
-    const v = peak * i / 4;
-    g.beginPath(); g.moveTo(L, y(v)); g.lineTo(W - 5, y(v)); g.stroke();
-    g.fillText(v.toFixed(0) + " ms", 2, y(v) + 4);
-  }
-  g.fillText("-" + fmtSpan(span), L, H - 5); g.fillText("now", W - 30, H - 5);
+  const f = frame("graph-rtt", peak * 1.1, v => v.toFixed(0) + " ms");
+  if (!f) return;
   let ly = 14;
   for (const [name, e] of series) {
-    for (const [pts, dash] of [[e.rtt, []], [e.probe, [5, 4]]]) {
-      g.strokeStyle = color(name); g.lineWidth = 2; g.setLineDash(dash); g.beginPath();
-      let on = false;
-      for (const [t, v] of pts) {
-        if (!(v > 0)) { on = false; continue; }
-        on ? g.lineTo(x(t), y(v)) : g.moveTo(x(t), y(v));
-        on = true;
-      }
-      g.stroke();
-    }
-    g.setLineDash([]);
-    g.fillStyle = color(name); g.fillText(name + " (dashed: probe)", W - 150, ly); ly += 14;
+    line(f, e.rtt, color(name), [], true);
+    line(f, e.probe, color(name), [5, 4], true);
+    f.g.fillStyle = color(name); f.g.fillText(name + " (dashed: probe)", f.W - 150, ly); ly += 14;
   }
-  g.lineWidth = 1;
 }
 
 function draw() {
