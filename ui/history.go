@@ -37,23 +37,26 @@ func sampleOf(st control.Status) sample {
 	return sm
 }
 
-// history keeps the newest samples, numbered from 1, and wakes the event
-// streams when one is added.
+// history keeps the newest samples, numbered from 1, with the status the
+// newest was taken from, and wakes the event streams when one is added:
+// every page's stream sends that one status, not one of its own.
 type history struct {
-	mu    sync.Mutex
-	ring  []sample
-	next  int    // where the next sample goes in ring
-	seq   uint64 // the newest sample's number
-	added chan struct{}
+	mu     sync.Mutex
+	ring   []sample
+	next   int    // where the next sample goes in ring
+	seq    uint64 // the newest sample's number
+	status control.Status
+	added  chan struct{}
 }
 
 func newHistory(n int) *history {
 	return &history{ring: make([]sample, 0, n), added: make(chan struct{})}
 }
 
-func (h *history) add(s sample) {
+func (h *history) add(s sample, st control.Status) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.status = st
 	if len(h.ring) < cap(h.ring) {
 		h.ring = append(h.ring, s)
 	} else {
@@ -66,20 +69,18 @@ func (h *history) add(s sample) {
 }
 
 // since returns the samples after number seq, oldest first (as many as
-// are kept), and the newest one's number.
-func (h *history) since(seq uint64) ([]sample, uint64) {
+// are kept), the newest one's status and its number.
+func (h *history) since(seq uint64) ([]sample, control.Status, uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	n := min(uint64(len(h.ring)), h.seq-min(seq, h.seq))
 	out := make([]sample, 0, n)
-	for i := n; i > 0; i-- {
-		j := (h.next - int(i) + 2*cap(h.ring)) % cap(h.ring)
-		if len(h.ring) < cap(h.ring) {
-			j = len(h.ring) - int(i)
-		}
-		out = append(out, h.ring[j])
+	// The oldest kept is at next once the ring is full, at 0 before
+	// (next is then len(ring)): either way n back from next.
+	for i := int(n); i > 0; i-- {
+		out = append(out, h.ring[(h.next-i+cap(h.ring))%cap(h.ring)])
 	}
-	return out, h.seq
+	return out, h.status, h.seq
 }
 
 // wait returns a channel closed once a sample after number seq exists.

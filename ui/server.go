@@ -121,7 +121,7 @@ func Serve(ctx context.Context, cfg Config) (*Server, error) {
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
-	s.hist.add(sampleOf(cfg.Status()))
+	s.take()
 	go s.run(ctx)
 	s.log.Info("dashboard listening", "url", s.URL())
 	return s, nil
@@ -201,7 +201,7 @@ loop:
 	for {
 		select {
 		case <-t.C:
-			s.hist.add(sampleOf(s.cfg.Status()))
+			s.take()
 		case err = <-served:
 			break loop
 		case <-ctx.Done():
@@ -268,6 +268,12 @@ func (s *Server) hostAllowed(host string) bool {
 	return false
 }
 
+// take samples the status into the history.
+func (s *Server) take() {
+	st := s.snapshot()
+	s.hist.add(sampleOf(st), st)
+}
+
 // maxFlowsShown bounds the open flows a page lists and an event carries.
 const maxFlowsShown = 100
 
@@ -313,8 +319,8 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	h.Set("X-Accel-Buffering", "no")
 	ctx := r.Context()
 	rc := http.NewResponseController(w)
-	send := func(samples []sample) error {
-		b, err := json.Marshal(event{Status: s.snapshot(), Samples: samples})
+	send := func(samples []sample, st control.Status) error {
+		b, err := json.Marshal(event{Status: st, Samples: samples})
 		if err != nil {
 			return err
 		}
@@ -325,8 +331,8 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		fl.Flush()
 		return nil
 	}
-	samples, seq := s.hist.since(0)
-	if send(samples) != nil {
+	samples, st, seq := s.hist.since(0)
+	if send(samples, st) != nil {
 		return
 	}
 	for {
@@ -334,8 +340,8 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		case <-ctx.Done():
 			return
 		case <-s.hist.wait(seq):
-			samples, seq = s.hist.since(seq)
-			if send(samples) != nil {
+			samples, st, seq = s.hist.since(seq)
+			if send(samples, st) != nil {
 				return
 			}
 		}
