@@ -51,23 +51,15 @@ type flowSample struct {
 	since          time.Time
 	rx, tx         uint64
 	rxRate, txRate float64
-	paths          []pathSample
-}
-
-// pathSample is one local address's part of a flow.
-type pathSample struct {
-	addr     netip.Addr
-	subflows int
-	rx, tx   uint64
+	paths          []mptcpinfo.AddrShare // by local address
 }
 
 type counts struct{ rx, tx uint64 }
 
 // sampleFlow is c's flow with info's subflows summed per local address.
 func sampleFlow(c *tunnel.Conn, info mptcpinfo.Info) flowSample {
-	f := flowSample{id: c.ID(), dst: c.Dest(), since: c.Opened()}
-	for _, a := range info.ByAddr(false) {
-		f.paths = append(f.paths, pathSample{addr: a.Addr, subflows: a.Subflows, rx: a.BytesReceived, tx: a.BytesAcked})
+	f := flowSample{id: c.ID(), dst: c.Dest(), since: c.Opened(), paths: info.ByAddr(false)}
+	for _, a := range f.paths {
 		f.rx += a.BytesReceived
 		f.tx += a.BytesAcked
 	}
@@ -139,11 +131,11 @@ func (s *stats) openFlows(names map[netip.Addr]string) []control.OpenFlow {
 	for _, f := range s.flows[:min(len(s.flows), control.MaxOpenFlows)] {
 		of := control.OpenFlow{Dst: f.dst, Since: f.since, RxBytes: f.rx, TxBytes: f.tx, RxRate: f.rxRate, TxRate: f.txRate}
 		for _, p := range f.paths {
-			name, ok := names[p.addr]
+			name, ok := names[p.Addr]
 			if !ok {
-				name = p.addr.String()
+				name = p.Addr.String()
 			}
-			of.Paths = append(of.Paths, control.FlowPath{Uplink: name, Subflows: p.subflows, RxBytes: p.rx, TxBytes: p.tx})
+			of.Paths = append(of.Paths, control.FlowPath{Uplink: name, Subflows: p.Subflows, RxBytes: p.BytesReceived, TxBytes: p.BytesAcked})
 		}
 		out = append(out, of)
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/mpvpn/mpvpn/control"
+	"github.com/mpvpn/mpvpn/mptcpinfo"
 	"github.com/mpvpn/mpvpn/stack"
 )
 
@@ -30,9 +31,9 @@ func TestOpenFlows(t *testing.T) {
 		{id: 2, dst: "203.0.113.1:80", since: t0.Add(-time.Second), rx: 1000, tx: 100},
 	})
 	s.storeFlows(t0.Add(2*time.Second), []flowSample{
-		{id: 3, dst: "dns", since: t0, rx: 10, tx: 10, paths: []pathSample{{addr: gone, rx: 10, tx: 10}}},
+		{id: 3, dst: "dns", since: t0, rx: 10, tx: 10, paths: []mptcpinfo.AddrShare{{Addr: gone, BytesReceived: 10, BytesAcked: 10}}},
 		{id: 2, dst: "203.0.113.1:80", since: t0.Add(-time.Second), rx: 251000, tx: 2100,
-			paths: []pathSample{{addr: a, subflows: 1, rx: 200000, tx: 2000}, {addr: b, subflows: 2, rx: 51000, tx: 100}}},
+			paths: []mptcpinfo.AddrShare{{Addr: a, Subflows: 1, BytesReceived: 200000, BytesAcked: 2000}, {Addr: b, Subflows: 2, BytesReceived: 51000, BytesAcked: 100}}},
 	})
 	got := s.openFlows(map[netip.Addr]string{a: "wan0", b: "wan1"})
 	want := []control.OpenFlow{

@@ -514,18 +514,9 @@ type FlowInfo struct {
 	// Paths how the client's addresses share them, read when OpenFlows
 	// is called (zero before the verdict went).
 	RxBytes, TxBytes uint64
-	Paths            []FlowPath
+	Paths            []mptcpinfo.AddrShare // by remote address: an uplink's, or its NAT's
 
 	tcp *net.TCPConn // once accepted
-}
-
-// FlowPath is one client address's part of a flow: the subflows from it
-// (an uplink's address, or its NAT's).
-type FlowPath struct {
-	Remote   netip.Addr
-	Subflows int
-	RxBytes  uint64
-	TxBytes  uint64
 }
 
 // readPaths fills fi's bytes and paths from its connection's subflows.
@@ -537,8 +528,8 @@ func (fi *FlowInfo) readPaths() {
 	if err != nil {
 		return // closed meanwhile
 	}
-	for _, a := range info.ByAddr(true) {
-		fi.Paths = append(fi.Paths, FlowPath{Remote: a.Addr, Subflows: a.Subflows, RxBytes: a.BytesReceived, TxBytes: a.BytesAcked})
+	fi.Paths = info.ByAddr(true)
+	for _, a := range fi.Paths {
 		fi.RxBytes += a.BytesReceived
 		fi.TxBytes += a.BytesAcked
 	}

@@ -116,7 +116,7 @@ func TestOpenFlows(t *testing.T) {
 			t.Fatalf("OpenFlows after 4 KiB each way: %+v", got)
 		}
 	}
-	if p := got[0].Paths; len(p) != 1 || !p[0].Remote.IsLoopback() || p[0].Subflows != 1 || p[0].RxBytes != got[0].RxBytes {
+	if p := got[0].Paths; len(p) != 1 || !p[0].Addr.IsLoopback() || p[0].Subflows != 1 || p[0].BytesReceived != got[0].RxBytes {
 		t.Errorf("the flow's paths: %+v, want its one subflow from the loopback with all its bytes", p)
 	}
 	c.Close()

@@ -107,7 +107,7 @@ func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
 	for _, f := range srv.OpenFlows(control.MaxOpenFlows) {
 		of := control.OpenFlow{Peer: f.Peer.String(), Client: f.Client.String(), Dst: f.Dst.String(), Since: f.Since, RxBytes: f.RxBytes, TxBytes: f.TxBytes}
 		for _, p := range f.Paths {
-			of.Paths = append(of.Paths, control.FlowPath{Uplink: p.Remote.String(), Subflows: p.Subflows, RxBytes: p.RxBytes, TxBytes: p.TxBytes})
+			of.Paths = append(of.Paths, control.FlowPath{Uplink: p.Addr.String(), Subflows: p.Subflows, RxBytes: p.BytesReceived, TxBytes: p.BytesAcked})
 		}
 		st.OpenFlows = append(st.OpenFlows, of)
 	}
@@ -188,7 +188,7 @@ func statusCommand() *cli.Command {
 			&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval, with per-uplink throughput"},
 			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh period of --watch"},
 			&cli.BoolFlag{Name: "server", Usage: "ask the concentrator on this host (" + defaultServerSocket + ")"},
-			&cli.BoolFlag{Name: "flows", Usage: "list the open flows, oldest first, after the status: a client's with destination, age, bytes and rates, and each uplink's share; with --server, the concentrator's with client key, the address its connection came from, destination and age"},
+			&cli.BoolFlag{Name: "flows", Usage: "list the open flows, oldest first, after the status: a client's with destination, age, bytes and rates, and each uplink's share; with --server, the concentrator's with client key, the address its connection came from, destination, age, bytes and each client address's share"},
 			&cli.PathFlag{Name: "socket", Usage: "the status socket `PATH` (default " + defaultClientSocket + ", or the server's with --server)"},
 		},
 		Action: runStatus,
