@@ -38,14 +38,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 . scripts/lib.sh
 need_root
-install_deps
-preflight
 PLOTS=${PLOTS-plots}
-if [ -n "$PLOTS" ] && ! command -v gnuplot >/dev/null; then
-	echo "installing: gnuplot-nox" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq gnuplot-nox >/dev/null ||
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null; }
-fi
+install_deps ${PLOTS:+gnuplot:gnuplot-nox}
+preflight
 
 RUNS=${RUNS:-3}
 OUTAGE_FOR=${OUTAGE_FOR:-5s}

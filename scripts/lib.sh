@@ -9,13 +9,14 @@ need_root() {
 }
 
 # install_deps installs what the scripts and tests use, from Debian's packages,
-# only when something is missing. Arguments are more commands to have, each
-# from the Debian package of its name (test.sh: chromium, for the dashboard).
+# only when something is missing. Arguments are more commands to have, as
+# COMMAND or COMMAND:PACKAGE when Debian's package has another name
+# (test.sh: chromium, for the dashboard; bench_outage.sh: gnuplot:gnuplot-nox).
 install_deps() {
 	local missing=()
 	local extra
 	for extra in "$@"; do
-		command -v "$extra" >/dev/null || missing+=("$extra")
+		command -v "${extra%%:*}" >/dev/null || missing+=("${extra#*:}")
 	done
 	command -v ip >/dev/null || missing+=(iproute2)
 	command -v iperf3 >/dev/null || missing+=(iperf3)

@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -256,13 +255,7 @@ func (f *fleet) phase(t *testing.T, b topo.Balancer) {
 
 func (f *fleet) memberStatus(t *testing.T, i int) control.Status {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := control.Fetch(ctx, f.memberSocket(i))
-	if err != nil {
-		t.Fatalf("status of member %d: %v", i+1, err)
-	}
-	return st
+	return f.e.fetchStatus(t, f.memberSocket(i))
 }
 
 // subflowRE picks an established subflow's local and remote address out of
