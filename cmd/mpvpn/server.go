@@ -235,8 +235,8 @@ func runServer(c *cli.Context) error {
 
 	start := time.Now()
 	fleet := fleetStatus(vips, signals)
-	stopControl, err := dc.serve(func() control.Status {
-		st := serverStatus(srv, start)
+	stopControl, err := dc.serve(func(flows bool) control.Status {
+		st := serverStatus(srv, start, flows)
 		st.Fleet = fleet
 		return st
 	}, log)

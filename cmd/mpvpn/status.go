@@ -51,13 +51,17 @@ func listenControl(c *cli.Context) (*daemonControl, error) {
 	return &daemonControl{ln: ln, metrics: c.String("metrics"), ui: c.String("ui")}, nil
 }
 
-// serve answers the socket and, if asked, serves metrics, until the
-// returned stop is called (it waits for both to end).
-func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop func() error, err error) {
+// serve answers the socket and, if asked, serves metrics and the
+// dashboard, until the returned stop is called (it waits for them to end).
+// status(flows) is the daemon's status, with its open flows listed when
+// flows is set: metrics have no use for them, and listing them reads each
+// flow's subflows.
+func (d *daemonControl) serve(status func(flows bool) control.Status, log *slog.Logger) (stop func() error, err error) {
 	ctx, cancel := context.WithCancel(context.Background())
+	get := func() control.Status { return status(true) }
 	var ms *control.MetricsServer
 	if d.metrics != "" {
-		if ms, err = control.ServeMetrics(ctx, d.metrics, control.NewCollector(get), log); err != nil {
+		if ms, err = control.ServeMetrics(ctx, d.metrics, control.NewCollector(func() control.Status { return status(false) }), log); err != nil {
 			cancel()
 			d.ln.Close()
 			return nil, fmt.Errorf("--metrics: %w", err)
@@ -101,9 +105,13 @@ func (d *daemonControl) serve(get func() control.Status, log *slog.Logger) (stop
 	}, nil
 }
 
-// serverStatus is the concentrator's side of `mpvpn status`.
-func serverStatus(srv *concentrator.Server, start time.Time) control.Status {
+// serverStatus is the concentrator's side of `mpvpn status`, with its
+// open flows if flows is set.
+func serverStatus(srv *concentrator.Server, start time.Time, flows bool) control.Status {
 	st := serverStatusOf(srv.Stats(), srv.Peers(), srv.Addr().String(), start)
+	if !flows {
+		return st
+	}
 	for _, f := range srv.OpenFlows(control.MaxOpenFlows) {
 		of := control.OpenFlow{Peer: f.Peer.String(), Client: f.Client.String(), Dst: f.Dst.String(), Since: f.Since, RxBytes: f.RxBytes, TxBytes: f.TxBytes}
 		for _, p := range f.Paths {
