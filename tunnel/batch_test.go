@@ -6,7 +6,11 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // readySource is a reader that says whether it holds more bytes, as the
@@ -127,4 +131,80 @@ func equalInts(a, b []int) bool {
 		}
 	}
 	return true
+}
+
+// eofReadable is Readable at its end too, as a netstack conn is once the
+// app's FIN is in.
+type eofReadable struct{ *bytes.Reader }
+
+func (eofReadable) Readable() bool { return true }
+
+// ReadFromAndCloseWrite sends the end-of-stream frame in the same write
+// as the last bytes when the source has its EOF ready behind them: from
+// a netstack-like reader, and from a socket whose peer wrote and closed.
+func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
+	const size = 300
+	data := bytes.Repeat([]byte("x"), size)
+	end := frameHeaderSize + tagSize
+	tests := []struct {
+		name string
+		src  func(t *testing.T) io.Reader
+		want []int
+	}{
+		{"readable at EOF", func(*testing.T) io.Reader { return eofReadable{bytes.NewReader(data)} }, []int{frameHeaderSize + size + tagSize + end}},
+		{"not readable at EOF: two writes", func(*testing.T) io.Reader { return readySource{bytes.NewReader(data)} }, []int{frameHeaderSize + size + tagSize, end}},
+		{"a socket, written and closed", func(t *testing.T) io.Reader {
+			a, b := tcpPair(t)
+			if _, err := b.Write(data); err != nil {
+				t.Fatal(err)
+			}
+			b.Close()
+			waitReadable(t, a, size)
+			return a
+		}, []int{frameHeaderSize + size + tagSize + end}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := newPair(t, ServerConfig{}, ClientConfig{})
+			cs, _, _, sr := p.handshake(t)
+			var wire countingWriter
+			c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+			n, err := c.ReadFromAndCloseWrite(tt.src(t))
+			if err != nil || n != size {
+				t.Fatalf("ReadFromAndCloseWrite = %d, %v; want %d, nil", n, err, size)
+			}
+			if !equalInts(wire.writes, tt.want) {
+				t.Errorf("writes %v, want %v", wire.writes, tt.want)
+			}
+			if err := c.CloseWrite(); err != nil {
+				t.Errorf("CloseWrite after it: %v, want nil (a no-op)", err)
+			}
+			if len(wire.writes) != len(tt.want) {
+				t.Errorf("CloseWrite wrote again: %v", wire.writes)
+			}
+			got, err := io.ReadAll(newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil))
+			if err != nil || !bytes.Equal(got, data) {
+				t.Errorf("read back %d bytes, %v; want %d and a clean end", len(got), err, size)
+			}
+		})
+	}
+}
+
+// waitReadable waits until c holds n bytes to read (on loopback the
+// peer's FIN, sent after them, is in by then too).
+func waitReadable(t *testing.T, c *net.TCPConn, n int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2000 {
+		q := 0
+		rc.Control(func(fd uintptr) { q, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+		if q >= n {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatalf("%d bytes never arrived", n)
 }

@@ -636,10 +636,30 @@ func (c *Conn) Write(p []byte) (int, error) {
 // cannot be sent (a write deadline included), the error is returned and
 // the stream is closed, since the caller cannot know how much of what it
 // handed over is lost.
-func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
+func (c *Conn) ReadFrom(r io.Reader) (int64, error) { return c.readFrom(r, false) }
+
+// ReadFromAndCloseWrite is ReadFrom then CloseWrite, except that where r
+// gives its last bytes and its EOF together (a web server's reply and
+// its close), the end-of-stream frame goes out in the same write as
+// those bytes. Two writes would not do: Linux 6.18's MPTCP scheduler
+// sends each write on the subflow with the emptiest queue, and while the
+// first write waits for its ACK that is the other, slower uplink's
+// (measured 2026-12-05, 20 and 50 ms links: the end of a small reply
+// reached the app 15 ms after its bytes). To know, after a short read,
+// it reads r once more where that cannot block: a socket without
+// waiting, a reader with Readable only when it says so.
+func (c *Conn) ReadFromAndCloseWrite(r io.Reader) (int64, error) {
+	n, err := c.readFrom(r, true)
+	if err != nil {
+		return n, err
+	}
+	return n, c.CloseWrite() // a no-op where the frame went with the bytes
+}
+
+func (c *Conn) readFrom(r io.Reader, closing bool) (int64, error) {
 	if tc, ok := r.(*net.TCPConn); ok {
 		if lr := newLazyReader(tc); lr != nil {
-			return c.readFromLazy(lr)
+			return c.readFromLazy(lr, closing)
 		}
 	}
 	waiter, _ := r.(interface{ WaitRead() error })
@@ -664,8 +684,14 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 				break
 			}
 		}
+		if closing && rerr == nil && b.short() && ready != nil && ready.Readable() {
+			// Readable after a short read: more bytes, or the EOF.
+			var n int
+			n, rerr = r.Read(b.rest())
+			b.grow(n)
+		}
 		if b.k > 0 {
-			n, err := c.sendBatch(b)
+			n, err := c.sendBatch(b, closing && rerr == io.EOF)
 			total += int64(n)
 			if err != nil {
 				return total, err
@@ -680,7 +706,7 @@ func (c *Conn) ReadFrom(r io.Reader) (int64, error) {
 	}
 }
 
-func (c *Conn) readFromLazy(lr *lazyReader) (int64, error) {
+func (c *Conn) readFromLazy(lr *lazyReader, closing bool) (int64, error) {
 	b := newBatch(c.frameCap)
 	lr.b = b
 	defer b.release()
@@ -688,18 +714,24 @@ func (c *Conn) readFromLazy(lr *lazyReader) (int64, error) {
 	for {
 		// The first read waits, without a buffer; the ones after it
 		// only take what the socket holds now.
-		n, _, rerr := lr.read(true)
+		n, _, rerr := lr.read(true, false)
 		b.add(n)
 		for rerr == nil && n == c.frameCap && !b.full() {
 			var wouldBlock bool
-			n, wouldBlock, rerr = lr.read(false)
+			n, wouldBlock, rerr = lr.read(false, false)
 			if wouldBlock {
 				break
 			}
 			b.add(n)
 		}
+		if closing && rerr == nil && b.short() {
+			// The read the next round would begin with, made now:
+			// a FIN behind the bytes goes with them.
+			n, _, rerr = lr.read(false, true)
+			b.grow(n)
+		}
 		if b.k > 0 {
-			n, err := c.sendBatch(b)
+			n, err := c.sendBatch(b, closing && rerr == io.EOF)
 			total += int64(n)
 			if err != nil {
 				return total, err
@@ -771,10 +803,23 @@ func (b *batch) add(n int) {
 
 func (b *batch) full() bool { return b.k == batchFrames }
 
+// short says whether the last frame has room left (and there is one).
+func (b *batch) short() bool { return b.k > 0 && b.n[b.k-1] < b.cap }
+
+// rest is the room left in the last frame, for bytes that extend it.
+func (b *batch) rest() []byte {
+	s := (b.k-1)*b.slot + frameHeaderSize
+	return (*b.bp)[s+b.n[b.k-1] : s+b.cap]
+}
+
+// grow counts n bytes read into rest() as part of the last frame.
+func (b *batch) grow(n int) { b.n[b.k-1] += n }
+
 // sendBatch seals b's frames and writes them in one write, then empties
-// b. It returns the plaintext bytes sent. Any failure is fatal to the
-// stream (see ReadFrom).
-func (c *Conn) sendBatch(b *batch) (int, error) {
+// b; with end, the end-of-stream frame follows them in the same write
+// (as CloseWrite then). It returns the plaintext bytes sent. Any failure
+// is fatal to the stream (see ReadFrom).
+func (c *Conn) sendBatch(b *batch, end bool) (int, error) {
 	buf := *b.bp
 	total := 0
 	for i := range b.k {
@@ -785,7 +830,7 @@ func (c *Conn) sendBatch(b *batch) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	err := c.writable()
-	end := 0
+	off := 0
 	for i := 0; i < k && err == nil; i++ {
 		s := i * b.slot
 		out, serr := c.send.Encrypt(buf[s:s+frameHeaderSize], nil, buf[s+frameHeaderSize:s+frameHeaderSize+b.n[i]])
@@ -795,16 +840,38 @@ func (c *Conn) sendBatch(b *batch) (int, error) {
 			break
 		}
 		binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
-		end = s + len(out)
+		off = s + len(out)
+	}
+	sealedEnd := false
+	if err == nil && end && off+frameHeaderSize+tagSize <= len(buf) {
+		out, serr := c.send.Encrypt(buf[off:off+frameHeaderSize], nil, nil)
+		if serr != nil {
+			err = fmt.Errorf("send nonce exhausted: %w", serr)
+		} else {
+			binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
+			off += len(out)
+			sealedEnd = true
+		}
 	}
 	if err == nil {
-		_, err = c.raw.Write(buf[:end])
+		_, err = c.raw.Write(buf[:off])
 	}
 	if err != nil {
 		if c.werr == nil {
 			err = c.writeFailed(fmt.Errorf("tunnel: %d bytes read from the source could not be sent: %w", total, err))
 		}
 		return 0, err
+	}
+	if end {
+		if !sealedEnd {
+			bp := writeBufPool.Get().(*[]byte)
+			err = c.writeFrame(*bp, nil)
+			writeBufPool.Put(bp)
+			if err != nil {
+				return total, err
+			}
+		}
+		return total, c.wroteEnd()
 	}
 	return total, nil
 }
@@ -825,10 +892,15 @@ func (c *Conn) CloseWrite() error {
 	if err := c.writeFrame(*bp, nil); err != nil {
 		return err
 	}
+	return c.wroteEnd()
+}
+
+// wroteEnd follows the end-of-stream frame: no more Writes, and the FIN,
+// unless the connection may carry another flow (the frame said it; a FIN
+// would end the connection). Called with wmu held.
+func (c *Conn) wroteEnd() error {
 	c.wclosed = true
 	if c.onReuse != nil {
-		// The frame said it; a FIN would end the connection, which
-		// may carry another flow.
 		return nil
 	}
 	if cw, ok := c.raw.(interface{ CloseWrite() error }); ok {

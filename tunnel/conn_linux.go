@@ -66,6 +66,7 @@ type lazyReader struct {
 	fn   func(fd uintptr) bool
 	b    *batch
 	wait bool
+	tail bool // read into the rest of the last frame, not a new one
 	n    int
 	err  error
 }
@@ -78,8 +79,12 @@ func newLazyReader(tc *net.TCPConn) *lazyReader {
 	l := &lazyReader{rc: rc}
 	l.fn = func(fd uintptr) bool {
 		l.b.take()
+		dst := l.b.space()
+		if l.tail {
+			dst = l.b.rest()
+		}
 		for {
-			l.n, l.err = unix.Read(int(fd), l.b.space())
+			l.n, l.err = unix.Read(int(fd), dst)
 			switch l.err {
 			case unix.EINTR:
 				continue
@@ -102,9 +107,10 @@ func newLazyReader(tc *net.TCPConn) *lazyReader {
 
 // read reads the batch's next frame from the socket and returns its
 // size, or an error (io.EOF at the end). With wait false it returns at
-// once, wouldBlock if the socket holds nothing.
-func (l *lazyReader) read(wait bool) (n int, wouldBlock bool, err error) {
-	l.wait = wait
+// once, wouldBlock if the socket holds nothing. With tail it reads into
+// the rest of the batch's last frame instead (never waiting then).
+func (l *lazyReader) read(wait, tail bool) (n int, wouldBlock bool, err error) {
+	l.wait, l.tail = wait && !tail, tail
 	err = l.rc.Read(l.fn)
 	switch {
 	case err != nil:

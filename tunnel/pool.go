@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/flynn/noise"
+	"golang.org/x/sys/unix"
 )
 
 // The pool: connections to the concentrator already through the
@@ -42,6 +44,9 @@ const (
 	poolBackoffMin = 100 * time.Millisecond
 	poolBackoffMax = 30 * time.Second
 	poolTick       = time.Second
+	// poolScan bounds the live connections a flow looks at for one
+	// with nothing in flight (peekConn) before it takes the first.
+	poolScan = 4
 )
 
 // errPoolGone marks a pooled connection that turned out closed by the
@@ -92,22 +97,37 @@ func (c *Client) takePooled() *pooledConn {
 	p.lastUse = now
 	var drop []*pooledConn
 	var pc *pooledConn
-	for len(p.ready) > 0 {
-		cand := p.ready[0]
-		p.ready[0] = nil
-		p.ready = p.ready[1:]
+	busy := -1 // the first live one still sending, if no other is idle
+	for i, looked := 0, 0; i < len(p.ready) && looked < poolScan; {
+		cand := p.ready[i]
 		if now.Sub(cand.born) >= c.cfg.PoolMaxAge {
 			p.expired.Add(1)
 			drop = append(drop, cand)
+			p.ready = slices.Delete(p.ready, i, i+1)
 			continue
 		}
-		if !peekAlive(cand.tc) {
+		alive, sending := peekConn(cand.tc)
+		if !alive {
 			p.stale.Add(1)
 			drop = append(drop, cand)
+			p.ready = slices.Delete(p.ready, i, i+1)
+			continue
+		}
+		looked++
+		if sending {
+			if busy < 0 {
+				busy = i
+			}
+			i++
 			continue
 		}
 		pc = cand
+		p.ready = slices.Delete(p.ready, i, i+1)
 		break
+	}
+	if pc == nil && busy >= 0 {
+		pc = p.ready[busy]
+		p.ready = slices.Delete(p.ready, busy, busy+1)
 	}
 	p.mu.Unlock()
 	for _, d := range drop {
@@ -328,23 +348,33 @@ func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
 	return v, err
 }
 
-// peekAlive tells whether tc still looks open: nothing to read (the
+// peekConn tells whether tc still looks open: nothing to read (the
 // concentrator sends nothing on a pooled connection before the request)
-// and no FIN or error pending. A non-blocking MSG_PEEK, so nothing is
-// consumed.
-func peekAlive(tc *net.TCPConn) bool {
+// and no FIN or error pending, by a non-blocking MSG_PEEK, so nothing is
+// consumed. And whether bytes it sent are not yet acknowledged
+// (SIOCOUTQ, which MPTCP answers at the connection's level): a
+// connection whose last flow's end-of-stream frame still waits for the
+// concentrator's delayed ACK would send the next flow's request on the
+// other subflow, the scheduler's emptiest queue, which may be the slow
+// uplink's (measured 2026-12-05, 20 and 50 ms links: such a flow's
+// connect() took 36 ms instead of 21); another one is taken where there
+// is one.
+func peekConn(tc *net.TCPConn) (alive, sending bool) {
 	rc, err := tc.SyscallConn()
 	if err != nil {
-		return false
+		return false, false
 	}
-	alive := false
 	rc.Read(func(fd uintptr) bool {
 		var b [1]byte
 		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		alive = err == syscall.EAGAIN
+		if alive {
+			n, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+			sending = err == nil && n > 0
+		}
 		return true
 	})
-	return alive
+	return alive, sending
 }
 
 // WaitPool waits until the pool holds n connections (or all it aims for,

@@ -294,3 +294,32 @@ func TestPoolLimits(t *testing.T) {
 		t.Errorf("the replay was not counted as one")
 	}
 }
+
+// A flow takes a pooled connection with nothing unacknowledged in flight
+// over one still sending (whose next bytes the MPTCP scheduler would put
+// on the other subflow), and the busy one only when no other is there.
+func TestTakePooledPrefersIdle(t *testing.T) {
+	busy, busyPeer := tcpPair(t)
+	idle, _ := tcpPair(t)
+	// The peer reads nothing: once its window is full, bytes stay
+	// unacknowledged in busy's send queue.
+	busy.SetWriteBuffer(1 << 20)
+	busy.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	busy.Write(make([]byte, 8<<20))
+	busy.SetWriteDeadline(time.Time{})
+	_ = busyPeer
+	c := &Client{cfg: ClientConfig{PoolMaxAge: time.Minute}}
+	c.pool.running = true
+	c.pool.kick = make(chan struct{}, 1)
+	now := time.Now()
+	c.pool.ready = []*pooledConn{{tc: busy, born: now}, {tc: idle, born: now.Add(time.Millisecond)}}
+	if pc := c.takePooled(); pc == nil || pc.tc != idle {
+		t.Fatalf("took %v, want the idle connection", pc)
+	}
+	if pc := c.takePooled(); pc == nil || pc.tc != busy {
+		t.Fatalf("took %v, want the busy one, the only one left", pc)
+	}
+	if pc := c.takePooled(); pc != nil {
+		t.Fatalf("took %v from an empty pool", pc)
+	}
+}

@@ -168,6 +168,11 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 		}
 	}
 	if _, tcp := dst.(*net.TCPConn); !tcp {
+		// One that can send its end of stream with the last bytes
+		// (tunnel.Conn) does; finish's CloseWrite is then a no-op.
+		if rc, ok := dst.(readFromAndCloseWriter); ok {
+			return rc.ReadFromAndCloseWrite(src)
+		}
 		if rf, ok := dst.(io.ReaderFrom); ok {
 			return rf.ReadFrom(src)
 		}
@@ -175,6 +180,12 @@ func copyHalf(dst, src net.Conn) (int64, error) {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	return io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *bp)
+}
+
+// readFromAndCloseWriter copies until the source's EOF and then closes
+// its write side, as ReadFrom then CloseWrite would (tunnel.Conn).
+type readFromAndCloseWriter interface {
+	ReadFromAndCloseWrite(io.Reader) (int64, error)
 }
 
 // writerOnly and readerOnly hide ReadFrom/WriteTo so io.CopyBuffer uses
