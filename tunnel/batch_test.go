@@ -145,6 +145,7 @@ func (eofReadable) Readable() bool { return true }
 func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
 	const size = 300
 	data := bytes.Repeat([]byte("x"), size)
+	big := bytes.Repeat([]byte("y"), 3*writeFramePayload+500)
 	end := frameHeaderSize + tagSize
 	tests := []struct {
 		name string
@@ -162,6 +163,17 @@ func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
 			waitReadable(t, a, size)
 			return a
 		}, []int{frameHeaderSize + size + tagSize + end}},
+		// A full batch whose last frame is short: the look for the EOF
+		// reads into that frame's rest (it once sliced past the batch).
+		{"a socket, a full batch, written and closed", func(t *testing.T) io.Reader {
+			a, b := tcpPair(t)
+			if _, err := b.Write(big); err != nil {
+				t.Fatal(err)
+			}
+			b.Close()
+			waitReadable(t, a, len(big))
+			return a
+		}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -169,9 +181,20 @@ func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
 			cs, _, _, sr := p.handshake(t)
 			var wire countingWriter
 			c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+			want := data
+			if tt.want == nil {
+				want = big
+			}
 			n, err := c.ReadFromAndCloseWrite(tt.src(t))
-			if err != nil || n != size {
-				t.Fatalf("ReadFromAndCloseWrite = %d, %v; want %d, nil", n, err, size)
+			if err != nil || n != int64(len(want)) {
+				t.Fatalf("ReadFromAndCloseWrite = %d, %v; want %d, nil", n, err, len(want))
+			}
+			if tt.want == nil {
+				got, err := io.ReadAll(newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil))
+				if err != nil || !bytes.Equal(got, big) {
+					t.Errorf("read back %d bytes, %v; want %d and a clean end", len(got), err, len(big))
+				}
+				return
 			}
 			if !equalInts(wire.writes, tt.want) {
 				t.Errorf("writes %v, want %v", wire.writes, tt.want)

@@ -79,9 +79,12 @@ func newLazyReader(tc *net.TCPConn) *lazyReader {
 	l := &lazyReader{rc: rc}
 	l.fn = func(fd uintptr) bool {
 		l.b.take()
-		dst := l.b.space()
+		// space() only for a new frame: a full batch has none.
+		var dst []byte
 		if l.tail {
 			dst = l.b.rest()
+		} else {
+			dst = l.b.space()
 		}
 		for {
 			l.n, l.err = unix.Read(int(fd), dst)
