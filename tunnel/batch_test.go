@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flynn/noise"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,10 +48,7 @@ func TestReadFromBatches(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := newPair(t, ServerConfig{}, ClientConfig{})
-			cs, _, _, sr := p.handshake(t)
-			var wire countingWriter
-			c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+			c, wire, sr := sealingConn(t)
 			c.frameCap = fc
 			data := bytes.Repeat([]byte("0123456789abcdef"), tt.size/16+1)[:tt.size]
 			var src io.Reader = readySource{bytes.NewReader(data)}
@@ -82,10 +80,7 @@ func TestReadFromBatches(t *testing.T) {
 // A source error after full frames: the frames read before it are sent,
 // then the error is returned.
 func TestReadFromBatchThenError(t *testing.T) {
-	p := newPair(t, ServerConfig{}, ClientConfig{})
-	cs, _, _, sr := p.handshake(t)
-	var wire countingWriter
-	c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
+	c, wire, sr := sealingConn(t)
 	c.frameCap = 1000
 	boom := errors.New("boom")
 	data := bytes.Repeat([]byte{7}, 2000)
@@ -133,6 +128,15 @@ func equalInts(a, b []int) bool {
 	return true
 }
 
+// sealingConn is a client's Conn writing to a recorded wire, and the
+// server's receiving keys to read what it wrote back.
+func sealingConn(t *testing.T) (*Conn, *countingWriter, *noise.CipherState) {
+	p := newPair(t, ServerConfig{}, ClientConfig{})
+	cs, _, _, sr := p.handshake(t)
+	wire := &countingWriter{}
+	return newConn(&fakeConn{w: wire}, cs, nil, false, nil), wire, sr
+}
+
 // eofReadable is Readable at its end too, as a netstack conn is once the
 // app's FIN is in.
 type eofReadable struct{ *bytes.Reader }
@@ -143,58 +147,40 @@ func (eofReadable) Readable() bool { return true }
 // as the last bytes when the source has its EOF ready behind them: from
 // a netstack-like reader, and from a socket whose peer wrote and closed.
 func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
-	const size = 300
-	data := bytes.Repeat([]byte("x"), size)
+	small := bytes.Repeat([]byte("x"), 300)
+	// A full batch whose last frame is short: the look for the EOF
+	// reads into that frame's rest (it once sliced past the batch).
 	big := bytes.Repeat([]byte("y"), 3*writeFramePayload+500)
-	end := frameHeaderSize + tagSize
-	tests := []struct {
-		name string
-		src  func(t *testing.T) io.Reader
-		want []int
-	}{
-		{"readable at EOF", func(*testing.T) io.Reader { return eofReadable{bytes.NewReader(data)} }, []int{frameHeaderSize + size + tagSize + end}},
-		{"not readable at EOF: two writes", func(*testing.T) io.Reader { return readySource{bytes.NewReader(data)} }, []int{frameHeaderSize + size + tagSize, end}},
-		{"a socket, written and closed", func(t *testing.T) io.Reader {
+	frame := func(n int) int { return frameHeaderSize + n + tagSize }
+	end := frame(0)
+	socket := func(data []byte) func(t *testing.T) io.Reader {
+		return func(t *testing.T) io.Reader {
 			a, b := tcpPair(t)
 			if _, err := b.Write(data); err != nil {
 				t.Fatal(err)
 			}
 			b.Close()
-			waitReadable(t, a, size)
+			waitReadable(t, a, len(data))
 			return a
-		}, []int{frameHeaderSize + size + tagSize + end}},
-		// A full batch whose last frame is short: the look for the EOF
-		// reads into that frame's rest (it once sliced past the batch).
-		{"a socket, a full batch, written and closed", func(t *testing.T) io.Reader {
-			a, b := tcpPair(t)
-			if _, err := b.Write(big); err != nil {
-				t.Fatal(err)
-			}
-			b.Close()
-			waitReadable(t, a, len(big))
-			return a
-		}, nil},
+		}
+	}
+	tests := []struct {
+		name string
+		data []byte
+		src  func(t *testing.T) io.Reader
+		want []int // write sizes
+	}{
+		{"readable at EOF", small, func(*testing.T) io.Reader { return eofReadable{bytes.NewReader(small)} }, []int{frame(300) + end}},
+		{"not readable at EOF: two writes", small, func(*testing.T) io.Reader { return readySource{bytes.NewReader(small)} }, []int{frame(300), end}},
+		{"a socket, written and closed", small, socket(small), []int{frame(300) + end}},
+		{"a socket, a full batch, written and closed", big, socket(big), []int{3*frame(writeFramePayload) + frame(500) + end}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := newPair(t, ServerConfig{}, ClientConfig{})
-			cs, _, _, sr := p.handshake(t)
-			var wire countingWriter
-			c := newConn(&fakeConn{w: &wire}, cs, nil, false, nil)
-			want := data
-			if tt.want == nil {
-				want = big
-			}
+			c, wire, sr := sealingConn(t)
 			n, err := c.ReadFromAndCloseWrite(tt.src(t))
-			if err != nil || n != int64(len(want)) {
-				t.Fatalf("ReadFromAndCloseWrite = %d, %v; want %d, nil", n, err, len(want))
-			}
-			if tt.want == nil {
-				got, err := io.ReadAll(newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil))
-				if err != nil || !bytes.Equal(got, big) {
-					t.Errorf("read back %d bytes, %v; want %d and a clean end", len(got), err, len(big))
-				}
-				return
+			if err != nil || n != int64(len(tt.data)) {
+				t.Fatalf("ReadFromAndCloseWrite = %d, %v; want %d, nil", n, err, len(tt.data))
 			}
 			if !equalInts(wire.writes, tt.want) {
 				t.Errorf("writes %v, want %v", wire.writes, tt.want)
@@ -206,8 +192,8 @@ func TestReadFromAndCloseWriteOneWrite(t *testing.T) {
 				t.Errorf("CloseWrite wrote again: %v", wire.writes)
 			}
 			got, err := io.ReadAll(newConn(&fakeConn{r: bytes.NewReader(wire.Bytes())}, nil, sr, false, nil))
-			if err != nil || !bytes.Equal(got, data) {
-				t.Errorf("read back %d bytes, %v; want %d and a clean end", len(got), err, size)
+			if err != nil || !bytes.Equal(got, tt.data) {
+				t.Errorf("read back %d bytes, %v; want %d and a clean end", len(got), err, len(tt.data))
 			}
 		})
 	}

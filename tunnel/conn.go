@@ -833,22 +833,20 @@ func (c *Conn) sendBatch(b *batch, end bool) (int, error) {
 	off := 0
 	for i := 0; i < k && err == nil; i++ {
 		s := i * b.slot
-		out, serr := c.send.Encrypt(buf[s:s+frameHeaderSize], nil, buf[s+frameHeaderSize:s+frameHeaderSize+b.n[i]])
+		out, serr := sealFrame(buf[s:], c.send, buf[s+frameHeaderSize:s+frameHeaderSize+b.n[i]])
 		if serr != nil {
 			// ErrMaxNonce, as in writeFrame.
 			err = fmt.Errorf("send nonce exhausted: %w", serr)
 			break
 		}
-		binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
 		off = s + len(out)
 	}
 	sealedEnd := false
 	if err == nil && end && off+frameHeaderSize+tagSize <= len(buf) {
-		out, serr := c.send.Encrypt(buf[off:off+frameHeaderSize], nil, nil)
+		out, serr := sealFrame(buf[off:], c.send, nil)
 		if serr != nil {
 			err = fmt.Errorf("send nonce exhausted: %w", serr)
 		} else {
-			binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
 			off += len(out)
 			sealedEnd = true
 		}
