@@ -163,7 +163,7 @@ func (s *stats) status() control.Status {
 			Ciphers:   tunnel.CiphersOf(ts.OffersAES),
 			AESGCM:    ts.AESGCM,
 		},
-		Pool: &control.Pool{Ready: int64(ts.Pooled), Hits: ts.PoolHits, Stale: ts.PoolStale, Expired: ts.PoolExpired, Dials: ts.PoolDials, Failures: ts.PoolFailures, Reused: ts.PoolReused},
+		Pool: &control.Pool{Ready: int64(ts.Pooled), Hits: ts.PoolHits, Stale: ts.PoolStale, Expired: ts.PoolExpired, Dials: ts.PoolDials, Failures: ts.PoolFailures, Reused: ts.PoolReused, Grow: int64(ts.PoolGrow)},
 	}
 	if s.netstack != nil {
 		st.Stack = stackStatus(s.netstack())

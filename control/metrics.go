@@ -93,6 +93,8 @@ var (
 		"The UDP relay, by counter: tunnel streams of the datagram service; datagrams up (to the destinations) and down, and their bytes; refused by the concentrator's policy; dropped (a full queue, no stream); the server's sockets opened, flows evicted, send errors.", []string{"counter"}, nil)
 	descPoolReady = prometheus.NewDesc("mpvpn_pool_ready",
 		"Connections to the concentrator authenticated ahead of any flow, waiting now (client: its pool; server: its clients').", nil, nil)
+	descPoolGrow = prometheus.NewDesc("mpvpn_pool_grow",
+		"Connections the client's pool keeps now beyond its --pool, for the rate its flows open at.", nil, nil)
 	descPool = prometheus.NewDesc("mpvpn_pool_total",
 		"The connection pool, by event: a flow took one (hit); one was found closed by the server (stale) or retired unused (expired); dialled, failed; refused by the per-client cap (limited) or closed unused by the server (unused); left by a finished flow for the next one (reused).", []string{"event"}, nil)
 	descUDPFlows = prometheus.NewDesc("mpvpn_udp_flows",
@@ -121,7 +123,7 @@ var allDescs = []*prometheus.Desc{
 	descFlowsFallback, descFlowsAESGCM, descRx, descTx, descNetlinkChanges,
 	descHandshakesAccepted, descHandshakesHalfOpen, descHandshakesEvicted,
 	descHandshakesRejected, descFlowsLimited, descFlowVerdicts,
-	descStackInFlight, descStackSYNLimited, descStackTimeWaitRetired, descDNS, descUDP, descUDPFlows, descPoolReady, descPool,
+	descStackInFlight, descStackSYNLimited, descStackTimeWaitRetired, descDNS, descUDP, descUDPFlows, descPoolReady, descPoolGrow, descPool,
 	descPeerActive, descPeerTotal, descPeerLastSeen, descPeerLimited, descPeerReplayFull,
 }
 
@@ -240,6 +242,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if p := s.Pool; p != nil {
 		gauge(descPoolReady, float64(p.Ready))
+		if s.Role != "server" {
+			gauge(descPoolGrow, float64(p.Grow))
+		}
 		for _, c := range p.Counts() {
 			counter(descPool, float64(c.Value), c.Name)
 		}

@@ -79,7 +79,7 @@ func renderAt(w io.Writer, s Status, prev *Status, interval time.Duration, now t
 		if s.Role == "server" {
 			fmt.Fprintf(&b, "pool: %d connections waiting for a flow; %d over the per-client cap, %d closed unused, %d kept after their flow\n", p.Ready, p.Limited, p.Unused, p.Reused)
 		} else {
-			fmt.Fprintf(&b, "pool: %d ready; %d flows took one, %d stale, %d expired; %d dialled, %d failed; %d put back after their flow\n", p.Ready, p.Hits, p.Stale, p.Expired, p.Dials, p.Failures, p.Reused)
+			fmt.Fprintf(&b, "pool: %d ready (%d beyond --pool for the flow rate); %d flows took one, %d stale, %d expired; %d dialled, %d failed; %d put back after their flow\n", p.Ready, p.Grow, p.Hits, p.Stale, p.Expired, p.Dials, p.Failures, p.Reused)
 		}
 	}
 	if _, err := io.WriteString(w, b.String()); err != nil {

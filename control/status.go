@@ -61,6 +61,9 @@ type Pool struct {
 	// Reused: connections a finished flow left for the next one
 	// (client: put back into the pool; server: kept waiting).
 	Reused uint64 `json:"reused"`
+	// Grow: client: connections kept beyond its --pool for the rate
+	// flows open at.
+	Grow int64 `json:"grow,omitempty"`
 }
 
 // Counts lists the counters, for metrics.

@@ -72,7 +72,8 @@ type ClientConfig struct {
 	PoolMaxAge, PoolLinger time.Duration
 	// NoReuse: close a flow's connection when the flow ends, instead of
 	// putting it back into the pool for the next flow (reuse.go). Reuse
-	// needs the pool.
+	// needs the pool. Flows that open at a steady rate make the pool
+	// grow, to twice PoolSize at most (see pool.grow).
 	NoReuse bool
 	// EarlyDestination: a flow that finds no pooled connection names its
 	// destination in msg1, a round trip sooner than after the handshake.
@@ -107,6 +108,9 @@ type ClientStats struct {
 	PoolDials, PoolFailures          uint64
 	// PoolReused: connections a finished flow put back into the pool.
 	PoolReused uint64
+	// PoolGrow: connections the pool keeps now beyond PoolSize, for
+	// the rate flows open at (see pool.grow).
+	PoolGrow int
 	// FallbacksBySource splits Fallbacks by the local address the
 	// connection started from: with the path manager's Source, that
 	// names the uplink a middlebox stripped MPTCP on.
@@ -140,7 +144,11 @@ type Client struct {
 	// those being opened; see Busy.
 	appFlows atomic.Int64
 	offerAES bool
-	aesFlows atomic.Uint64
+	// offerReady: msg1 offers ready frames (reuse.go), which the client
+	// then reads on the connections its flows leave. A client reusing
+	// without it is one from before ready frames (tests).
+	offerReady bool
+	aesFlows   atomic.Uint64
 
 	nextID     atomic.Uint64
 	mu         sync.Mutex
@@ -213,6 +221,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		offerAES: cfg.Cipher.wantsAES(HardwareAES()),
 		rmemMax:  tcpRmemMax(),
 	}
+	c.offerReady = c.reuses()
 	c.pool.kick = make(chan struct{}, 1)
 	c.dialer.KeepAliveConfig = keepAlive()
 	c.dialer.SetMultipathTCP(true)
@@ -248,6 +257,7 @@ func (c *Client) Stats() ClientStats {
 	}
 	c.pool.mu.Lock()
 	st.Pooled = len(c.pool.ready)
+	st.PoolGrow = c.pool.grow
 	c.pool.mu.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -520,6 +530,11 @@ func (c *Client) established(tc *net.TCPConn, keys transportKeys, dst target, bo
 	fc.id = c.nextID.Add(1)
 	fc.dest, fc.opened = dst, time.Now()
 	fc.onReuse = reuse
+	if reuse != nil && c.offerReady {
+		// The concentrator's ready frame may come with its end of
+		// stream (reuse.go).
+		fc.afterEOF = readyFrameSize
+	}
 	c.mu.Lock()
 	if c.conns == nil {
 		c.conns = map[*Conn]struct{}{}
@@ -611,7 +626,7 @@ func (c *Client) msg1For(dst target) (*noise.HandshakeState, []byte, time.Time, 
 	}
 	ts := now()
 	var payload [msg1PayloadSize]byte
-	putMsg1Payload(payload[:], ts, dst, c.offerAES)
+	putMsg1Payload(payload[:], ts, dst, offer{aes: c.offerAES, ready: c.offerReady})
 	msg, _, _, err := hs.WriteMessage(make([]byte, 0, msg1Size), payload[:])
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("tunnel: handshake: %w", err)

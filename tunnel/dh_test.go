@@ -112,7 +112,7 @@ func TestHandshakeDH(t *testing.T) {
 		t.Fatal(err)
 	}
 	var pl [msg1PayloadSize]byte
-	putMsg1Payload(pl[:], time.Now(), target{dst: testDst}, false)
+	putMsg1Payload(pl[:], time.Now(), target{dst: testDst}, offer{})
 	msg, _, _, err := chs.WriteMessage(nil, pl[:])
 	if err != nil {
 		t.Fatal(err)

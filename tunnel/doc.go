@@ -39,7 +39,9 @@
 //	            32  1  offer      transport ciphers offered besides
 //	                              ChaCha20-Poly1305: bit 0 AES-256-GCM,
 //	                              the other bits zero
-//	            33  3  zero
+//	            33  1  speaks     bit 0: ready frames (see Pool), the
+//	                              other bits zero
+//	            34  2  zero
 //	  132 16  mac1              BLAKE2s-128 keyed with
 //	                              BLAKE2s-256("mpvpn v1 mac1" ‖ server public key),
 //	                              over bytes 0..131
@@ -97,6 +99,17 @@
 // closed (restart, idle timeout) never carries a flow. One closed between
 // that check and the request frame ends in EOF or a reset with no
 // verdict, and the flow dials afresh, as a lost SYN is sent again.
+//
+// A connection whose flow ended cleanly carries the client's next flow
+// (reuse.go). If msg1 said the client speaks ready frames, the
+// concentrator sends one as soon as it has the client's end-of-stream
+// frame, before the next verdict, so that the ACK of that frame goes out
+// at once instead of after a delayed ACK's 40 ms (the MPTCP scheduler
+// would otherwise put the next request on the other subflow):
+//
+//	ready frame, server → client, always 18 bytes:
+//	  0   2  length   16
+//	  2  16  ciphertext of nothing: the tag
 //
 // A flow that finds the pool empty (or runs without one) opens its own
 // connection the same way by default: msg1 names the pool with soon set,

@@ -47,6 +47,9 @@ const (
 	// poolScan bounds the live connections a flow looks at for one
 	// with nothing in flight (peekConn) before it takes the first.
 	poolScan = 4
+	// poolSlack: a flow that takes a connection idle longer than this
+	// found the pool larger than its load needs (see pool.grow).
+	poolSlack = time.Second
 )
 
 // errPoolGone marks a pooled connection that turned out closed by the
@@ -59,15 +62,34 @@ type pooledConn struct {
 	born time.Time
 	idle time.Time // when it began waiting in the pool (born, or put back)
 	gen  uint64
+	// owesReady: a finished flow left it, and the concentrator's ready
+	// frame (reuse.go) is still to be read.
+	owesReady bool
 }
 
 type pool struct {
-	mu      sync.Mutex
-	ready   []*pooledConn // oldest first: used first, before it ages out
+	mu sync.Mutex
+	// ready: longest waiting first, so that a flow takes the one whose
+	// last flow ended longest ago (its end-of-stream frame answered, see
+	// peekConn); a fresh one joins at the end too.
+	ready   []*pooledConn
 	running bool
 	dialing int
 	gen     uint64 // Flush increments it; older dials are discarded
 	lastUse time.Time
+	// grow: connections RunPool keeps beyond PoolSize, at most
+	// PoolSize more. A flow that finds no connection, or only busy
+	// ones (peekConn: a connection a flow just left stays busy for
+	// about a round trip), adds one; one that takes a connection idle
+	// for more than poolSlack takes one away, and the pool's shrinking
+	// after PoolLinger clears it. So flows at a steady rate get some
+	// rate × RTT connections settling beside the idle ones, and a
+	// quiet client keeps PoolSize (measured 2026-12-05, `ab -c 50` on
+	// 20 and 50 ms links: with 24 pooled a third of the flows got a
+	// busy connection and sent their request over the 50 ms uplink,
+	// 829 flows/s at a median of 58 ms; with 48, almost none, 1004
+	// flows/s at 46 ms).
+	grow    int
 	backoff time.Duration
 	notTill time.Time
 	kick    chan struct{}
@@ -106,7 +128,7 @@ func (c *Client) takePooled() *pooledConn {
 			p.ready = slices.Delete(p.ready, i, i+1)
 			continue
 		}
-		alive, sending := peekConn(cand.tc)
+		alive, sending := peekConn(cand.tc, cand.owesReady)
 		if !alive {
 			p.stale.Add(1)
 			drop = append(drop, cand)
@@ -125,9 +147,15 @@ func (c *Client) takePooled() *pooledConn {
 		p.ready = slices.Delete(p.ready, i, i+1)
 		break
 	}
-	if pc == nil && busy >= 0 {
+	switch {
+	case pc == nil && busy >= 0:
 		pc = p.ready[busy]
 		p.ready = slices.Delete(p.ready, busy, busy+1)
+		fallthrough
+	case pc == nil:
+		p.grow = min(p.grow+1, c.cfg.PoolSize)
+	case now.Sub(pc.idle) > poolSlack:
+		p.grow = max(p.grow-1, 0)
 	}
 	p.mu.Unlock()
 	for _, d := range drop {
@@ -158,12 +186,14 @@ func (c *Client) Flush() {
 	p.signal()
 }
 
-// poolTarget is how many connections the pool should hold now.
+// poolTarget is how many connections the pool should hold now. Called
+// with pool.mu held.
 func (c *Client) poolTarget(now time.Time) int {
 	if now.Sub(c.pool.lastUse) > c.cfg.PoolLinger {
+		c.pool.grow = 0
 		return min(c.cfg.PoolSize, poolIdleSize)
 	}
-	return c.cfg.PoolSize
+	return c.cfg.PoolSize + c.pool.grow
 }
 
 // RunPool keeps the pool filled until ctx is done, then closes what it
@@ -201,11 +231,13 @@ func (c *Client) RunPool(ctx context.Context) error {
 		now := time.Now()
 		var expired []*pooledConn
 		p.mu.Lock()
-		for len(p.ready) > 0 && now.Sub(p.ready[0].born) >= c.cfg.PoolMaxAge {
-			expired = append(expired, p.ready[0])
-			p.ready[0] = nil
-			p.ready = p.ready[1:]
-		}
+		p.ready = slices.DeleteFunc(p.ready, func(pc *pooledConn) bool {
+			if now.Sub(pc.born) < c.cfg.PoolMaxAge {
+				return false
+			}
+			expired = append(expired, pc)
+			return true
+		})
 		target := c.poolTarget(now)
 		want := target - len(p.ready) - p.dialing
 		// Flows that will put their connection back count towards
@@ -302,11 +334,18 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 	putTarget(req[:], t)
 	var wbuf [requestFrameSize]byte
 	out, err := sealFrame(wbuf[:], pc.keys.send, req[:])
-	var vbuf [verdictFrameSize]byte
+	// The ready frame, if owed, comes before the verdict (it may be
+	// here already, or on its way).
+	pre := 0
+	if pc.owesReady {
+		pre = readyFrameSize
+	}
+	var rbuf [readyFrameSize + verdictFrameSize]byte
+	in := rbuf[:pre+verdictFrameSize]
 	n := 0
 	if err == nil {
 		if _, err = tc.Write(out); err == nil {
-			n, err = io.ReadFull(tc, vbuf[:])
+			n, err = io.ReadFull(tc, in)
 		}
 	}
 	if !stop() && err == nil {
@@ -314,12 +353,21 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 	}
 	if err != nil {
 		tc.Close()
-		if n == 0 && ctx.Err() == nil && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+		// Nothing of a verdict: the concentrator closed the
+		// connection (after the ready frame, when it timed out
+		// waiting) before it acted on the request.
+		if n <= pre && ctx.Err() == nil && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
 			return nil, errPoolGone
 		}
 		return nil, c.failed(ctx, "request to", err)
 	}
-	v, err := openVerdictFrame(vbuf[:], pc.keys.recv)
+	if pre > 0 {
+		if err := openReadyFrame(in[:pre], pc.keys.recv); err != nil {
+			tc.Close()
+			return nil, fmt.Errorf("%w with %s: its ready frame failed authentication: %w", ErrHandshake, c.server, err)
+		}
+	}
+	v, err := openVerdictFrame(in[pre:], pc.keys.recv)
 	if err != nil {
 		tc.Close()
 		return nil, fmt.Errorf("%w with %s: its verdict frame failed authentication: %w", ErrHandshake, c.server, err)
@@ -330,6 +378,18 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 	}
 	tc.SetKeepAliveConfig(keepAlive())
 	return c.established(tc, pc.keys, t, pc.born, pc.gen), nil
+}
+
+// openReadyFrame checks a ready frame (reuse.go): its length, and the
+// tag of its empty plaintext under recv.
+func openReadyFrame(b []byte, recv *noise.CipherState) error {
+	if len(b) != readyFrameSize || int(b[0])<<8|int(b[1]) != tagSize {
+		return ErrBadFrame
+	}
+	if _, err := recv.Decrypt(nil, nil, b[frameHeaderSize:]); err != nil {
+		return ErrTampered
+	}
+	return nil
 }
 
 func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
@@ -348,27 +408,35 @@ func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
 	return v, err
 }
 
-// peekConn tells whether tc still looks open: nothing to read (the
-// concentrator sends nothing on a pooled connection before the request)
-// and no FIN or error pending, by a non-blocking MSG_PEEK, so nothing is
-// consumed. And whether bytes it sent are not yet acknowledged
-// (SIOCOUTQ, which MPTCP answers at the connection's level): a
-// connection whose last flow's end-of-stream frame still waits for the
-// concentrator's delayed ACK would send the next flow's request on the
-// other subflow, the scheduler's emptiest queue, which may be the slow
-// uplink's (measured 2026-12-05, 20 and 50 ms links: such a flow's
-// connect() took 36 ms instead of 21); another one is taken where there
-// is one.
-func peekConn(tc *net.TCPConn) (alive, sending bool) {
+// peekConn tells whether tc still looks open: nothing to read but the
+// ready frame it owes (the concentrator sends nothing else on a pooled
+// connection before the request) and no FIN or error pending, by a
+// non-blocking MSG_PEEK, so nothing is consumed. And whether bytes it
+// sent are not yet acknowledged: an owed ready frame that has not come
+// (it carries the ACK of the last flow's end-of-stream frame), or bytes
+// in SIOCOUTQ, which MPTCP answers at the connection's level. Such a
+// connection would send the next flow's request on the other subflow,
+// the scheduler's emptiest queue, which may be the slow uplink's
+// (measured 2026-12-05, 20 and 50 ms links: such a flow's connect()
+// took 36 ms instead of 21); another one is taken where there is one.
+func peekConn(tc *net.TCPConn, owesReady bool) (alive, sending bool) {
 	rc, err := tc.SyscallConn()
 	if err != nil {
 		return false, false
 	}
 	rc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		alive = err == syscall.EAGAIN
-		if alive {
+		var b [readyFrameSize + 1]byte
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		switch {
+		case err == syscall.EAGAIN:
+			alive, sending = true, owesReady
+		case err == nil && owesReady && n < readyFrameSize:
+			// Part of the ready frame (n 0 is the FIN).
+			alive, sending = n > 0, true
+		case err == nil && owesReady && n == readyFrameSize:
+			alive = true
+		}
+		if alive && !sending {
 			n, err := unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
 			sending = err == nil && n > 0
 		}

@@ -93,8 +93,8 @@ func TestPool(t *testing.T) {
 		}
 	}
 	cs := p.cli.Stats()
-	if cs.PoolHits != 3 || cs.Connected != 5 || cs.Failures != 0 || cs.Pooled != 0 {
-		t.Errorf("client stats %+v: want 3 flows from the pool, 2 fresh, none failed", cs)
+	if cs.PoolHits != 3 || cs.Connected != 5 || cs.Failures != 0 || cs.Pooled != 0 || cs.PoolGrow != 2 {
+		t.Errorf("client stats %+v: want 3 flows from the pool, 2 fresh (the pool to grow by them), none failed", cs)
 	}
 	// The server keeps each finished flow's connection for a moment,
 	// until it sees the client close it.
@@ -103,9 +103,10 @@ func TestPool(t *testing.T) {
 	if ss.Flows != 5 || ss.Pooled != 0 || dsts.Load() != 5 {
 		t.Errorf("server stats %+v, %d flows to the destination", ss, dsts.Load())
 	}
-	// Refill once an uplink is back.
+	// Refill once an uplink is back, to the size plus what the two
+	// flows that found none added.
 	g.off.Store(false)
-	waitFor(t, "the pool refilled", func() bool { return p.cli.Stats().Pooled == 3 })
+	waitFor(t, "the pool refilled", func() bool { return p.cli.Stats().Pooled == 5 })
 	if err := echoOnce(t, p.cli); err != nil {
 		t.Fatal(err)
 	}
@@ -321,5 +322,104 @@ func TestTakePooledPrefersIdle(t *testing.T) {
 	}
 	if pc := c.takePooled(); pc != nil {
 		t.Fatalf("took %v from an empty pool", pc)
+	}
+}
+
+// peekConn on every state a pooled connection can be in: nothing but an
+// owed ready frame may wait on it, and one owing a ready frame that has
+// not come in full is still sending (its last end-of-stream frame is
+// unacknowledged until the ready frame's ACK).
+func TestPeekConn(t *testing.T) {
+	tests := []struct {
+		name        string
+		owes        bool
+		peer        []byte // what the concentrator's end sent
+		fin         bool   // and then its FIN
+		wantAlive   bool
+		wantSending bool
+	}{
+		{name: "nothing owed, nothing came", wantAlive: true},
+		{name: "nothing owed, a byte came", peer: []byte{0}},
+		{name: "nothing owed, FIN", fin: true},
+		{name: "ready frame owed, not come", owes: true, wantAlive: true, wantSending: true},
+		{name: "ready frame owed, part of it came", owes: true, peer: make([]byte, readyFrameSize-1), wantAlive: true, wantSending: true},
+		{name: "ready frame owed and come", owes: true, peer: make([]byte, readyFrameSize), wantAlive: true},
+		{name: "ready frame owed, more came", owes: true, peer: make([]byte, readyFrameSize+1)},
+		{name: "ready frame owed, FIN", owes: true, fin: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, peer := tcpPair(t)
+			if len(tt.peer) > 0 {
+				if _, err := peer.Write(tt.peer); err != nil {
+					t.Fatal(err)
+				}
+				waitFor(t, "the bytes arrived", func() bool { return inq(t, c) == len(tt.peer) })
+			}
+			if tt.fin {
+				peer.CloseWrite()
+				// Nothing else shows the FIN's arrival: wait for
+				// peekConn to see it (waitFor fails the test if it
+				// never does).
+				waitFor(t, "the FIN seen", func() bool { alive, _ := peekConn(c, tt.owes); return !alive })
+			}
+			alive, sending := peekConn(c, tt.owes)
+			if alive != tt.wantAlive || alive && sending != tt.wantSending {
+				t.Errorf("alive %v, sending %v; want %v, %v", alive, sending, tt.wantAlive, tt.wantSending)
+			}
+			if got := inq(t, c); got != len(tt.peer) {
+				t.Errorf("peekConn consumed bytes: %d left of %d", got, len(tt.peer))
+			}
+		})
+	}
+}
+
+// The pool grows by one for each flow that finds no connection or only a
+// busy one, up to twice PoolSize, shrinks by one for each that takes one
+// idle past poolSlack, and is back at PoolSize's two after PoolLinger.
+func TestPoolGrow(t *testing.T) {
+	busy, busyPeer := tcpPair(t)
+	busy.SetWriteBuffer(1 << 20)
+	busy.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	busy.Write(make([]byte, 8<<20)) // the peer reads nothing: unacknowledged
+	busy.SetWriteDeadline(time.Time{})
+	_ = busyPeer
+	c := &Client{cfg: ClientConfig{PoolSize: 2, PoolMaxAge: time.Minute, PoolLinger: time.Hour}}
+	c.pool.running = true
+	c.pool.kick = make(chan struct{}, 1)
+	now := time.Now()
+	idleConn := func(idle time.Time) *pooledConn {
+		tc, _ := tcpPair(t)
+		return &pooledConn{tc: tc, born: now, idle: idle}
+	}
+	steps := []struct {
+		name     string
+		ready    []*pooledConn
+		wantGrow int
+	}{
+		{name: "empty pool", wantGrow: 1},
+		{name: "only a busy one", ready: []*pooledConn{{tc: busy, born: now, idle: now}}, wantGrow: 2},
+		{name: "empty again, at the cap", wantGrow: 2},
+		{name: "an idle one, just put back", ready: []*pooledConn{idleConn(time.Now())}, wantGrow: 2},
+		{name: "an idle one, waiting past poolSlack", ready: []*pooledConn{idleConn(now.Add(-2 * poolSlack))}, wantGrow: 1},
+		{name: "again", ready: []*pooledConn{idleConn(now.Add(-2 * poolSlack))}, wantGrow: 0},
+		{name: "again, at zero", ready: []*pooledConn{idleConn(now.Add(-2 * poolSlack))}, wantGrow: 0},
+		{name: "empty once more", wantGrow: 1},
+	}
+	for _, s := range steps {
+		c.pool.ready = s.ready
+		c.takePooled()
+		c.pool.mu.Lock()
+		grow, target := c.pool.grow, c.poolTarget(time.Now())
+		c.pool.mu.Unlock()
+		if grow != s.wantGrow || target != 2+s.wantGrow {
+			t.Fatalf("%s: grow %d, target %d; want %d, %d", s.name, grow, target, s.wantGrow, 2+s.wantGrow)
+		}
+	}
+	c.pool.mu.Lock()
+	defer c.pool.mu.Unlock()
+	c.pool.lastUse = time.Now().Add(-2 * time.Hour)
+	if target := c.poolTarget(time.Now()); target != poolIdleSize || c.pool.grow != 0 {
+		t.Fatalf("after PoolLinger: target %d, grow %d; want %d, 0", target, c.pool.grow, poolIdleSize)
 	}
 }

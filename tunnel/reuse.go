@@ -7,7 +7,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"slices"
 	"sync"
 	"time"
 )
@@ -24,17 +23,36 @@ import (
 // dial were half of the client's CPU per new flow, and the handshake a
 // third of the concentrator's.
 //
-// The protocol needs nothing new on the wire. A flow ends cleanly when
-// each end has sent and received the end-of-stream frame (CloseWrite);
-// with reuse, CloseWrite sends the frame but no FIN. After that the
-// connection is where a pooled one is after msg2: keyed, the client to
-// speak next. The client puts it back into its pool, checked as any
-// pooled connection is before a flow takes it; the concentrator waits
-// for the next request frame, counted against the same caps as a pooled
-// connection, and closes it after PoolIdle unused. The nonces go on
-// counting, so a frame of an earlier flow replayed into a later one fails
-// its tag. Either end may close instead (a full pool, a cap); the other
-// then finds it closed, as a pooled connection the concentrator closed.
+// On the wire: a flow ends cleanly when each end has sent and received
+// the end-of-stream frame (CloseWrite); with reuse, CloseWrite sends the
+// frame but no FIN. After that the connection is where a pooled one is
+// after msg2: keyed, the client to speak next. The client puts it back
+// into its pool, checked as any pooled connection is before a flow takes
+// it; the concentrator waits for the next request frame, counted against
+// the same caps as a pooled connection, and closes it after PoolIdle
+// unused. The nonces go on counting, so a frame of an earlier flow
+// replayed into a later one fails its tag. Either end may close instead
+// (a full pool, a cap); the other then finds it closed, as a pooled
+// connection the concentrator closed.
+//
+// One frame is new: the ready frame, an empty frame the concentrator
+// sends as soon as it waits for the next request, if the client's msg1
+// offered it (a client that reuses does; an older one, or one with
+// reuse off, gets none). Its job is the ACK it carries. The client's
+// end-of-stream frame is usually a flow's last segment, and the
+// concentrator, with nothing to send, would acknowledge it only after a
+// delayed ACK (40 ms on Linux; MPTCP sockets refuse TCP_QUICKACK,
+// ENOPROTOOPT, checked 2026-12-05 on 6.18). Until then the subflow that
+// carried it has bytes in flight, and Linux's MPTCP scheduler, which
+// puts each write on the subflow with the emptiest queue, sends the
+// next flow's request over another uplink, which may be the slow one
+// (measured 2026-12-05 under `ab -c 50` on 20 and 50 ms links: 4 of 5
+// request frames went over the 50 ms uplink). The client reads the
+// ready frame before the next verdict, and prefers a pooled connection
+// whose ready frame has come (takePooled). Putting it at a fixed place
+// in the stream, under the same keys and nonces, keeps the stream as
+// strict as before: anything else after an end-of-stream frame is
+// still an error.
 //
 // What reuse bounds: a connection carries flows only within PoolMaxAge
 // of its handshake (the client's 5 minutes), so keys live no longer in
@@ -47,8 +65,9 @@ import (
 type reusable struct {
 	raw  net.Conn
 	keys transportKeys
-	// after: bytes read past the peer's end-of-stream frame, the start
-	// of the next request frame (server side only).
+	// after: bytes read past the peer's end-of-stream frame: on the
+	// server, the start of the next request frame; on the client, the
+	// ready frame, if it came with the end of stream.
 	after []byte
 }
 
@@ -84,27 +103,45 @@ func (c *Conn) reusable() (reusable, bool) {
 // reuseHook is the onReuse of a client's flow on a connection born at
 // born in pool generation gen, or nil when the client does not reuse.
 func (c *Client) reuseHook(born time.Time, gen uint64) func(reusable) {
-	if c.cfg.NoReuse || c.cfg.PoolSize <= 0 {
+	if !c.reuses() {
 		return nil
 	}
 	return func(r reusable) { c.putBack(r, born, gen) }
 }
 
-// putBack returns a finished flow's connection to the pool, in the order
-// of the handshakes (oldest first, used first), or closes it: the pool
-// stopped or is full, it was flushed since, or it is too old.
+// reuses says whether the client's flows leave their connections for the
+// next ones (and so whether its msg1 offers ready frames).
+func (c *Client) reuses() bool { return !c.cfg.NoReuse && c.cfg.PoolSize > 0 }
+
+// putBack returns a finished flow's connection to the pool, at the end
+// (the pool's connections are taken longest waiting first: see
+// pool.ready), or closes it: the pool stopped or is full, it was flushed
+// since, or it is too old.
+//
+// Full is twice PoolSize, the most RunPool aims for (see pool.grow):
+// what flows leave behind is what they were using a moment ago, so this
+// keeps no more than the load itself made, and for no longer than
+// PoolMaxAge.
 func (c *Client) putBack(r reusable, born time.Time, gen uint64) {
 	tc, ok := r.raw.(*net.TCPConn)
 	if ok {
 		tc.SetKeepAlive(false) // as pooled: PoolMaxAge bounds its life
 	}
+	// The ready frame, if it came with the end of stream, is checked
+	// now; otherwise it is still owed. Part of one (never seen: the
+	// concentrator writes it in one piece) is not worth keeping.
+	owes := c.offerReady
+	if ok && len(r.after) > 0 {
+		if ok = len(r.after) == readyFrameSize && openReadyFrame(r.after, r.keys.recv) == nil; ok {
+			owes = false
+		}
+	}
 	p := &c.pool
 	p.mu.Lock()
-	keep := ok && len(r.after) == 0 && p.running && gen == p.gen &&
-		time.Since(born) < c.cfg.PoolMaxAge && len(p.ready) < c.cfg.PoolSize
+	keep := ok && p.running && gen == p.gen &&
+		time.Since(born) < c.cfg.PoolMaxAge && len(p.ready) < 2*c.cfg.PoolSize
 	if keep {
-		i, _ := slices.BinarySearchFunc(p.ready, born, func(pc *pooledConn, t time.Time) int { return pc.born.Compare(t) })
-		p.ready = slices.Insert(p.ready, i, &pooledConn{tc: tc, keys: r.keys, born: born, idle: time.Now(), gen: gen})
+		p.ready = append(p.ready, &pooledConn{tc: tc, keys: r.keys, born: born, idle: time.Now(), gen: gen, owesReady: owes})
 	}
 	p.mu.Unlock()
 	if !keep {
@@ -159,7 +196,7 @@ func (s *Server) reuseHook(f *Flow) func(reusable) {
 		return nil
 	}
 	return func(r reusable) {
-		p := &pendingFlow{key: f.Peer, peer: f.peer, cipher: f.Cipher}
+		p := &pendingFlow{key: f.Peer, peer: f.peer, cipher: f.Cipher, ready: f.ready}
 		if !f.sv.goWait(func() { s.awaitReuse(f.sv, r, p) }) {
 			r.raw.Close()
 		}
@@ -177,6 +214,14 @@ func (s *Server) awaitReuse(sv *serveState, r reusable, p *pendingFlow) {
 	s.reused.Add(1)
 	stop := context.AfterFunc(sv.ctx, func() { r.raw.Close() })
 	defer stop()
+	if p.ready {
+		if err := s.writeReadyFrame(r.raw, r.keys.send); err != nil {
+			s.leavePool(p.peer)
+			s.poolUnused.Add(1)
+			r.raw.Close()
+			return
+		}
+	}
 	var src io.Reader = r.raw
 	if len(r.after) > 0 {
 		src = io.MultiReader(bytes.NewReader(r.after), r.raw)

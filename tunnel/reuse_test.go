@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"syscall"
 	"testing"
 	"time"
@@ -144,10 +145,20 @@ func TestConnReuseNeedsCleanEnd(t *testing.T) {
 // connections back into the pool.
 func onePooled(t *testing.T, scfg ServerConfig, ccfg ClientConfig, handle func(context.Context, *Flow)) pair {
 	t.Helper()
+	return onePooledWith(t, scfg, ccfg, handle, nil)
+}
+
+// onePooledWith is onePooled with prep run on the client before its
+// first dial.
+func onePooledWith(t *testing.T, scfg ServerConfig, ccfg ClientConfig, handle func(context.Context, *Flow), prep func(*Client)) pair {
+	t.Helper()
 	ln := listenMPTCP(t, false)
 	var g gate
 	ccfg.Server, ccfg.PoolSize, ccfg.Source = lnAddr(ln), 1, g.source
 	p := newPair(t, scfg, ccfg)
+	if prep != nil {
+		prep(p.cli)
+	}
 	serve(t, p.srv, ln, handle)
 	runPool(t, p.cli)
 	waitFor(t, "the pool filled", func() bool { return p.cli.Stats().Pooled == 1 })
@@ -159,12 +170,16 @@ func onePooled(t *testing.T, scfg ServerConfig, ccfg ClientConfig, handle func(c
 // A flow that ended cleanly leaves its connection for the next flow; one
 // that did not, or with reuse off, or after a Flush, does not; and a
 // reused connection the concentrator closed is skipped like a stale
-// pooled one. Every flow's bytes arrive.
+// pooled one. Every flow's bytes arrive. The concentrator answers each
+// finished flow with a ready frame, which the client reads before the
+// next verdict; a client from before ready frames gets none (any byte
+// of one would fail its next flow or make the connection stale).
 func TestReuse(t *testing.T) {
 	tests := []struct {
-		name     string
-		noReuse  bool
-		poolIdle time.Duration
+		name      string
+		noReuse   bool
+		oldClient bool // reuses, but offers no ready frames
+		poolIdle  time.Duration
 		// between runs after the first flow, before the second.
 		between func(t *testing.T, p pair)
 		// wantConns: TCP connections the server accepted for the
@@ -175,6 +190,7 @@ func TestReuse(t *testing.T) {
 	}{
 		{name: "five flows, one connection", wantConns: 1, wantReused: 5},
 		{name: "reuse off", noReuse: true, wantConns: 5},
+		{name: "a client from before ready frames", oldClient: true, wantConns: 1, wantReused: 5},
 		{name: "flushed", between: func(t *testing.T, p pair) { p.cli.Flush() }, wantConns: 2, wantReused: 5},
 		{
 			name: "closed by the concentrator at its PoolIdle", poolIdle: time.Second,
@@ -186,7 +202,11 @@ func TestReuse(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := onePooled(t, ServerConfig{PoolIdle: tt.poolIdle}, ClientConfig{NoReuse: tt.noReuse}, echoAccept)
+			p := onePooledWith(t, ServerConfig{PoolIdle: tt.poolIdle}, ClientConfig{NoReuse: tt.noReuse}, echoAccept, func(c *Client) {
+				if tt.oldClient {
+					c.offerReady = false
+				}
+			})
 			for i := range 5 {
 				if err := echoOnce(t, p.cli); err != nil {
 					t.Fatalf("flow %d: %v", i, err)
@@ -202,11 +222,56 @@ func TestReuse(t *testing.T) {
 			if ss.Accepted != tt.wantConns || cs.PoolReused != tt.wantReused || cs.PoolStale != tt.wantStale {
 				t.Errorf("%d connections accepted, %d put back, %d stale; want %d, %d, %d", ss.Accepted, cs.PoolReused, cs.PoolStale, tt.wantConns, tt.wantReused, tt.wantStale)
 			}
-			if !tt.noReuse {
-				waitFor(t, "the server kept the connections", func() bool { return p.srv.Stats().Reused >= tt.wantReused })
+			if tt.noReuse {
+				return
+			}
+			waitFor(t, "the server kept the connections", func() bool { return p.srv.Stats().Reused >= tt.wantReused })
+			// The last flow's connection waits in the pool: its
+			// ready frame comes (read with the end of stream, or
+			// waiting to be read before the next verdict), and
+			// nothing else, to an old client not even that.
+			var pc *pooledConn
+			waitFor(t, "the pooled connection idle, its end-of-stream frame answered", func() bool {
+				if pc = pooledNow(p.cli); pc == nil {
+					return false
+				}
+				alive, sending := peekConn(pc.tc, pc.owesReady)
+				return alive && !sending
+			})
+			want := 0
+			if pc.owesReady {
+				want = readyFrameSize
+			}
+			if n := inq(t, pc.tc); n != want || tt.oldClient && pc.owesReady {
+				t.Errorf("%d bytes wait on the pooled connection, owing a ready frame %v; want %d", n, pc.owesReady, want)
 			}
 		})
 	}
+}
+
+// pooledNow is the client's first pooled connection, or nil.
+func pooledNow(c *Client) *pooledConn {
+	c.pool.mu.Lock()
+	defer c.pool.mu.Unlock()
+	if len(c.pool.ready) == 0 {
+		return nil
+	}
+	return c.pool.ready[0]
+}
+
+// inq is how many bytes wait to be read on tc (SIOCINQ).
+func inq(t *testing.T, tc *net.TCPConn) int {
+	t.Helper()
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := -1
+	rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // TestReuseNotAfterFailure: a flow that ends with a reset or a

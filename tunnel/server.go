@@ -576,6 +576,7 @@ func (s *Server) newFlow(raw net.Conn, p *pendingFlow, sv *serveState) *Flow {
 		keys:    p.keys,
 		pooled:  p.keys.send != nil,
 		Cipher:  p.cipher,
+		ready:   p.ready,
 	}
 	if tc, ok := raw.(*net.TCPConn); ok {
 		f.MultipathTCP, _ = tc.MultipathTCP()
@@ -675,6 +676,8 @@ type pendingFlow struct {
 	cipher Cipher // the transport, as msg2 will say
 	// On a pooled connection, the transport keys from msg2 on.
 	keys transportKeys
+	// ready: the client speaks ready frames (msg1's offer, reuse.go).
+	ready bool
 }
 
 // checkMsg1 runs the checks in order of cost: size and mac1 (a BLAKE2s),
@@ -709,7 +712,7 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 	if peer == nil {
 		return nil, rejectPeer
 	}
-	ts, dst, offeredAES, err := parseMsg1Payload(payload)
+	ts, dst, off, err := parseMsg1Payload(payload)
 	if err != nil {
 		return nil, rejectPayload
 	}
@@ -726,7 +729,7 @@ func (s *Server) checkMsg1(m []byte) (*pendingFlow, reject) {
 		peer.full.Add(1)
 		return nil, rejectReplayFull
 	}
-	return &pendingFlow{hs: hs, key: key, peer: peer, dst: dst, cipher: negotiate(offeredAES, s.acceptAES)}, 0
+	return &pendingFlow{hs: hs, key: key, peer: peer, dst: dst, cipher: negotiate(off.aes, s.acceptAES), ready: off.ready}, 0
 }
 
 // Flow is an authenticated request for a connection to Dst. The client is
@@ -757,8 +760,9 @@ type Flow struct {
 	decided bool
 	keys    transportKeys // pooled: from msg2 on
 	// For the connection's next flow (reuse.go).
-	peer *peerState
-	sv   *serveState
+	peer  *peerState
+	sv    *serveState
+	ready bool // the client speaks ready frames
 }
 
 var errDecided = errors.New("tunnel: flow already accepted or refused")

@@ -203,6 +203,21 @@ func sealFrame(buf []byte, cs *noise.CipherState, pt []byte) ([]byte, error) {
 	return out, nil
 }
 
+// writeReadyFrame sends the ready frame (reuse.go): nothing to say but
+// that the connection waits for the next request, and with it the ACK
+// of the client's end-of-stream frame.
+func (s *Server) writeReadyFrame(raw net.Conn, send *noise.CipherState) error {
+	var buf [readyFrameSize]byte
+	out, err := sealFrame(buf[:], send, nil)
+	if err != nil {
+		return err
+	}
+	raw.SetWriteDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
+	_, err = raw.Write(out)
+	raw.SetWriteDeadline(time.Time{})
+	return err
+}
+
 // writeVerdictFrame sends v as the first frame of a pooled connection.
 func (s *Server) writeVerdictFrame(raw net.Conn, send *noise.CipherState, v Verdict) error {
 	var payload [msg2PayloadSize]byte

@@ -111,7 +111,7 @@ func TestMsg1Payload(t *testing.T) {
 	for _, dst := range []string{"198.51.100.10:443", "[2001:db8::1]:80", "[::ffff:192.0.2.1]:22", "0.0.0.0:1", "[::]:65535"} {
 		ap := netip.MustParseAddrPort(dst)
 		var b [msg1PayloadSize]byte
-		putMsg1Payload(b[:], ts, target{dst: ap}, false)
+		putMsg1Payload(b[:], ts, target{dst: ap}, offer{})
 		gts, gdst, _, err := parseMsg1Payload(b[:])
 		if err != nil {
 			t.Fatalf("%s: %v", dst, err)
@@ -121,15 +121,15 @@ func TestMsg1Payload(t *testing.T) {
 			t.Fatalf("%s: got %v %v", dst, gts, gdst)
 		}
 	}
-	for _, aes := range []bool{false, true} {
+	for _, o := range []offer{{}, {aes: true}, {ready: true}, {aes: true, ready: true}} {
 		var b [msg1PayloadSize]byte
-		putMsg1Payload(b[:], ts, target{pool: true}, aes)
-		if _, got, offered, err := parseMsg1Payload(b[:]); err != nil || !got.pool || offered != aes {
-			t.Fatalf("pool request offering AES %v: got %v, offered %v, %v", aes, got, offered, err)
+		putMsg1Payload(b[:], ts, target{pool: true}, o)
+		if _, got, offered, err := parseMsg1Payload(b[:]); err != nil || !got.pool || offered != o {
+			t.Fatalf("pool request offering %+v: got %v, offered %+v, %v", o, got, offered, err)
 		}
 	}
 	var svc [msg1PayloadSize]byte
-	putMsg1Payload(svc[:], ts, target{svc: ServiceResolver}, false)
+	putMsg1Payload(svc[:], ts, target{svc: ServiceResolver}, offer{})
 	if gts, got, _, err := parseMsg1Payload(svc[:]); err != nil || !gts.Equal(ts) || got != (target{svc: ServiceResolver}) {
 		t.Fatalf("resolver request: got %v %v %v", gts, got, err)
 	}
@@ -146,7 +146,7 @@ func TestMsg1Payload(t *testing.T) {
 		}
 	}
 	var good [msg1PayloadSize]byte
-	putMsg1Payload(good[:], ts, target{dst: testDst}, true)
+	putMsg1Payload(good[:], ts, target{dst: testDst}, offer{aes: true, ready: true})
 	mutations := map[string]func(b []byte){
 		"short":          nil,
 		"proto UDP":      func(b []byte) { b[12] = 17 },
@@ -161,8 +161,9 @@ func TestMsg1Payload(t *testing.T) {
 			b[13] = 6
 			copy(b[14:30], netip.MustParseAddr("::ffff:1.2.3.4").AsSlice())
 		},
-		"unknown cipher offered": func(b []byte) { b[32] |= 1 << 1 },
-		"offer padding":          func(b []byte) { b[35] = 1 },
+		"unknown cipher offered":  func(b []byte) { b[32] |= 1 << 1 },
+		"unknown feature offered": func(b []byte) { b[33] |= 1 << 1 },
+		"offer padding":           func(b []byte) { b[35] = 1 },
 	}
 	for name, m := range mutations {
 		b := good

@@ -55,10 +55,13 @@ const (
 	timestampSize = 12
 	// offerSize: msg1's last bytes. The first is a bit set of the
 	// transport ciphers the client offers beyond ChaCha20-Poly1305,
-	// which every end speaks (bit 0: AES-256-GCM); the rest are zero.
-	offerSize = 4
-	offerAES  = 1 << 0
-	protoTCP  = 6 // IANA protocol number; 17 (UDP) is reserved for later
+	// which every end speaks (bit 0: AES-256-GCM); the second a bit set
+	// of what else the client speaks (bit 0: ready frames, see
+	// reuse.go); the rest are zero.
+	offerSize  = 4
+	offerAES   = 1 << 0
+	offerReady = 1 << 0
+	protoTCP   = 6 // IANA protocol number; 17 (UDP) is reserved for later
 	// protoService: the flow asks for one of the concentrator's own
 	// services (the family byte names it), not for a destination. 0 is
 	// IPv6's hop-by-hop option, never a transport protocol, so it cannot
@@ -82,6 +85,10 @@ const (
 	requestSize      = 20
 	requestFrameSize = frameHeaderSize + requestSize + tagSize
 	verdictFrameSize = frameHeaderSize + msg2PayloadSize + tagSize
+	// A ready frame: an empty frame, the concentrator's first on a
+	// connection a finished flow left, when the client offered it
+	// (reuse.go).
+	readyFrameSize = frameHeaderSize + tagSize
 )
 
 // Service is one of the concentrator's own services that a flow can ask
@@ -196,15 +203,25 @@ func parseTimestamp(b []byte) (time.Time, error) {
 
 var errBadPayload = errors.New("malformed payload")
 
+// offer is what msg1's last bytes say the client speaks beyond what
+// every end does.
+type offer struct {
+	aes   bool // AES-256-GCM
+	ready bool // ready frames on connections it reuses (reuse.go)
+}
+
 // putMsg1Payload writes the 36-byte request: the timestamp, the target
-// (putTarget), then the offer: whether the client offers AES-256-GCM.
-func putMsg1Payload(b []byte, ts time.Time, t target, aes bool) {
+// (putTarget), then the offer.
+func putMsg1Payload(b []byte, ts time.Time, t target, o offer) {
 	putTimestamp(b[0:timestampSize], ts)
 	putTarget(b[timestampSize:timestampSize+requestSize], t)
-	o := b[timestampSize+requestSize : msg1PayloadSize]
-	clear(o)
-	if aes {
-		o[0] = offerAES
+	ob := b[timestampSize+requestSize : msg1PayloadSize]
+	clear(ob)
+	if o.aes {
+		ob[0] = offerAES
+	}
+	if o.ready {
+		ob[1] = offerReady
 	}
 }
 
@@ -241,30 +258,30 @@ func putTarget(b []byte, t target) {
 
 // parseMsg1Payload is strict: every byte has one valid meaning, so a
 // future version cannot be misread as this one.
-// It returns the timestamp, the target, and whether the client offers
-// AES-256-GCM.
+// It returns the timestamp, the target, and the offer.
 //
-// An older client's 32-byte payload has no offer: ChaCha20-Poly1305.
-func parseMsg1Payload(b []byte) (time.Time, target, bool, error) {
+// An older client's 32-byte payload has no offer: ChaCha20-Poly1305, no
+// ready frames.
+func parseMsg1Payload(b []byte) (time.Time, target, offer, error) {
 	if len(b) != msg1PayloadSize && len(b) != msg1V0PayloadSize {
-		return time.Time{}, target{}, false, errBadPayload
+		return time.Time{}, target{}, offer{}, errBadPayload
 	}
 	ts, err := parseTimestamp(b[0:timestampSize])
 	if err != nil {
-		return time.Time{}, target{}, false, err
+		return time.Time{}, target{}, offer{}, err
 	}
 	t, err := parseTarget(b[timestampSize:timestampSize+requestSize], true)
 	if err != nil {
-		return time.Time{}, target{}, false, err
+		return time.Time{}, target{}, offer{}, err
 	}
-	o := b[timestampSize+requestSize:]
-	if len(o) == 0 {
-		return ts, t, false, nil
+	ob := b[timestampSize+requestSize:]
+	if len(ob) == 0 {
+		return ts, t, offer{}, nil
 	}
-	if o[0]&^offerAES != 0 || o[1] != 0 || o[2] != 0 || o[3] != 0 {
-		return time.Time{}, target{}, false, errBadPayload
+	if ob[0]&^offerAES != 0 || ob[1]&^offerReady != 0 || ob[2] != 0 || ob[3] != 0 {
+		return time.Time{}, target{}, offer{}, errBadPayload
 	}
-	return ts, t, o[0]&offerAES != 0, nil
+	return ts, t, offer{aes: ob[0]&offerAES != 0, ready: ob[1]&offerReady != 0}, nil
 }
 
 // parseTarget reads the 20 bytes putTarget writes, as strictly; pool says
