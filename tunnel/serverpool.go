@@ -207,23 +207,22 @@ func sealFrame(buf []byte, cs *noise.CipherState, pt []byte) ([]byte, error) {
 // that the connection waits for the next request, and with it the ACK
 // of the client's end-of-stream frame.
 func (s *Server) writeReadyFrame(raw net.Conn, send *noise.CipherState) error {
-	var buf [readyFrameSize]byte
-	out, err := sealFrame(buf[:], send, nil)
-	if err != nil {
-		return err
-	}
-	raw.SetWriteDeadline(time.Now().Add(s.cfg.HandshakeDeadline))
-	_, err = raw.Write(out)
-	raw.SetWriteDeadline(time.Time{})
-	return err
+	return s.writeSmallFrame(raw, send, nil)
 }
 
 // writeVerdictFrame sends v as the first frame of a pooled connection.
 func (s *Server) writeVerdictFrame(raw net.Conn, send *noise.CipherState, v Verdict) error {
 	var payload [msg2PayloadSize]byte
 	putMsg2Payload(payload[:], v, 0) // the cipher byte: agreed in msg2
+	return s.writeSmallFrame(raw, send, payload[:])
+}
+
+// writeSmallFrame seals pt (at most a verdict's) as one frame and writes
+// it within the handshake deadline: a peer that stops reading cannot
+// hold the goroutine.
+func (s *Server) writeSmallFrame(raw net.Conn, send *noise.CipherState, pt []byte) error {
 	var buf [verdictFrameSize]byte
-	out, err := sealFrame(buf[:], send, payload[:])
+	out, err := sealFrame(buf[:frameHeaderSize+len(pt)+tagSize], send, pt)
 	if err != nil {
 		return err
 	}
