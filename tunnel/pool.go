@@ -383,22 +383,14 @@ func (c *Client) usePooled(ctx context.Context, pc *pooledConn, t target) (*Conn
 // openReadyFrame checks a ready frame (reuse.go): its length, and the
 // tag of its empty plaintext under recv.
 func openReadyFrame(b []byte, recv *noise.CipherState) error {
-	if len(b) != readyFrameSize || int(b[0])<<8|int(b[1]) != tagSize {
-		return ErrBadFrame
-	}
-	if _, err := recv.Decrypt(nil, nil, b[frameHeaderSize:]); err != nil {
-		return ErrTampered
-	}
-	return nil
+	_, err := openFrame(b, 0, recv)
+	return err
 }
 
 func openVerdictFrame(b []byte, recv *noise.CipherState) (Verdict, error) {
-	if len(b) != verdictFrameSize || int(b[0])<<8|int(b[1]) != msg2PayloadSize+tagSize {
-		return 0, ErrBadFrame
-	}
-	pt, err := recv.Decrypt(nil, nil, b[frameHeaderSize:])
+	pt, err := openFrame(b, msg2PayloadSize, recv)
 	if err != nil {
-		return 0, ErrTampered
+		return 0, err
 	}
 	v, ciph, err := parseMsg2Payload(pt)
 	if err == nil && ciph != 0 {

@@ -182,12 +182,9 @@ func readRequestFrame(r io.Reader, recv *noise.CipherState) (target, error) {
 	if _, err := io.ReadFull(r, b[:]); err != nil {
 		return target{}, err
 	}
-	if n := binary.BigEndian.Uint16(b[:frameHeaderSize]); int(n) != requestSize+tagSize {
-		return target{}, fmt.Errorf("%w: request frame of %d bytes", ErrBadFrame, n)
-	}
-	pt, err := recv.Decrypt(nil, nil, b[frameHeaderSize:])
+	pt, err := openFrame(b[:], requestSize, recv)
 	if err != nil {
-		return target{}, ErrTampered
+		return target{}, err
 	}
 	return parseTarget(pt, false)
 }
@@ -201,6 +198,23 @@ func sealFrame(buf []byte, cs *noise.CipherState, pt []byte) ([]byte, error) {
 	}
 	binary.BigEndian.PutUint16(out, uint16(len(out)-frameHeaderSize))
 	return out, nil
+}
+
+// openFrame opens b, one whole frame of a fixed size (the pool's request,
+// ready and verdict frames), whose plaintext must be ptSize bytes: the
+// length header must say so before anything is decrypted.
+func openFrame(b []byte, ptSize int, recv *noise.CipherState) ([]byte, error) {
+	if len(b) != frameHeaderSize+ptSize+tagSize {
+		return nil, ErrBadFrame
+	}
+	if n := binary.BigEndian.Uint16(b[:frameHeaderSize]); int(n) != ptSize+tagSize {
+		return nil, fmt.Errorf("%w: a frame of %d bytes where %d were due", ErrBadFrame, n, ptSize+tagSize)
+	}
+	pt, err := recv.Decrypt(nil, nil, b[frameHeaderSize:])
+	if err != nil {
+		return nil, ErrTampered
+	}
+	return pt, nil
 }
 
 // writeReadyFrame sends the ready frame (reuse.go): nothing to say but
