@@ -130,11 +130,9 @@ func (c *Client) putBack(r reusable, born time.Time, gen uint64) {
 	// The ready frame, if it came with the end of stream, is checked
 	// now; otherwise it is still owed. Part of one (never seen: the
 	// concentrator writes it in one piece) is not worth keeping.
-	owes := c.offerReady
+	owes := c.offerReady && len(r.after) == 0
 	if ok && len(r.after) > 0 {
-		if ok = len(r.after) == readyFrameSize && openReadyFrame(r.after, r.keys.recv) == nil; ok {
-			owes = false
-		}
+		ok = openReadyFrame(r.after, r.keys.recv) == nil // its size too
 	}
 	p := &c.pool
 	p.mu.Lock()
